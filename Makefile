@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+VENV    := .venv
+PYTHON  := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# Rules call `python -m egm`; the venv's python must come first on their PATH.
+RUN     := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean-demo
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	# torch==2.13.0 is pinned in pyproject.toml: the CPU build (no multi-GB CUDA download).
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(RUN) snakemake --cores all --configfile config/demo.yaml
+
+test: $(STAMP)
+	$(RUN) $(PYTHON) -m pytest $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf results resources logs .snakemake

@@ -1,0 +1,28 @@
+# EGM reproduction pipeline. The paper run:   snakemake --cores all
+# The embedded demo:                          snakemake --cores all --configfile config/demo.yaml
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+# A --configfile replaces the paper config rather than merging into it (models would mix).
+if not config:
+
+    configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/infer.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        rules.table_refcoco.output,
+        rules.figure_tradeoff.output,
+        expand("resources/rl/{part}.parquet", part=RL_PARTS),

@@ -1,0 +1,3 @@
+from egm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""`python -m egm <command>`: one thin subcommand per pipeline stage.
+
+Each command parses its arguments, calls the library, and writes its declared outputs; the
+Snakemake rules call these and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("egm")
+
+
+def _json_arg(text: str) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
+
+
+def cmd_make_demo(args: argparse.Namespace) -> None:
+    from egm.data.demo import write_demo_dataset
+    from egm.io import write_json
+    from egm.models.tiny import write_tiny_model
+
+    mirror = Path(args.mirror)
+    dataset = write_demo_dataset(
+        mirror / args.dataset_repo,
+        seed=args.seed,
+        n_train_images=args.train_images,
+        n_eval_per_split=args.eval_per_split,
+    )
+    write_tiny_model(mirror / args.model_repo, seed=args.seed)
+    write_json(args.summary, {"seed": args.seed, "dataset_repo": args.dataset_repo, "model_repo": args.model_repo, "dataset": dataset})
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from egm.data.hub import fetch_snapshot
+    from egm.io import write_json
+
+    manifest = fetch_snapshot(
+        args.repo_id,
+        Path(args.dest),
+        repo_type=args.repo_type,
+        revision=args.revision,
+        allow_patterns=args.allow or None,
+        mirror=Path(args.mirror) if args.mirror else None,
+    )
+    manifest["dest"] = args.dest
+    write_json(args.manifest, manifest)
+    log.info("fetched %s@%s: %d files", args.repo_id, args.revision, len(manifest["files"]))
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from egm.data.archives import extract_archive, part_files
+    from egm.io import read_json, write_json
+
+    dataset_dir = Path(args.dataset_dir)
+    fetched = [f["path"] for f in read_json(args.fetch_manifest)["files"]]
+    if args.archive == "coco":
+        expected = sorted(p for p in fetched if p.startswith("coco.tar.part_"))
+        parts = part_files(dataset_dir, "coco.tar")
+    else:
+        expected = [f"{args.archive}.tar"]
+        parts = [dataset_dir / expected[0]]
+    manifest = extract_archive(parts, Path(args.dest), expected_parts=expected)
+    write_json(args.manifest, manifest)
+    log.info("extracted %s: %d files", args.archive, manifest["n_files"])
+
+
+def cmd_rewrite_parquet(args: argparse.Namespace) -> None:
+    from egm.data.parquet import rewrite_image_paths
+
+    stats = rewrite_image_paths(Path(args.src), Path(args.dst), args.image_root)
+    log.info("rewrote %s -> %s: %s", args.src, args.dst, stats)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from egm.infer.engine import SamplingOptions, load_engine
+    from egm.infer.predict import cache_key, predict_model
+    from egm.io import sha256_file
+
+    options = args.options
+    inference = options["inference"]
+    sampling = SamplingOptions(
+        **{k: inference[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty")}
+    )
+    engine_options = dict(options.get("engine_options", {}))
+    key = cache_key(sha256_file(args.model_manifest), options["prompt"], options["backend"], sampling, inference.get("limit"))
+
+    def get_engine():
+        log.info("loading %s with backend %s", args.model_dir, options["backend"])
+        return load_engine(options["backend"], args.model_dir, sampling, {"batch_size": inference["batch_size"], **engine_options})
+
+    summaries = predict_model(
+        [Path(p) for p in args.splits],
+        Path(args.out_dir),
+        args.image_root,
+        get_engine,
+        options["prompt"],
+        inference["batch_size"],
+        key,
+        limit=inference.get("limit"),
+    )
+    for summary in summaries:
+        log.info("done: %s", summary)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from egm.io import write_json
+    from egm.metrics import summarize_predictions
+
+    rows = []
+    with open(args.predictions, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"{args.predictions}:{number}: malformed prediction line: {err}")
+    metrics = summarize_predictions(rows, args.model, args.split)
+    write_json(args.out, metrics)
+    log.info("%s %s: Acc@0.5 %s over %d", args.model, args.split, metrics["acc_at_0.5"], metrics["n_scored"])
+
+
+def _load_metrics(paths: list[str]) -> list[dict]:
+    from egm.io import read_json
+
+    return [read_json(p) for p in paths]
+
+
+def cmd_report_table(args: argparse.Namespace) -> None:
+    from egm.report.tables import paper_comparison, refcoco_table, write_table
+
+    metrics = _load_metrics(args.metrics)
+    models, splits = args.report["models"], args.report["splits"]
+    out_dir = Path(args.out_dir)
+    write_table(refcoco_table(metrics, models, splits), out_dir / "refcoco", title="RefCOCO/+/g Acc@0.5 (%)")
+    write_table(
+        paper_comparison(metrics, models, splits, tolerance=args.report["tolerance"]),
+        out_dir / "refcoco_vs_paper",
+        title="Reproduced vs paper, Acc@0.5 (%)",
+    )
+
+
+def cmd_report_figure(args: argparse.Namespace) -> None:
+    from egm.report.figures import tradeoff_figure
+
+    metrics = _load_metrics(args.metrics)
+    tradeoff_figure(metrics, args.report["models"], Path(args.out_prefix), args.report["splits"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="egm", description="EGM reproduction pipeline stages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser("make-demo", help="write the synthetic demo data set and tiny model into an offline hub mirror")
+    p.add_argument("--mirror", required=True)
+    p.add_argument("--dataset-repo", required=True)
+    p.add_argument("--model-repo", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-images", type=int, default=64)
+    p.add_argument("--eval-per-split", type=int, default=16)
+    p.add_argument("--summary", required=True, help="JSON written last, the rule's output")
+    p.set_defaults(func=cmd_make_demo)
+
+    p = sub.add_parser("fetch", help="download a hub repo at a revision (or copy it from an offline mirror)")
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--repo-type", choices=["model", "dataset"], default="model")
+    p.add_argument("--revision", default="main")
+    p.add_argument("--allow", nargs="*", default=[], help="allow patterns")
+    p.add_argument("--mirror", default=None, help="offline mirror laid out as <mirror>/<repo_id>/...")
+    p.add_argument("--dest", required=True)
+    p.add_argument("--manifest", required=True)
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("extract", help="stream-extract coco.tar.part_* (or coco_flip.tar) with a safe member filter")
+    p.add_argument("--archive", choices=["coco", "coco_flip"], required=True)
+    p.add_argument("--dataset-dir", required=True)
+    p.add_argument("--fetch-manifest", required=True)
+    p.add_argument("--dest", required=True)
+    p.add_argument("--manifest", required=True)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("rewrite-parquet", help="point the RL parquet's image paths at the extracted images")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--image-root", required=True)
+    p.set_defaults(func=cmd_rewrite_parquet)
+
+    p = sub.add_parser("predict", help="answer every record of the given splits with one model (resumable)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--model-manifest", required=True, help="fetch manifest: its hash keys the resume cache")
+    p.add_argument("--splits", nargs="+", required=True, help="eval split JSONL files")
+    p.add_argument("--image-root", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--options", type=_json_arg, required=True, help="JSON: prompt, backend, inference, engine_options")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("score", help="metrics of one prediction file")
+    p.add_argument("predictions")
+    p.add_argument("out")
+    p.add_argument("--model", required=True)
+    p.add_argument("--split", required=True)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("report-table", help="the RefCOCO table and the paper comparison")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, splits, tolerance")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_report_table)
+
+    p = sub.add_parser("report-figure", help="the accuracy vs latency trade-off figure")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, splits")
+    p.add_argument("--out-prefix", required=True)
+    p.set_defaults(func=cmd_report_figure)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    args.func(args)
+    return 0

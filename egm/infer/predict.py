@@ -1,0 +1,154 @@
+"""Run one model over eval splits and write one prediction JSONL per split.
+
+Resumable: finished records are appended (and fsynced) to a work file under
+`<out_dir>/.work/`, keyed by everything that determines an answer (model files, prompt,
+decoding options). A rerun after a kill skips them; the final per-split file is written
+atomically, in the split's line order, only once the split is complete. Because the work file
+outlives the final file, Snakemake deleting outputs before a rerun (for example when a split is
+added) costs no inference for splits already answered under the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from egm.data.splits import SplitData, load_split
+from egm.grounding import build_prompt, evaluate_answer
+from egm.infer.engine import Engine, Request
+from egm.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(*parts: object) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def read_work_file(path: Path) -> dict[int, dict]:
+    """Records already answered, by line. A torn last line (killed mid-write) is cut off."""
+    done: dict[int, dict] = {}
+    if not path.exists():
+        return done
+    good_bytes = 0
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.endswith(b"\n"):
+                log.warning("%s: dropping torn last line %d (interrupted write)", path, number)
+                break
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: corrupt work record ({err}); delete the file to redo it") from err
+            done[record["line"]] = record
+            good_bytes += len(raw)
+    if good_bytes != path.stat().st_size:
+        with open(path, "r+b") as handle:
+            handle.truncate(good_bytes)
+    return done
+
+
+def _record_base(split_name: str, rec) -> dict:
+    return {
+        "split": split_name,
+        "line": rec.line,
+        "id": rec.id,
+        "image": rec.image,
+        "sent": rec.sent,
+        "bbox": rec.bbox,
+        "width": rec.width,
+        "height": rec.height,
+    }
+
+
+def predict_split(
+    split: SplitData,
+    split_name: str,
+    out_path: Path,
+    work_path: Path,
+    get_engine: Callable[[], Engine],
+    prompt_template: str,
+    batch_size: int,
+) -> dict:
+    done = read_work_file(work_path)
+    pending = [rec for rec in split.records if rec.line not in done]
+    total = len(split.records)
+    log.info("%s: %d records, %d already answered, %d bad records", split_name, total, len(done), len(split.bad))
+    if pending:
+        engine = get_engine()
+        work_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(work_path, "a", encoding="utf-8") as work:
+            for start in range(0, len(pending), batch_size):
+                batch = pending[start : start + batch_size]
+                prompts = [build_prompt(prompt_template, rec.sent) for rec in batch]
+                requests = [Request(rec.id, rec.image_path, p) for rec, p in zip(batch, prompts)]
+                completions = engine.generate(requests)
+                for rec, prompt, completion in zip(batch, prompts, completions):
+                    row = _record_base(split_name, rec)
+                    row.update(status="ok", error=None, prompt=prompt, answer=completion.text)
+                    row.update(evaluate_answer(completion.text, rec.bbox, rec.width, rec.height))
+                    row.update(completion_tokens=completion.completion_tokens, latency_s=completion.latency_s)
+                    work.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    done[rec.line] = row
+                work.flush()
+                os.fsync(work.fileno())
+                log.info("%s: %d/%d answered", split_name, sum(1 for r in split.records if r.line in done), total)
+
+    rows = [done[rec.line] for rec in split.records]
+    rows += [{"split": split_name, "line": bad.line, "status": "bad_record", "error": bad.reason} for bad in split.bad]
+    rows.sort(key=lambda row: row["line"])
+    with atomic_write(out_path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {"split": split_name, "records": total, "bad_records": len(split.bad), "newly_answered": len(pending)}
+
+
+def split_name_of(path: Path) -> str:
+    return Path(path).name.removesuffix(".jsonl")
+
+
+def predict_model(
+    split_files: list[Path],
+    out_dir: Path,
+    image_root: str,
+    get_engine: Callable[[], Engine],
+    prompt_template: str,
+    batch_size: int,
+    key: str,
+    limit: int | None = None,
+) -> list[dict]:
+    """All splits of one model with one engine load (made lazily: nothing pending, no load)."""
+    engine_holder: list[Engine] = []
+
+    def engine() -> Engine:
+        if not engine_holder:
+            engine_holder.append(get_engine())
+        return engine_holder[0]
+
+    summaries = []
+    try:
+        for path in split_files:
+            name = split_name_of(path)
+            split = load_split(Path(path), image_root, limit=limit)
+            for bad in split.bad:
+                log.warning("%s:%d: bad record skipped: %s", path, bad.line, bad.reason)
+            summaries.append(
+                predict_split(
+                    split,
+                    name,
+                    Path(out_dir) / f"{name}.jsonl",
+                    Path(out_dir) / ".work" / f"{name}.{key}.jsonl",
+                    engine,
+                    prompt_template,
+                    batch_size,
+                )
+            )
+    finally:
+        for eng in engine_holder:
+            eng.close()
+    return summaries

@@ -1,0 +1,66 @@
+# Data: hub (or offline mirror) -> extracted images, validated splits, rewritten RL parquet.
+
+
+localrules:
+    demo_mirror,
+    fetch_dataset,
+
+
+if "demo" in config:
+
+    rule demo_mirror:
+        output:
+            "resources/demo_mirror.json",
+        params:
+            demo=config["demo"],
+            dataset_repo=config["dataset"]["repo_id"],
+        log:
+            "logs/demo_mirror.log",
+        shell:
+            "python -m egm make-demo --mirror {MIRROR} --dataset-repo {params.dataset_repo}"
+            " --model-repo {params.demo[model_repo]} --seed {params.demo[seed]}"
+            " --train-images {params.demo[n_train_images]} --eval-per-split {params.demo[n_eval_per_split]}"
+            " --summary {output} > {log} 2>&1"
+
+
+rule fetch_dataset:
+    input:
+        mirror_ready(),
+    output:
+        manifest="resources/manifests/dataset.json",
+        splits=split_files(),
+        rl=expand(f"{DATASET_DIR}/processed_rl_data/{{part}}_grounding.parquet", part=RL_PARTS),
+        flip=f"{DATASET_DIR}/coco_flip.tar",
+    params:
+        dataset=config["dataset"],
+        mirror=mirror_arg(),
+    log:
+        "logs/fetch_dataset.log",
+    shell:
+        "python -m egm fetch --repo-type dataset --repo-id {params.dataset[repo_id]}"
+        " --revision {params.dataset[revision]} --allow {params.dataset[allow_patterns]:q}"
+        " {params.mirror} --dest {DATASET_DIR} --manifest {output.manifest} > {log} 2>&1"
+
+
+rule extract_images:
+    input:
+        "resources/manifests/dataset.json",
+    output:
+        "resources/manifests/images-{archive}.json",
+    log:
+        "logs/extract_images/{archive}.log",
+    shell:
+        "python -m egm extract --archive {wildcards.archive} --dataset-dir {DATASET_DIR}"
+        " --fetch-manifest {input} --dest {IMAGE_ROOT} --manifest {output} > {log} 2>&1"
+
+
+rule rewrite_rl_parquet:
+    input:
+        parquet=f"{DATASET_DIR}/processed_rl_data/{{part}}_grounding.parquet",
+        images=expand("resources/manifests/images-{archive}.json", archive=["coco", "coco_flip"]),
+    output:
+        "resources/rl/{part}.parquet",
+    log:
+        "logs/rewrite_rl_parquet/{part}.log",
+    shell:
+        "python -m egm rewrite-parquet {input.parquet} {output} --image-root {IMAGE_ROOT} > {log} 2>&1"

@@ -1,0 +1,21 @@
+# Models: base and released checkpoints from the hub (or the offline mirror).
+
+
+localrules:
+    fetch_model,
+
+
+rule fetch_model:
+    input:
+        mirror_ready(),
+    output:
+        "resources/manifests/model-{model}.json",
+    params:
+        repo_id=lambda wc: MODELS[wc.model]["repo_id"],
+        revision=lambda wc: MODELS[wc.model]["revision"],
+        mirror=mirror_arg(),
+    log:
+        "logs/fetch_model/{model}.log",
+    shell:
+        "python -m egm fetch --repo-type model --repo-id {params.repo_id} --revision {params.revision}"
+        " {params.mirror} --dest resources/models/{wildcards.model} --manifest {output} > {log} 2>&1"
