@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -60,13 +61,14 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from egm.io import read_json, write_json
 
     dataset_dir = Path(args.dataset_dir)
-    fetched = [f["path"] for f in read_json(args.fetch_manifest)["files"]]
+    fetched = read_json(args.fetch_manifest)["files"]
+    # Manifest entries (not just names) let extraction check sizes and sha256 of each part.
     if args.archive == "coco":
-        expected = sorted(p for p in fetched if p.startswith("coco.tar.part_"))
+        expected = [f for f in fetched if f["path"].startswith("coco.tar.part_")]
         parts = part_files(dataset_dir, "coco.tar")
     else:
-        expected = [f"{args.archive}.tar"]
-        parts = [dataset_dir / expected[0]]
+        expected = [f for f in fetched if f["path"] == f"{args.archive}.tar"]
+        parts = [dataset_dir / f"{args.archive}.tar"]
     manifest = extract_archive(parts, Path(args.dest), expected_parts=expected)
     write_json(args.manifest, manifest)
     log.info("extracted %s: %d files", args.archive, manifest["n_files"])
@@ -229,5 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from egm import __version__
+
+    # EGM_IMAGE is set only inside our Apptainer images: the log shows where each job ran.
+    log.info("egm %s %s (image: %s)", __version__, args.command, os.environ.get("EGM_IMAGE", "none"))
     args.func(args)
     return 0

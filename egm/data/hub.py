@@ -1,0 +1,204 @@
+"""Fetch a snapshot of a Hugging Face repository, from the hub or from an offline mirror.
+
+The returned manifest pins what was fetched (the resolved commit for the hub, and every file's
+size and sha256), so that later stages can check that the bytes they read are the bytes that
+were fetched, and so that a run records exactly which dataset/model revision it used.
+
+Hub access goes through `huggingface_hub`, which reads HF_ENDPOINT and HF_TOKEN from the
+environment itself; this module never touches the token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.utils import filter_repo_objects
+
+from egm.io import sha256_file
+
+log = logging.getLogger(__name__)
+
+REPO_TYPES = ("model", "dataset", "space")
+
+# Bookkeeping folders that are never part of a repository's content: huggingface_hub keeps its
+# download metadata in `.cache/` inside `local_dir`, and a mirror may be a git checkout.
+_NOT_CONTENT = (".cache", ".git")
+
+
+class FetchError(RuntimeError):
+    """A snapshot could not be fetched (or fetched nothing)."""
+
+
+class MirrorNotFoundError(FetchError, FileNotFoundError):
+    """The offline mirror has no folder for the requested repository."""
+
+
+def _is_content(rel: str) -> bool:
+    return PurePosixPath(rel).parts[0] not in _NOT_CONTENT
+
+
+def _select(paths: list[str], allow_patterns: list[str] | None) -> list[str]:
+    # huggingface_hub's own filter, so that a pattern selects the same files from a mirror as
+    # it would from the hub (fnmatch where `*` crosses `/`, and a trailing `/` means a folder).
+    return sorted(filter_repo_objects([p for p in paths if _is_content(p)], allow_patterns=allow_patterns))
+
+
+def _mirror_files(root: Path) -> list[str]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        rel_dir = Path(dirpath).relative_to(root)
+        if rel_dir == Path("."):
+            # Prune here rather than filter afterwards: a mirror's `.git` can be huge.
+            dirnames[:] = [d for d in dirnames if d not in _NOT_CONTENT]
+        for name in filenames:
+            files.append((rel_dir / name).as_posix())
+    return files
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Put `src` at `dst`: a hard link where possible (no copy of multi-GB parts), else a copy.
+
+    Either way the file appears under its final name in one rename, so an interrupted fetch
+    never leaves a partial file that looks complete.
+    """
+    if _same_file(src, dst):
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            # Other filesystem (EXDEV), or one without hard links: fall back to a real copy.
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _file_entries(dest: Path, paths: list[str]) -> list[dict[str, Any]]:
+    entries = []
+    for rel in sorted(paths):
+        local = dest / rel
+        if not local.is_file():
+            raise FetchError(f"{local}: expected after the fetch but not present")
+        entries.append({"path": rel, "bytes": local.stat().st_size, "sha256": sha256_file(local)})
+    return entries
+
+
+def _from_mirror(repo_id: str, dest: Path, allow_patterns: list[str] | None, mirror: Path) -> list[str]:
+    root = Path(mirror) / repo_id
+    if not root.is_dir():
+        raise MirrorNotFoundError(
+            f"offline mirror {mirror} has no repository {repo_id!r} (expected a folder {root})"
+        )
+    selected = _select(_mirror_files(root), allow_patterns)
+    for rel in selected:
+        _place((root / rel).resolve(), dest / rel)
+    return selected
+
+
+def _from_hub(repo_id: str, dest: Path, repo_type: str, revision: str,
+              allow_patterns: list[str] | None) -> tuple[str, list[str]]:
+    # Resolve first and download by sha: a branch that moves during the download would
+    # otherwise mix files of two commits, and the manifest must name the commit actually used.
+    info = HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision)
+    commit = info.sha
+    if not commit:
+        raise FetchError(f"{repo_type} {repo_id}@{revision}: the hub did not report a commit sha")
+    selected = _select([s.rfilename for s in (info.siblings or [])], allow_patterns)
+    if selected:
+        snapshot_download(
+            repo_id,
+            repo_type=repo_type,
+            revision=commit,
+            local_dir=dest,
+            allow_patterns=allow_patterns,
+        )
+    return commit, selected
+
+
+def fetch_snapshot(
+    repo_id: str,
+    dest: Path,
+    *,
+    repo_type: str = "model",
+    revision: str = "main",
+    allow_patterns: list[str] | None = None,
+    mirror: Path | None = None,
+) -> dict:
+    """Fetch `repo_id` (files matching `allow_patterns`, all if None) into `dest`.
+
+    With `mirror`, files come from `<mirror>/<repo_id>/` (no revisions there: `commit` is None)
+    and `revision` is only recorded. Returns the manifest; writing it is the caller's job.
+    Raises FetchError when nothing matches `allow_patterns`, since an empty fetch is always a
+    misconfigured pattern or repository rather than something to carry on with.
+    """
+    if repo_type not in REPO_TYPES:
+        raise ValueError(f"repo_type must be one of {REPO_TYPES}, got {repo_type!r}")
+    if isinstance(allow_patterns, str):
+        allow_patterns = [allow_patterns]
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+
+    if mirror is not None:
+        if revision != "main":
+            log.warning("%s: a mirror holds one snapshot; revision %r is recorded, not checked", repo_id, revision)
+        commit, selected, source = None, _from_mirror(repo_id, dest, allow_patterns, Path(mirror)), "mirror"
+        where = f"mirror {mirror}"
+    else:
+        commit, selected = _from_hub(repo_id, dest, repo_type, revision, allow_patterns)
+        source, where = "hub", f"the hub (revision {revision})"
+    if not selected:
+        raise FetchError(f"{repo_type} {repo_id} from {where}: no file matches allow_patterns={allow_patterns}")
+
+    return {
+        "repo_id": repo_id,
+        "repo_type": repo_type,
+        "revision": revision,
+        "commit": commit,
+        "source": source,
+        "files": _file_entries(dest, selected),
+    }
+
+
+def check_files(dest: Path, manifest: dict, *, verify_sha256: bool = True) -> list[str]:
+    """Problems with the files under `dest` against a fetch manifest; empty when all match.
+
+    `verify_sha256=False` checks presence and size only (seconds instead of minutes on the
+    multi-GB archive parts).
+    """
+    dest = Path(dest)
+    problems = []
+    for entry in manifest.get("files", []):
+        local = dest / entry["path"]
+        if not local.is_file():
+            problems.append(f"missing: {local}")
+            continue
+        size = local.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"size mismatch: {local} has {size} bytes, manifest says {entry['bytes']}")
+            continue
+        if verify_sha256:
+            digest = sha256_file(local)
+            if digest != entry["sha256"]:
+                problems.append(f"sha256 mismatch: {local} is {digest}, manifest says {entry['sha256']}")
+    return problems

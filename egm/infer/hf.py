@@ -1,0 +1,195 @@
+"""Plain transformers backend: batched `generate` on Qwen3-VL checkpoints, CPU or one GPU.
+
+It serves the tiny demo model on CPU and is the reference path for the real checkpoints where
+no serving engine is available. Prompts go through `egm.models.inputs`, which reproduces the
+Qwen3-VL processor without torchvision.
+"""
+
+from __future__ import annotations
+
+import time
+
+from egm.infer.engine import Completion, Request, SamplingOptions
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        # The checkpoints are bf16; on CPU fp32 is both faster and exact enough for the demo.
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {sorted(_DTYPES)}")
+    return getattr(torch, _DTYPES[dtype])
+
+
+def _presence_penalty_processor(penalty: float, prompt_len: int):
+    """vLLM's presence penalty, which transformers lacks: a flat cut for tokens already generated.
+
+    Only the generated part counts (as in vLLM), so the prompt, padding included, is skipped.
+    """
+    from transformers import LogitsProcessor
+
+    class PresencePenalty(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            generated = input_ids[:, prompt_len:]
+            if generated.shape[1] == 0:
+                return scores
+            seen = scores.new_zeros(scores.shape, dtype=scores.dtype)
+            seen.scatter_(1, generated, 1.0)
+            return scores - penalty * seen
+
+    return PresencePenalty()
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(
+        self,
+        model_dir: str,
+        sampling: SamplingOptions,
+        batch_size: int = 8,
+        dtype: str = "auto",
+        device: str = "auto",
+        trust_remote_code: bool = False,
+    ):
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        from egm.models.inputs import load_processor_parts
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.model_dir = str(model_dir)
+        self.sampling = sampling
+        self.batch_size = int(batch_size)
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.tokenizer, self.image_processor = load_processor_parts(self.model_dir)
+        # Remote code stays off unless asked: Qwen3-VL is native to transformers, and a checkpoint
+        # directory should not be able to run code just by being loaded.
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            self.model_dir, dtype=self.dtype, trust_remote_code=trust_remote_code
+        )
+        self.model.to(self.device)
+        self.model.eval()
+        self._eos_ids = self._eos_token_ids()
+        self._pad_id = self._pad_token_id()
+        # generate() fills unset fields of the config it is given from the checkpoint's own, so
+        # the checkpoint's sampling defaults (top_k, temperature) would ride along into greedy
+        # runs; a neutral default leaves SamplingOptions as the only source of decoding settings.
+        from transformers import GenerationConfig
+
+        self.model.generation_config = GenerationConfig(eos_token_id=self._eos_ids, pad_token_id=self._pad_id)
+        self._torch = torch
+
+    def _eos_token_ids(self) -> list[int]:
+        ids: list[int] = []
+        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if source is None:
+                continue
+            for i in source if isinstance(source, (list, tuple)) else [source]:
+                if int(i) not in ids:
+                    ids.append(int(i))
+        if not ids:
+            raise ValueError(f"{self.model_dir}: no eos token in its generation config or tokenizer")
+        return ids
+
+    def _pad_token_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.model.generation_config.pad_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return self._eos_ids[0]
+
+    def _generation_kwargs(self, prompt_len: int) -> dict:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        s = self.sampling
+        greedy = s.temperature == 0
+        # A fresh config, not the checkpoint's: its sampling defaults must not leak into greedy runs.
+        config = GenerationConfig(
+            max_new_tokens=int(s.max_tokens),
+            do_sample=not greedy,
+            temperature=None if greedy else float(s.temperature),
+            top_p=None if greedy else float(s.top_p),
+            top_k=None if greedy else (int(s.top_k) if s.top_k and s.top_k > 0 else None),
+            repetition_penalty=float(s.repetition_penalty),
+            eos_token_id=self._eos_ids,
+            pad_token_id=self._pad_id,
+        )
+        kwargs = {"generation_config": config}
+        if s.presence_penalty:
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [_presence_penalty_processor(float(s.presence_penalty), prompt_len)]
+            )
+        return kwargs
+
+    def _completions(self, new_tokens, latency: float) -> list[Completion]:
+        eos = set(self._eos_ids)
+        out = []
+        for row in new_tokens.tolist():
+            # Everything after the first eos is padding from rows that finished earlier.
+            length = next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))
+            kept = row[: length - 1] if length and row[length - 1] in eos else row[:length]
+            # Special tokens are kept: `</think>` and the reasoning are part of what gets parsed.
+            text = self.tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            out.append(Completion(text=text, completion_tokens=length, latency_s=latency))
+        return out
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        from PIL import Image
+
+        from egm.models.inputs import build_inputs
+
+        torch = self._torch
+        seed = self.sampling.extra.get("seed")
+        if seed is not None and self.sampling.temperature != 0:
+            # One seed per call: results then depend on the batch layout too, which is fixed by
+            # the request order and batch_size.
+            torch.manual_seed(int(seed))
+
+        results: list[Completion] = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            t0 = time.perf_counter()
+            images = []
+            for req in chunk:
+                with Image.open(req.image_path) as img:
+                    images.append(img.convert("RGB"))
+            inputs = build_inputs(images, [r.prompt for r in chunk], self.tokenizer, self.image_processor)
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            prompt_len = inputs["input_ids"].shape[1]
+            with torch.inference_mode():
+                output = self.model.generate(**inputs, **self._generation_kwargs(prompt_len))
+            sequences = output if isinstance(output, torch.Tensor) else output.sequences
+            new_tokens = sequences[:, prompt_len:].cpu()
+            # A batch finishes together, so every request in it reports the batch's wall time
+            # (image loading and preprocessing included): the latency a caller of this backend sees.
+            latency = time.perf_counter() - t0
+            results.extend(self._completions(new_tokens, latency))
+        return results
+
+    def close(self) -> None:
+        model = getattr(self, "model", None)
+        self.model = None
+        if model is None:
+            return
+        del model
+        import gc
+
+        gc.collect()
+        if self._torch.cuda.is_available():
+            self._torch.cuda.empty_cache()

@@ -1,0 +1,137 @@
+import hashlib
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from egm.data import hub
+from egm.data.hub import FetchError, MirrorNotFoundError, check_files, fetch_snapshot
+
+REPO = "org/EGM_Datasets"
+FILES = {
+    "README.md": b"readme\n",
+    "metadata/eval/refcoco_val.jsonl": b'{"a": 1}\n',
+    "metadata/eval/refcoco_testA.jsonl": b'{"a": 2}\n',
+    "processed_rl_data/train_grounding.parquet": b"PAR1 not really",
+    "coco.tar.part_aa": b"x" * 1000,
+    "coco.tar.part_ab": b"y" * 10,
+    ".cache/huggingface/download/README.md.metadata": b"bookkeeping",
+}
+
+
+def _mirror(tmp_path: Path) -> Path:
+    mirror = tmp_path / "mirror"
+    for rel, data in FILES.items():
+        path = mirror / REPO / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return mirror
+
+
+def test_mirror_fetch_with_patterns_and_manifest(tmp_path):
+    mirror = _mirror(tmp_path)
+    dest = tmp_path / "dest"
+    manifest = fetch_snapshot(REPO, dest, repo_type="dataset", allow_patterns=["metadata/eval/*", "*.parquet"],
+                              mirror=mirror)
+    assert manifest["source"] == "mirror" and manifest["commit"] is None
+    assert manifest["repo_id"] == REPO and manifest["repo_type"] == "dataset" and manifest["revision"] == "main"
+    paths = [f["path"] for f in manifest["files"]]
+    assert paths == sorted(paths) == [
+        "metadata/eval/refcoco_testA.jsonl",
+        "metadata/eval/refcoco_val.jsonl",
+        "processed_rl_data/train_grounding.parquet",
+    ]
+    for entry in manifest["files"]:
+        data = FILES[entry["path"]]
+        assert entry["bytes"] == len(data)
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (dest / entry["path"]).read_bytes() == data
+    assert not (dest / "README.md").exists() and not (dest / "coco.tar.part_aa").exists()
+    # Same filesystem: hard links, not copies.
+    assert os.path.samefile(dest / paths[0], mirror / REPO / paths[0])
+    assert check_files(dest, manifest) == []
+
+
+def test_mirror_fetch_all_excludes_cache_and_is_rerunnable(tmp_path):
+    mirror = _mirror(tmp_path)
+    dest = tmp_path / "dest"
+    first = fetch_snapshot(REPO, dest, repo_type="dataset", mirror=mirror)
+    again = fetch_snapshot(REPO, dest, repo_type="dataset", mirror=mirror)
+    assert first == again
+    assert {f["path"] for f in first["files"]} == {p for p in FILES if not p.startswith(".cache/")}
+    assert not list(dest.rglob("*.tmp"))
+
+
+def test_mirror_fetch_copies_across_filesystems(tmp_path, monkeypatch):
+    mirror = _mirror(tmp_path)
+
+    def no_link(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(hub.os, "link", no_link)
+    dest = tmp_path / "dest"
+    manifest = fetch_snapshot(REPO, dest, repo_type="dataset", allow_patterns=["coco.tar.part_*"], mirror=mirror)
+    assert [f["path"] for f in manifest["files"]] == ["coco.tar.part_aa", "coco.tar.part_ab"]
+    assert not os.path.samefile(dest / "coco.tar.part_aa", mirror / REPO / "coco.tar.part_aa")
+    assert (dest / "coco.tar.part_aa").read_bytes() == FILES["coco.tar.part_aa"]
+
+
+def test_missing_mirror_repo_is_named(tmp_path):
+    mirror = _mirror(tmp_path)
+    with pytest.raises(MirrorNotFoundError, match="org/Other"):
+        fetch_snapshot("org/Other", tmp_path / "dest", mirror=mirror)
+
+
+def test_pattern_matching_nothing_fails(tmp_path):
+    mirror = _mirror(tmp_path)
+    with pytest.raises(FetchError, match="no file matches"):
+        fetch_snapshot(REPO, tmp_path / "dest", repo_type="dataset", allow_patterns=["nope/*"], mirror=mirror)
+
+
+def test_check_files_reports_modified_and_missing(tmp_path):
+    mirror = _mirror(tmp_path)
+    dest = tmp_path / "dest"
+    manifest = fetch_snapshot(REPO, dest, repo_type="dataset", allow_patterns=["metadata/*", "README.md"],
+                              mirror=mirror)
+    # Replace rather than edit in place: the file is a hard link into the mirror.
+    target = dest / "metadata/eval/refcoco_val.jsonl"
+    target.unlink()
+    target.write_bytes(b'{"a": 9}\n')  # same size, other bytes
+    (dest / "README.md").unlink()
+    problems = check_files(dest, manifest)
+    assert len(problems) == 2
+    assert any("sha256 mismatch" in p and "refcoco_val.jsonl" in p for p in problems)
+    assert any("missing" in p and "README.md" in p for p in problems)
+    target.write_bytes(b"longer content\n")
+    assert any("size mismatch" in p for p in check_files(dest, manifest, verify_sha256=False))
+
+
+def test_hub_fetch_resolves_revision_and_downloads_by_sha(tmp_path, monkeypatch):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    calls = {}
+
+    class FakeApi:
+        def repo_info(self, repo_id, *, repo_type=None, revision=None, **kwargs):
+            calls["info"] = (repo_id, repo_type, revision)
+            return SimpleNamespace(sha=sha, siblings=[SimpleNamespace(rfilename=p) for p in FILES if not p.startswith(".")])
+
+    def fake_download(repo_id, *, repo_type=None, revision=None, local_dir=None, allow_patterns=None, **kwargs):
+        calls["download"] = (repo_id, repo_type, revision, allow_patterns)
+        for rel in ("metadata/eval/refcoco_val.jsonl", "metadata/eval/refcoco_testA.jsonl"):
+            path = Path(local_dir) / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(FILES[rel])
+        (Path(local_dir) / ".cache/huggingface").mkdir(parents=True)
+        (Path(local_dir) / ".cache/huggingface/x.metadata").write_text("meta")
+        return str(local_dir)
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hub, "snapshot_download", fake_download)
+    manifest = fetch_snapshot(REPO, tmp_path / "d", repo_type="dataset", revision="v1",
+                              allow_patterns=["metadata/eval/*.jsonl"])
+    assert calls["info"] == (REPO, "dataset", "v1")
+    assert calls["download"] == (REPO, "dataset", sha, ["metadata/eval/*.jsonl"])
+    assert manifest["commit"] == sha and manifest["revision"] == "v1" and manifest["source"] == "hub"
+    assert [f["path"] for f in manifest["files"]] == ["metadata/eval/refcoco_testA.jsonl",
+                                                      "metadata/eval/refcoco_val.jsonl"]

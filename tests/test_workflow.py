@@ -1,0 +1,77 @@
+"""The whole pipeline through real Snakemake: the demo end to end, then incremental reruns."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from tests.workflow_helpers import copy_workflow, plan, run_snakemake, small_demo_config, stage_of, write_config
+
+PAPER_SPLITS = 8
+
+
+def test_paper_config_plans_every_stage_without_network(tmp_path):
+    copy_workflow(tmp_path)
+    outputs = plan(tmp_path)  # config/config.yaml by default; planning touches no network
+    stages = Counter(stage_of(p) for p in outputs)
+    n_models = 6
+    assert stages["predict"] == n_models * PAPER_SPLITS
+    assert stages["score"] == n_models * PAPER_SPLITS
+    assert stages["fetch_model"] == n_models
+    assert stages["extract_images"] == 2
+    assert stages["rewrite_rl_parquet"] == 2
+    assert stages["report"] == 6  # refcoco + vs-paper tables (csv, md) and the figure (png, pdf)
+    assert "demo_mirror" not in stages
+
+
+def test_named_artifact_targets_plan_only_what_they_need(tmp_path):
+    copy_workflow(tmp_path)
+    outputs = plan(tmp_path, targets=["table_refcoco"])
+    stages = set(map(stage_of, outputs))
+    assert "rewrite_rl_parquet" not in stages  # the table does not need the RL data
+    assert not any(p.startswith("results/figures/") for p in outputs)
+
+
+def test_unknown_config_key_fails_before_any_job(tmp_path):
+    copy_workflow(tmp_path)
+    config = small_demo_config()
+    config["inference"]["max_token"] = 3  # typo
+    result = run_snakemake(tmp_path, write_config(tmp_path, config), "-n")
+    assert result.returncode != 0
+    assert "max_token" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_then_incremental(tmp_path):
+    copy_workflow(tmp_path)
+    configfile = write_config(tmp_path, small_demo_config())
+    result = run_snakemake(tmp_path, configfile)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    for name in ("refcoco.csv", "refcoco.md", "refcoco_vs_paper.csv", "refcoco_vs_paper.md"):
+        assert (tmp_path / "results/tables" / name).stat().st_size > 0
+    assert (tmp_path / "results/figures/tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "results/figures/tradeoff.pdf").read_bytes()[:4] == b"%PDF"
+    for part in ("train", "val"):
+        assert (tmp_path / f"resources/rl/{part}.parquet").exists()
+
+    split_files = sorted((tmp_path / "results/predictions/tiny-base").glob("*.jsonl"))
+    assert len(split_files) == PAPER_SPLITS
+    for path in split_files:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(rows) == 4
+        assert len({row["line"] for row in rows}) == 4
+        for row in rows:
+            for field in ("id", "image", "sent", "bbox", "width", "height", "answer", "parsed_box",
+                          "pred_box", "iou", "completion_tokens", "latency_s"):
+                assert field in row, (path, field)
+        metrics = json.loads((tmp_path / "results/metrics/tiny-base" / path.name.replace(".jsonl", ".json")).read_text())
+        assert metrics["n_scored"] == 4
+
+    # Nothing changed: nothing to do.
+    assert plan(tmp_path, configfile) == []
+
+    # An inference parameter changed: prediction, scoring and the report rerun, nothing upstream.
+    changed = write_config(tmp_path, small_demo_config(max_tokens=12))
+    stages = set(map(stage_of, plan(tmp_path, changed)))
+    assert stages == {"predict", "score", "report"}

@@ -1,0 +1,87 @@
+"""Drive the real Snakemake workflow from tests: a copy of the workflow in a temp directory,
+run through the `snakemake` CLI as a user would, and planned through the Snakemake API."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, Quietness, ResourceSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Output path prefix -> pipeline stage, to name what a plan would rerun.
+STAGES = [
+    ("resources/demo_mirror", "demo_mirror"),
+    ("resources/manifests/dataset", "fetch_dataset"),
+    ("resources/hub/", "fetch_dataset"),
+    ("resources/manifests/images-", "extract_images"),
+    ("resources/rl/", "rewrite_rl_parquet"),
+    ("resources/manifests/model-", "fetch_model"),
+    ("results/predictions/", "predict"),
+    ("results/metrics/", "score"),
+    ("results/tables/", "report"),
+    ("results/figures/", "report"),
+]
+
+
+def stage_of(path: str) -> str:
+    for prefix, stage in STAGES:
+        if path.startswith(prefix):
+            return stage
+    raise AssertionError(f"output of no known stage: {path}")
+
+
+def copy_workflow(dest: Path) -> Path:
+    shutil.copy(REPO / "Snakefile", dest / "Snakefile")
+    shutil.copytree(REPO / "workflow", dest / "workflow")
+    shutil.copytree(REPO / "config", dest / "config")
+    return dest
+
+
+def write_config(workdir: Path, config: dict, name: str = "test.yaml") -> Path:
+    path = workdir / "config" / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def small_demo_config(**inference) -> dict:
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config["demo"].update(n_train_images=8, n_eval_per_split=4)
+    config["inference"].update({"max_tokens": 16, "batch_size": 8, **inference})
+    return config
+
+
+def run_snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return subprocess.run(
+        ["snakemake", "--cores", "2", "--configfile", str(configfile), *args],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def plan(workdir: Path, configfile: Path | None = None, targets: list[str] | None = None) -> list[str]:
+    """Output files a run would (re)create now: a dry run through the Snakemake API."""
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(cores=1),
+            config_settings=ConfigSettings(configfiles=[configfile] if configfile else []),
+            snakefile=workdir / "Snakefile",
+            workdir=workdir,
+        )
+        dag_api = workflow.dag(**({} if targets is None else {"dag_settings": _targets(targets)}))
+        updated: list[str] = []
+        dag_api.execute_workflow(executor="dryrun", updated_files=updated)
+        return sorted(updated)
+
+
+def _targets(targets):
+    from snakemake.settings.types import DAGSettings
+
+    return DAGSettings(targets=set(targets))
