@@ -1,0 +1,108 @@
+"""Prediction with the real tiny model: resume after SIGKILL, torn work lines, bad records."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from egm.infer.predict import read_work_file
+
+N_RECORDS = 30
+
+
+def make_split(root, n=N_RECORDS, bad_line=None):
+    images = root / "images" / "coco" / "train2014"
+    images.mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        name = f"COCO_train2014_{i:012d}.jpg"
+        Image.new("RGB", (96, 96), (20 * (i % 12), 100, 200)).save(images / name)
+        record = {"id": i, "image": f"/data/coco/train2014/{name}", "sent": f"the shape {i}",
+                  "bbox": [10, 10, 50, 60], "width": 96, "height": 96}
+        lines.append(json.dumps(record))
+    if bad_line is not None:
+        lines[bad_line - 1] = '{"id": 999, "image": '  # truncated JSON
+    split = root / "refcoco_val.jsonl"
+    split.write_text("\n".join(lines) + "\n")
+    manifest = root / "model.json"
+    manifest.write_text(json.dumps({"files": []}))
+    return split, manifest
+
+
+def predict_cmd(tiny_dir, split, manifest, out_dir, root):
+    options = {"prompt": "qwen3", "backend": "hf", "engine_options": {},
+               "inference": {"max_tokens": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 20,
+                             "repetition_penalty": 1.0, "presence_penalty": 0.0, "batch_size": 1, "limit": None}}
+    return [sys.executable, "-m", "egm", "predict", "--model-dir", str(tiny_dir), "--model-manifest", str(manifest),
+            "--splits", str(split), "--image-root", str(root / "images"), "--out-dir", str(out_dir),
+            "--options", json.dumps(options)]
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_killed_prediction_resumes_without_duplicates(tiny_dir, tmp_path):
+    split, manifest = make_split(tmp_path)
+    out = tmp_path / "pred"
+    cmd = predict_cmd(tiny_dir, split, manifest, out, tmp_path)
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    work_files = []
+    while time.monotonic() < deadline:
+        work_files = list((out / ".work").glob("refcoco_val.*.jsonl")) if (out / ".work").exists() else []
+        if work_files and work_files[0].read_bytes().count(b"\n") >= 5:
+            break
+        if proc.poll() is not None:
+            pytest.fail("prediction finished before it could be killed; make the split larger")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "refcoco_val.jsonl").exists(), "a killed job must not leave a final file"
+    answered_before = len(read_work_file(work_files[0]))
+    assert 5 <= answered_before < N_RECORDS
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{answered_before} already answered" in resumed.stderr
+    rows = read_rows(out / "refcoco_val.jsonl")
+    assert [row["line"] for row in rows] == list(range(1, N_RECORDS + 1))
+
+    # The resumed file equals an uninterrupted run's answers (greedy decoding).
+    fresh = tmp_path / "fresh"
+    clean = subprocess.run(predict_cmd(tiny_dir, split, manifest, fresh, tmp_path), capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert [r["answer"] for r in rows] == [r["answer"] for r in read_rows(fresh / "refcoco_val.jsonl")]
+
+
+def test_torn_last_work_line_is_cut_and_redone(tmp_path):
+    work = tmp_path / "w.jsonl"
+    work.write_text(json.dumps({"line": 1, "answer": "a"}) + "\n" + '{"line": 2, "ans')
+    done = read_work_file(work)
+    assert list(done) == [1]
+    assert work.read_text().endswith("\n") and work.read_text().count("\n") == 1
+
+
+def test_corrupt_middle_work_line_names_file_and_line(tmp_path):
+    work = tmp_path / "w.jsonl"
+    work.write_text('{"line": 1}\nnot json\n{"line": 3}\n')
+    with pytest.raises(ValueError, match=r"w\.jsonl:2"):
+        read_work_file(work)
+
+
+def test_bad_record_is_kept_as_a_row_and_named_in_the_log(tiny_dir, tmp_path):
+    split, manifest = make_split(tmp_path, n=4, bad_line=3)
+    out = tmp_path / "pred"
+    result = subprocess.run(predict_cmd(tiny_dir, split, manifest, out, tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{split}:3" in result.stderr
+    rows = read_rows(out / "refcoco_val.jsonl")
+    assert [r["line"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["status"] == "bad_record" and rows[2]["error"]
+    assert all(r["status"] == "ok" for i, r in enumerate(rows) if i != 2)
