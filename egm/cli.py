@@ -50,6 +50,7 @@ def cmd_fetch(args: argparse.Namespace) -> None:
         revision=args.revision,
         allow_patterns=args.allow or None,
         mirror=Path(args.mirror) if args.mirror else None,
+        checksums=args.checksums,
     )
     manifest["dest"] = args.dest
     write_json(args.manifest, manifest)
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default="main")
     p.add_argument("--allow", nargs="*", default=[], help="allow patterns")
     p.add_argument("--mirror", default=None, help="offline mirror laid out as <mirror>/<repo_id>/...")
+    p.add_argument("--checksums", type=_json_arg, default={}, help='JSON {"path": "sha256"} to verify')
     p.add_argument("--dest", required=True)
     p.add_argument("--manifest", required=True)
     p.set_defaults(func=cmd_fetch)

@@ -107,6 +107,80 @@ def test_check_files_reports_modified_and_missing(tmp_path):
     assert any("size mismatch" in p for p in check_files(dest, manifest, verify_sha256=False))
 
 
+def _siblings():
+    # What the hub reports with files_metadata=True: LFS files carry sha256, others a git blob id.
+    out = []
+    for rel, data in FILES.items():
+        if rel.startswith("."):
+            continue
+        if rel.startswith("coco.tar"):
+            out.append(SimpleNamespace(rfilename=rel, lfs=SimpleNamespace(sha256=hashlib.sha256(data).hexdigest()), blob_id=None))
+        else:
+            blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            out.append(SimpleNamespace(rfilename=rel, lfs=None, blob_id=blob))
+    return out
+
+
+def test_git_blob_sha1_matches_git(tmp_path):
+    import subprocess
+
+    path = tmp_path / "f.txt"
+    path.write_bytes(b"hello\nworld\n")
+    expected = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True, check=True).stdout.strip()
+    assert hub.git_blob_sha1(path) == expected
+
+
+def test_hub_fetch_redownloads_only_the_corrupted_file(tmp_path, monkeypatch):
+    downloads = []
+
+    class FakeHubApi:
+        def repo_info(self, repo_id, **kwargs):
+            assert kwargs.get("files_metadata") is True
+            return SimpleNamespace(sha="f" * 40, siblings=_siblings())
+
+    def fake_hub_download(repo_id, *, local_dir=None, allow_patterns=None, **kwargs):
+        downloads.append(allow_patterns)
+        for rel in ("coco.tar.part_aa", "coco.tar.part_ab"):
+            if rel in allow_patterns or "coco.tar.part_*" in allow_patterns:
+                data = FILES[rel]
+                if len(downloads) == 1 and rel == "coco.tar.part_ab":
+                    data = b"z" * len(data)  # corrupted in transit, same size
+                (Path(local_dir) / rel).write_bytes(data)
+
+    monkeypatch.setattr(hub, "HfApi", FakeHubApi)
+    monkeypatch.setattr(hub, "snapshot_download", fake_hub_download)
+    dest = tmp_path / "d"
+    manifest = fetch_snapshot(REPO, dest, repo_type="dataset", allow_patterns=["coco.tar.part_*"])
+    assert downloads == [["coco.tar.part_*"], ["coco.tar.part_ab"]]
+    assert (dest / "coco.tar.part_ab").read_bytes() == FILES["coco.tar.part_ab"]
+    assert {f["path"] for f in manifest["files"]} == {"coco.tar.part_aa", "coco.tar.part_ab"}
+
+
+def test_hub_fetch_fails_naming_a_file_that_stays_corrupt(tmp_path, monkeypatch):
+    class FakeHubApi:
+        def repo_info(self, repo_id, **kwargs):
+            return SimpleNamespace(sha="f" * 40, siblings=_siblings())
+
+    def always_corrupt(repo_id, *, local_dir=None, allow_patterns=None, **kwargs):
+        (Path(local_dir) / "coco.tar.part_aa").write_bytes(b"broken")
+
+    monkeypatch.setattr(hub, "HfApi", FakeHubApi)
+    monkeypatch.setattr(hub, "snapshot_download", always_corrupt)
+    with pytest.raises(FetchError, match="coco.tar.part_aa"):
+        fetch_snapshot(REPO, tmp_path / "d", repo_type="dataset", allow_patterns=["coco.tar.part_aa"])
+
+
+def test_mirror_checksums_are_verified(tmp_path):
+    mirror = _mirror(tmp_path)
+    good = hashlib.sha256(FILES["README.md"]).hexdigest()
+    manifest = fetch_snapshot(REPO, tmp_path / "ok", mirror=mirror, allow_patterns=["README.md"], checksums={"README.md": good})
+    assert manifest["files"][0]["sha256"] == good
+    with pytest.raises(FetchError, match="README.md"):
+        fetch_snapshot(REPO, tmp_path / "bad", mirror=mirror, allow_patterns=["README.md"], checksums={"README.md": "0" * 64})
+    with pytest.raises(FetchError, match="not fetched"):
+        fetch_snapshot(REPO, tmp_path / "x", mirror=mirror, allow_patterns=["README.md"], checksums={"other.bin": good})
+
+
 def test_hub_fetch_resolves_revision_and_downloads_by_sha(tmp_path, monkeypatch):
     sha = "0123456789abcdef0123456789abcdef01234567"
     calls = {}
@@ -114,7 +188,7 @@ def test_hub_fetch_resolves_revision_and_downloads_by_sha(tmp_path, monkeypatch)
     class FakeApi:
         def repo_info(self, repo_id, *, repo_type=None, revision=None, **kwargs):
             calls["info"] = (repo_id, repo_type, revision)
-            return SimpleNamespace(sha=sha, siblings=[SimpleNamespace(rfilename=p) for p in FILES if not p.startswith(".")])
+            return SimpleNamespace(sha=sha, siblings=_siblings())
 
     def fake_download(repo_id, *, repo_type=None, revision=None, local_dir=None, allow_patterns=None, **kwargs):
         calls["download"] = (repo_id, repo_type, revision, allow_patterns)

@@ -11,6 +11,7 @@ environment itself; this module never touches the token.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -104,6 +105,45 @@ def _file_entries(dest: Path, paths: list[str]) -> list[dict[str, Any]]:
     return entries
 
 
+def git_blob_sha1(path: Path) -> str:
+    """The git object id of a file: how the hub identifies files that are not in LFS."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    return sha256_file(path) if algorithm == "sha256" else git_blob_sha1(path)
+
+
+def verify_digests(dest: Path, expected: dict[str, tuple[str, str]]) -> list[str]:
+    """Paths under `dest` whose digest differs from `expected` ({path: (algorithm, hex)}).
+
+    A missing file counts as bad. Algorithms: "sha256" or "git-sha1".
+    """
+    bad = []
+    for rel, (algorithm, want) in sorted(expected.items()):
+        local = Path(dest) / rel
+        if not local.is_file() or _digest(local, algorithm) != want.lower():
+            bad.append(rel)
+    return bad
+
+
+def _hub_digests(siblings, selected: list[str]) -> dict[str, tuple[str, str]]:
+    wanted = set(selected)
+    digests = {}
+    for sibling in siblings or []:
+        if sibling.rfilename not in wanted:
+            continue
+        if sibling.lfs is not None:
+            digests[sibling.rfilename] = ("sha256", sibling.lfs.sha256)
+        elif sibling.blob_id:
+            digests[sibling.rfilename] = ("git-sha1", sibling.blob_id)
+    return digests
+
+
 def _from_mirror(repo_id: str, dest: Path, allow_patterns: list[str] | None, mirror: Path) -> list[str]:
     root = Path(mirror) / repo_id
     if not root.is_dir():
@@ -117,22 +157,34 @@ def _from_mirror(repo_id: str, dest: Path, allow_patterns: list[str] | None, mir
 
 
 def _from_hub(repo_id: str, dest: Path, repo_type: str, revision: str,
-              allow_patterns: list[str] | None) -> tuple[str, list[str]]:
+              allow_patterns: list[str] | None, checksums: dict[str, str]) -> tuple[str, list[str]]:
     # Resolve first and download by sha: a branch that moves during the download would
     # otherwise mix files of two commits, and the manifest must name the commit actually used.
-    info = HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision)
+    info = HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision, files_metadata=True)
     commit = info.sha
     if not commit:
         raise FetchError(f"{repo_type} {repo_id}@{revision}: the hub did not report a commit sha")
     selected = _select([s.rfilename for s in (info.siblings or [])], allow_patterns)
-    if selected:
-        snapshot_download(
-            repo_id,
-            repo_type=repo_type,
-            revision=commit,
-            local_dir=dest,
-            allow_patterns=allow_patterns,
-        )
+    if not selected:
+        return commit, selected
+    expected = _hub_digests(info.siblings, selected)
+    expected.update({rel: ("sha256", digest) for rel, digest in checksums.items() if rel in selected})
+
+    def download(patterns: list[str] | None) -> None:
+        snapshot_download(repo_id, repo_type=repo_type, revision=commit, local_dir=dest, allow_patterns=patterns)
+
+    download(allow_patterns)
+    bad = verify_digests(dest, expected)
+    if bad:
+        # Only the damaged files are fetched again; everything that verified stays.
+        log.warning("%s: %d file(s) failed verification, downloading them again: %s", repo_id, len(bad), bad)
+        for rel in bad:
+            with contextlib.suppress(FileNotFoundError):
+                (dest / rel).unlink()
+        download(bad)
+        bad = verify_digests(dest, expected)
+    if bad:
+        raise FetchError(f"{repo_type} {repo_id}@{commit}: downloaded file(s) do not match the hub's digests: {bad}")
     return commit, selected
 
 
@@ -144,6 +196,7 @@ def fetch_snapshot(
     revision: str = "main",
     allow_patterns: list[str] | None = None,
     mirror: Path | None = None,
+    checksums: dict[str, str] | None = None,
 ) -> dict:
     """Fetch `repo_id` (files matching `allow_patterns`, all if None) into `dest`.
 
@@ -151,7 +204,12 @@ def fetch_snapshot(
     and `revision` is only recorded. Returns the manifest; writing it is the caller's job.
     Raises FetchError when nothing matches `allow_patterns`, since an empty fetch is always a
     misconfigured pattern or repository rather than something to carry on with.
+
+    Every hub download is checked against the hub's digests (LFS sha256, else the git blob id)
+    and files that fail are downloaded once more. `checksums` ({path: sha256}, e.g. from the
+    config) are checked for both sources; a mirror file that fails them is an error.
     """
+    checksums = dict(checksums or {})
     if repo_type not in REPO_TYPES:
         raise ValueError(f"repo_type must be one of {REPO_TYPES}, got {repo_type!r}")
     if isinstance(allow_patterns, str):
@@ -164,11 +222,17 @@ def fetch_snapshot(
             log.warning("%s: a mirror holds one snapshot; revision %r is recorded, not checked", repo_id, revision)
         commit, selected, source = None, _from_mirror(repo_id, dest, allow_patterns, Path(mirror)), "mirror"
         where = f"mirror {mirror}"
+        bad = verify_digests(dest, {rel: ("sha256", d) for rel, d in checksums.items() if rel in selected})
+        if bad:
+            raise FetchError(f"{repo_id} from mirror {mirror}: file(s) do not match the configured checksums: {bad}")
     else:
-        commit, selected = _from_hub(repo_id, dest, repo_type, revision, allow_patterns)
+        commit, selected = _from_hub(repo_id, dest, repo_type, revision, allow_patterns, checksums)
         source, where = "hub", f"the hub (revision {revision})"
     if not selected:
         raise FetchError(f"{repo_type} {repo_id} from {where}: no file matches allow_patterns={allow_patterns}")
+    unfetched = sorted(set(checksums) - set(selected))
+    if unfetched:
+        raise FetchError(f"{repo_id}: checksums are configured for files that were not fetched: {unfetched}")
 
     return {
         "repo_id": repo_id,

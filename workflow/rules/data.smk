@@ -33,13 +33,14 @@ rule fetch_dataset:
         flip=f"{DATASET_DIR}/coco_flip.tar",
     params:
         dataset=config["dataset"],
+        checksums=json_arg(config["dataset"]["checksums"]),
         mirror=mirror_arg(),
     log:
         "logs/fetch_dataset.log",
     shell:
         "python -m egm fetch --repo-type dataset --repo-id {params.dataset[repo_id]}"
         " --revision {params.dataset[revision]} --allow {params.dataset[allow_patterns]:q}"
-        " {params.mirror} --dest {DATASET_DIR} --manifest {output.manifest} > {log} 2>&1"
+        " --checksums {params.checksums} {params.mirror} --dest {DATASET_DIR} --manifest {output.manifest} > {log} 2>&1"
 
 
 rule extract_images:

@@ -13,9 +13,11 @@ rule fetch_model:
     params:
         repo_id=lambda wc: MODELS[wc.model]["repo_id"],
         revision=lambda wc: MODELS[wc.model]["revision"],
+        checksums=lambda wc: json_arg(MODELS[wc.model]["checksums"]),
         mirror=mirror_arg(),
     log:
         "logs/fetch_model/{model}.log",
     shell:
         "python -m egm fetch --repo-type model --repo-id {params.repo_id} --revision {params.revision}"
-        " {params.mirror} --dest resources/models/{wildcards.model} --manifest {output} > {log} 2>&1"
+        " --checksums {params.checksums} {params.mirror} --dest resources/models/{wildcards.model}"
+        " --manifest {output} > {log} 2>&1"
