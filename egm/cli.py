@@ -115,16 +115,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_score(args: argparse.Namespace) -> None:
     from egm.io import write_json
-    from egm.metrics import summarize_predictions
+    from egm.metrics import read_prediction_rows, summarize_predictions
 
-    rows = []
-    with open(args.predictions, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise SystemExit(f"{args.predictions}:{number}: malformed prediction line: {err}")
-    metrics = summarize_predictions(rows, args.model, args.split)
+    metrics = summarize_predictions(read_prediction_rows(args.predictions), args.model, args.split)
     write_json(args.out, metrics)
     log.info("%s %s: Acc@0.5 %s over %d", args.model, args.split, metrics["acc_at_0.5"], metrics["n_scored"])
 

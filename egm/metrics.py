@@ -5,7 +5,7 @@ Acc@0.5 counts IoU strictly greater than 0.5 (the RL reward uses >=, evaluation 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 ACC_THRESHOLD = 0.5
 
@@ -48,17 +48,18 @@ def split_average(per_split: Mapping[str, float]) -> float:
     return sum(per_split.values()) / len(per_split)
 
 
-def summarize_predictions(rows: list[dict], model: str, split: str) -> dict:
-    """Split metrics from prediction rows; IoU is recomputed from the raw answer.
+def summarize_predictions(rows: Iterable[dict], model: str, split: str) -> dict:
+    """Split metrics from prediction rows (streamed once); IoU is recomputed from the raw answer.
 
     Bad records (invalid data, not model failures) are counted and listed but excluded from
     the denominator; an answer with no parseable box scores IoU 0 and is counted.
     """
     from egm.grounding import evaluate_answer
 
-    scored, bad, unparseable = [], [], 0
+    scored, bad, unparseable, n_records = [], [], 0, 0
     tokens, latencies = [], []
     for row in rows:
+        n_records += 1
         if row.get("status") == "bad_record":
             bad.append({"line": row["line"], "reason": row.get("error")})
             continue
@@ -75,7 +76,7 @@ def summarize_predictions(rows: list[dict], model: str, split: str) -> dict:
     return {
         "model": model,
         "split": split,
-        "n_records": len(rows),
+        "n_records": n_records,
         "n_scored": len(scored),
         "n_bad_records": len(bad),
         "n_unparseable": unparseable,
@@ -85,3 +86,15 @@ def summarize_predictions(rows: list[dict], model: str, split: str) -> dict:
         "mean_latency_s": finite_or_none(mean(latencies)),
         "bad_records": bad[:50],
     }
+
+
+def read_prediction_rows(path) -> Iterator[dict]:
+    """Rows of a prediction JSONL, one at a time; a malformed line names the file and line."""
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: malformed prediction line: {err}") from err

@@ -1,6 +1,8 @@
 import math
 
-from egm.metrics import acc_at_05, iou, mean_iou, split_average, summarize_predictions
+import pytest
+
+from egm.metrics import acc_at_05, iou, mean_iou, read_prediction_rows, split_average, summarize_predictions
 
 
 def test_iou_basic_cases():
@@ -55,3 +57,12 @@ def test_summarize_predictions_recomputes_iou_from_the_answer():
 def test_summarize_predictions_all_bad_gives_nulls():
     m = summarize_predictions([{"line": 1, "status": "bad_record", "error": "x"}], "m", "s")
     assert m["acc_at_0.5"] is None and m["n_scored"] == 0
+
+
+def test_read_prediction_rows_names_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"line": 1}\n{"line": 2\n')
+    rows = read_prediction_rows(path)
+    assert next(rows) == {"line": 1}
+    with pytest.raises(ValueError, match=r"p\.jsonl:2"):
+        next(rows)
