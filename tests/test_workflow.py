@@ -5,9 +5,19 @@ from collections import Counter
 
 import pytest
 
-from tests.workflow_helpers import copy_workflow, plan, run_snakemake, small_demo_config, stage_of, write_config
+from tests.workflow_helpers import (
+    copy_workflow,
+    files_containing,
+    plan,
+    run_snakemake,
+    small_demo_config,
+    stage_of,
+    write_config,
+)
 
 PAPER_SPLITS = 8
+# Canary secrets: the demo runs with them set and no file it writes may contain them.
+SECRETS = {"HF_TOKEN": "hf_canaryTOKEN0123456789abcdef", "WANDB_API_KEY": "wandbcanary0123456789abcdef0123456789"}
 
 
 def test_paper_config_plans_every_stage_without_network(tmp_path):
@@ -45,8 +55,11 @@ def test_unknown_config_key_fails_before_any_job(tmp_path):
 def test_demo_end_to_end_then_incremental(tmp_path):
     copy_workflow(tmp_path)
     configfile = write_config(tmp_path, small_demo_config())
-    result = run_snakemake(tmp_path, configfile)
+    result = run_snakemake(tmp_path, configfile, env_extra=SECRETS)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / ".snakemake" / "metadata").is_dir()  # where Snakemake stores params
+    assert files_containing(tmp_path, list(SECRETS.values())) == []
+    assert not any(value in result.stdout + result.stderr for value in SECRETS.values())
 
     for name in ("refcoco.csv", "refcoco.md", "refcoco_vs_paper.csv", "refcoco_vs_paper.md"):
         assert (tmp_path / "results/tables" / name).stat().st_size > 0

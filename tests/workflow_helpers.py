@@ -57,8 +57,8 @@ def small_demo_config(**inference) -> dict:
     return config
 
 
-def run_snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def run_snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 900, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     return subprocess.run(
         ["snakemake", "--cores", "2", "--configfile", str(configfile), *args],
@@ -85,3 +85,14 @@ def _targets(targets):
     from snakemake.settings.types import DAGSettings
 
     return DAGSettings(targets=set(targets))
+
+
+def files_containing(root: Path, needles: list[str]) -> list[str]:
+    """Every file under `root` (hidden folders such as .snakemake included) holding a needle."""
+    hits = []
+    encoded = [n.encode() for n in needles]
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            hits += [f"{path.relative_to(root)}: {n.decode()}" for n in encoded if n in data]
+    return hits
