@@ -54,7 +54,10 @@ def test_unknown_config_key_fails_before_any_job(tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end_then_incremental(tmp_path):
     copy_workflow(tmp_path)
-    configfile = write_config(tmp_path, small_demo_config())
+    # One split short of the demo's 8, so that adding it can be checked at the end.
+    config = small_demo_config()
+    all_splits, config["splits"] = config["splits"], config["splits"][:-1]
+    configfile = write_config(tmp_path, config)
     result = run_snakemake(tmp_path, configfile, env_extra=SECRETS)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / ".snakemake" / "metadata").is_dir()  # where Snakemake stores params
@@ -69,7 +72,7 @@ def test_demo_end_to_end_then_incremental(tmp_path):
         assert (tmp_path / f"resources/rl/{part}.parquet").exists()
 
     split_files = sorted((tmp_path / "results/predictions/tiny-base").glob("*.jsonl"))
-    assert len(split_files) == PAPER_SPLITS
+    assert len(split_files) == PAPER_SPLITS - 1
     for path in split_files:
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         assert len(rows) == 4
@@ -81,10 +84,25 @@ def test_demo_end_to_end_then_incremental(tmp_path):
         metrics = json.loads((tmp_path / "results/metrics/tiny-base" / path.name.replace(".jsonl", ".json")).read_text())
         assert metrics["n_scored"] == 4
 
-    # Nothing changed: nothing to do.
-    assert plan(tmp_path, configfile) == []
+    # The rerun table (docs/reruns.md), row by row, planned through the Snakemake API.
+    def stages_after(change) -> set[str]:
+        changed = small_demo_config()
+        changed["splits"] = config["splits"]
+        change(changed)
+        return set(map(stage_of, plan(tmp_path, write_config(tmp_path, changed, "changed.yaml"))))
 
-    # An inference parameter changed: prediction, scoring and the report rerun, nothing upstream.
-    changed = write_config(tmp_path, small_demo_config(max_tokens=12))
-    stages = set(map(stage_of, plan(tmp_path, changed)))
-    assert stages == {"predict", "score", "report"}
+    assert plan(tmp_path, configfile) == []  # touch nothing -> nothing
+    assert stages_after(lambda c: c["inference"].update(max_tokens=12)) == {"predict", "score", "report"}
+    assert stages_after(lambda c: c["report"].update(tolerance=1.0)) == {"report"}
+    assert stages_after(lambda c: c["dataset"].update(revision="v2")) == {
+        "fetch_dataset", "extract_images", "rewrite_rl_parquet", "predict", "score", "report"}
+    assert stages_after(lambda c: c["models"]["tiny-base"].update(revision="v2")) == {
+        "fetch_model", "predict", "score", "report"}
+
+    # Add a split: the model's one predict job reruns but answers only the new split.
+    config["splits"] = all_splits
+    result = run_snakemake(tmp_path, write_config(tmp_path, config))
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = (tmp_path / "logs/predict/tiny-base.log").read_text()
+    assert log.count("4 already answered") == PAPER_SPLITS - 1
+    assert f"{all_splits[-1]}: 4 records, 0 already answered" in log
