@@ -6,13 +6,13 @@ STAMP   := $(VENV)/.installed
 RUN     := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test clean-demo containers
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	# torch==2.13.0 is pinned in pyproject.toml: the CPU build (no multi-GB CUDA download).
-	$(PYTHON) -m pip install --quiet -e '.[test]'
+	$(PYTHON) -m pip install --quiet -e '.[test,cluster]'
 	touch $@
 
 setup: $(STAMP)
@@ -22,6 +22,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(RUN) $(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# Apptainer images named <definition>-<hash>.sif under containers/images/ (containers/README.md).
+# The GPU images need a machine with registry access: `make containers IMAGES=cpu` builds the CPU one.
+IMAGES ?= cpu gpu-vllm gpu-sglang
+containers: $(STAMP)
+	PYTHON="$(CURDIR)/$(PYTHON)" containers/build.sh $(IMAGES)
 
 clean-demo:
 	rm -rf results resources logs .snakemake

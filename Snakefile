@@ -16,13 +16,18 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"
+include: "workflow/rules/train.smk"
 include: "workflow/rules/infer.smk"
+include: "workflow/rules/latency.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/scaling.smk"
 
 
 rule all:
     input:
         rules.table_refcoco.output,
         rules.figure_tradeoff.output,
+        rules.table_scaling.output,
+        rules.figure_scaling.output,
         expand("resources/rl/{part}.parquet", part=RL_PARTS),

@@ -23,6 +23,20 @@ def _json_arg(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
 
 
+def _sampling(inference: dict):
+    from egm.infer.engine import SamplingOptions
+
+    keys = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty")
+    return SamplingOptions(**{k: inference[k] for k in keys})
+
+
+def _require_gpus(options: dict, what: str) -> None:
+    """Fail before loading anything when the job sees fewer GPUs than its config asks for."""
+    from egm.runtime import require_gpus
+
+    require_gpus(int(options.get("gpus", 0)), what=what)
+
+
 def cmd_make_demo(args: argparse.Namespace) -> None:
     from egm.data.demo import write_demo_dataset
     from egm.io import write_json
@@ -83,15 +97,14 @@ def cmd_rewrite_parquet(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from egm.infer.engine import SamplingOptions, load_engine
+    from egm.infer.engine import load_engine
     from egm.infer.predict import cache_key, predict_model
     from egm.io import sha256_file
 
     options = args.options
+    _require_gpus(options, f"predict {args.model_dir}")
     inference = options["inference"]
-    sampling = SamplingOptions(
-        **{k: inference[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty")}
-    )
+    sampling = _sampling(inference)
     engine_options = dict(options.get("engine_options", {}))
     key = cache_key(sha256_file(args.model_manifest), options["prompt"], options["backend"], sampling, inference.get("limit"))
 
@@ -128,11 +141,17 @@ def _load_metrics(paths: list[str]) -> list[dict]:
     return [read_json(p) for p in paths]
 
 
+def _models_in_order(report: dict) -> dict:
+    """The report's models in the config's order (the JSON object itself arrives key-sorted)."""
+    models = report["models"]
+    return {key: models[key] for key in report.get("order", models)}
+
+
 def cmd_report_table(args: argparse.Namespace) -> None:
     from egm.report.tables import paper_comparison, refcoco_table, write_table
 
     metrics = _load_metrics(args.metrics)
-    models, splits = args.report["models"], args.report["splits"]
+    models, splits = _models_in_order(args.report), args.report["splits"]
     out_dir = Path(args.out_dir)
     write_table(refcoco_table(metrics, models, splits), out_dir / "refcoco", title="RefCOCO/+/g Acc@0.5 (%)")
     write_table(
@@ -143,10 +162,101 @@ def cmd_report_table(args: argparse.Namespace) -> None:
 
 
 def cmd_report_figure(args: argparse.Namespace) -> None:
-    from egm.report.figures import tradeoff_figure
+    from egm.report.figures import latency_by_model, tradeoff_figure
 
     metrics = _load_metrics(args.metrics)
-    tradeoff_figure(metrics, args.report["models"], Path(args.out_prefix), args.report["splits"])
+    latency = latency_by_model(_load_metrics(args.latency)) if args.latency else None
+    tradeoff_figure(metrics, _models_in_order(args.report), Path(args.out_prefix), args.report["splits"], latency=latency)
+
+
+def cmd_latency(args: argparse.Namespace) -> None:
+    from egm.data.splits import load_split
+    from egm.grounding import build_prompt
+    from egm.infer.engine import Request, load_engine
+    from egm.infer.latency import describe_device, measure_latency, sample_records
+    from egm.io import write_json
+
+    options = args.options
+    _require_gpus(options, f"latency {args.model_dir}")
+    inference, settings = options["inference"], options["latency"]
+    sampling = _sampling(inference)
+    split = load_split(Path(args.split), args.image_root)
+    records = sample_records(split.records, settings["n"], settings["seed"])
+    requests = [Request(r.id, r.image_path, build_prompt(options["prompt"], r.sent)) for r in records]
+    concurrency = settings["concurrency"]
+    engine_options = {"batch_size": concurrency, **options.get("engine_options", {})}
+    if options["backend"] == "server":
+        engine_options.setdefault("concurrency", concurrency)
+    log.info("latency of %s (%s): %d requests of %s", args.model_dir, options["backend"], len(requests), args.split)
+    engine = load_engine(options["backend"], args.model_dir, sampling, engine_options)
+    try:
+        result = measure_latency(engine, requests, concurrency, settings["batch1_n"], settings["warmup"])
+        data_parallel = getattr(engine, "data_parallel_size", 1)
+    finally:
+        engine.close()
+    summary = result["protocol"]["summary"]
+    write_json(args.out, {
+        "model": args.model,
+        "model_dir": args.model_dir,
+        "backend": options["backend"],
+        "engine_options": options.get("engine_options", {}),
+        "data_parallel_size": data_parallel,
+        "device": describe_device(),
+        "split": Path(args.split).name.removesuffix(".jsonl"),
+        "sample": {"n": len(requests), "seed": settings["seed"], "bad_records_in_split": len(split.bad)},
+        "max_tokens": sampling.max_tokens,
+        "mean_latency_ms": summary["mean_ms"],
+        **result,
+    })
+    log.info("protocol: mean %.1f ms, p90 %.1f ms, %.1f tokens/s", summary["mean_ms"], summary["p90_ms"], summary["tokens_per_s"])
+
+
+def cmd_scaling(args: argparse.Namespace) -> None:
+    from egm.infer.budget import parse_budget, sweep_model
+    from egm.infer.engine import load_engine
+    from egm.infer.predict import cache_key
+    from egm.io import sha256_file
+
+    options = args.options
+    _require_gpus(options, f"scaling {args.model_dir}")
+    inference, settings = options["inference"], options["scaling"]
+    sampling = _sampling(inference)
+    batch_size = settings.get("batch_size") or inference["batch_size"]
+    engine_options = dict(options.get("engine_options", {}))
+    budgets = [parse_budget(b) for b in settings["budgets"]]
+    # Everything an answer depends on: a changed setting starts a fresh resume cache.
+    key = cache_key(sha256_file(args.model_manifest), options["prompt"], options["backend"], engine_options, sampling,
+                    batch_size, {k: settings[k] for k in ("answer_max_tokens", "n_per_split", "seed")})
+
+    def get_engine():
+        log.info("loading %s with backend %s", args.model_dir, options["backend"])
+        return load_engine(options["backend"], args.model_dir, sampling, {"batch_size": batch_size, **engine_options})
+
+    sweep_model(
+        args.model,
+        [Path(p) for p in args.splits],
+        args.image_root,
+        get_engine,
+        args.model_dir,
+        options["prompt"],
+        budgets,
+        int(settings["answer_max_tokens"]),
+        settings["n_per_split"],
+        int(settings["seed"]),
+        Path(args.out_dir),
+        work_dir=Path(args.work_dir) / key if args.work_dir else None,
+    )
+
+
+def cmd_report_scaling(args: argparse.Namespace) -> None:
+    from egm.report.scaling import scaling_figure, write_scaling_table
+
+    metrics = _load_metrics(args.metrics)
+    models = _models_in_order(args.report)
+    if args.table_prefix:
+        write_scaling_table(metrics, models, Path(args.table_prefix))
+    if args.figure_prefix:
+        scaling_figure(metrics, models, Path(args.figure_prefix))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,7 +325,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, splits")
     p.add_argument("--out-prefix", required=True)
+    p.add_argument("--latency", nargs="*", default=[], help="results/latency/*.json: preferred over the predictions' latency")
     p.set_defaults(func=cmd_report_figure)
+
+    p = sub.add_parser("latency", help="one model's latency under the paper's protocol and at batch 1")
+    p.add_argument("--model", required=True, help="the model's key in the config (names it in the figure)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--split", required=True, help="eval split JSONL the sample is drawn from")
+    p.add_argument("--image-root", required=True)
+    p.add_argument("--options", type=_json_arg, required=True, help="JSON: prompt, backend, engine_options, inference, latency")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_latency)
+
+    p = sub.add_parser("scaling", help="one model's test-time-scaling sweep: budget forcing over a seeded sample")
+    p.add_argument("--model", required=True, help="the model's key in the config")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--model-manifest", required=True, help="fetch manifest: its hash keys the resume cache")
+    p.add_argument("--splits", nargs="+", required=True, help="eval split JSONL files the sample is drawn from")
+    p.add_argument("--image-root", required=True)
+    p.add_argument("--out-dir", required=True, help="budget-{N}.jsonl and budget-{N}.json go here")
+    p.add_argument("--work-dir", default=None, help="resume cache: finished budgets, by settings")
+    p.add_argument("--options", type=_json_arg, required=True,
+                   help="JSON: prompt, backend, engine_options, inference, scaling (budgets, answer_max_tokens, ...)")
+    p.set_defaults(func=cmd_scaling)
+
+    p = sub.add_parser("report-scaling", help="the test-time-scaling table and/or figure")
+    p.add_argument("--metrics", nargs="+", required=True, help="results/scaling/*/budget-*.json")
+    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, order")
+    p.add_argument("--table-prefix", default=None)
+    p.add_argument("--figure-prefix", default=None)
+    p.set_defaults(func=cmd_report_scaling)
+
+    from egm.train.cli import add_train_parsers
+
+    add_train_parsers(sub)  # sft, rl
     return parser
 
 

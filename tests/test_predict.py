@@ -1,7 +1,6 @@
 """Prediction with the real tiny model: resume after SIGKILL, torn work lines, bad records."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

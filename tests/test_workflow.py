@@ -25,12 +25,15 @@ def test_paper_config_plans_every_stage_without_network(tmp_path):
     outputs = plan(tmp_path)  # config/config.yaml by default; planning touches no network
     stages = Counter(stage_of(p) for p in outputs)
     n_models = 6
-    assert stages["predict"] == n_models * PAPER_SPLITS
-    assert stages["score"] == n_models * PAPER_SPLITS
+    n_trained = 2  # the training run's reproduced SFT and RL models (workflow/rules/train.smk)
+    assert stages["predict"] == (n_models + n_trained) * PAPER_SPLITS
+    assert stages["score"] == (n_models + n_trained) * PAPER_SPLITS
     assert stages["fetch_model"] == n_models
     assert stages["extract_images"] == 2
     assert stages["rewrite_rl_parquet"] == 2
-    assert stages["report"] == 6  # refcoco + vs-paper tables (csv, md) and the figure (png, pdf)
+    assert stages["report"] == 10  # refcoco + vs-paper + scaling tables (csv, md), both figures (png, pdf)
+    # Test-time scaling: 7 budgets (jsonl + json) per swept model, the two 235B models at one point.
+    assert stages["scaling"] == (n_models - 2 + n_trained) * 7 * 2 + 2 * 2
     assert "demo_mirror" not in stages
 
 
@@ -38,8 +41,11 @@ def test_named_artifact_targets_plan_only_what_they_need(tmp_path):
     copy_workflow(tmp_path)
     outputs = plan(tmp_path, targets=["table_refcoco"])
     stages = set(map(stage_of, outputs))
-    assert "rewrite_rl_parquet" not in stages  # the table does not need the RL data
+    assert "train" in stages  # the table has the reproduced (trained) models' rows
     assert not any(p.startswith("results/figures/") for p in outputs)
+    # A released model's scores need neither the training stages nor the RL data.
+    stages = set(map(stage_of, plan(tmp_path, targets=["results/metrics/egm-8b/refcoco_val.json"])))
+    assert "rewrite_rl_parquet" not in stages and "train" not in stages
 
 
 def test_unknown_config_key_fails_before_any_job(tmp_path):
@@ -68,6 +74,10 @@ def test_demo_end_to_end_then_incremental(tmp_path):
         assert (tmp_path / "results/tables" / name).stat().st_size > 0
     assert (tmp_path / "results/figures/tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "results/figures/tradeoff.pdf").read_bytes()[:4] == b"%PDF"
+    assert (tmp_path / "results/figures/scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "reproduced RL" in (tmp_path / "results/tables/scaling.md").read_text()
+    scaled = [json.loads(line) for line in (tmp_path / "results/scaling/tiny-sft/budget-4.jsonl").read_text().splitlines()]
+    assert len(scaled) == PAPER_SPLITS - 1 and all(row["budget"] == "4" for row in scaled)
     for part in ("train", "val"):
         assert (tmp_path / f"resources/rl/{part}.parquet").exists()
 
@@ -92,12 +102,29 @@ def test_demo_end_to_end_then_incremental(tmp_path):
         return set(map(stage_of, plan(tmp_path, write_config(tmp_path, changed, "changed.yaml"))))
 
     assert plan(tmp_path, configfile) == []  # touch nothing -> nothing
-    assert stages_after(lambda c: c["inference"].update(max_tokens=12)) == {"predict", "score", "report"}
+    assert stages_after(lambda c: c["inference"].update(max_tokens=12)) == {"predict", "score", "scaling", "report"}
     assert stages_after(lambda c: c["report"].update(tolerance=1.0)) == {"report"}
     assert stages_after(lambda c: c["dataset"].update(revision="v2")) == {
-        "fetch_dataset", "extract_images", "rewrite_rl_parquet", "predict", "score", "report"}
+        "fetch_dataset", "extract_images", "rewrite_rl_parquet", "train", "predict", "score", "scaling", "report"}
     assert stages_after(lambda c: c["models"]["tiny-base"].update(revision="v2")) == {
-        "fetch_model", "predict", "score", "report"}
+        "fetch_model", "train", "predict", "score", "scaling", "report"}  # the training run starts from tiny-base
+    assert stages_after(lambda c: c["scaling"].update(answer_max_tokens=6)) == {"scaling", "report"}
+
+    # Training: an SFT hyperparameter reruns SFT, RL and both trained models' predictions onward;
+    # an RL one reruns RL onward only; a row label reruns the report only.
+    def trained_after(stage):
+        changed = small_demo_config()
+        changed["splits"] = config["splits"]
+        changed["train"]["runs"]["tiny"][stage].setdefault("overrides", {})["learning_rate"] = 5e-4
+        outputs = plan(tmp_path, write_config(tmp_path, changed, "changed.yaml"))
+        return ({p.split("/")[3].split(".")[0] for p in outputs if p.startswith("results/checkpoints/")},
+                {p.split("/")[2] for p in outputs if p.startswith("results/predictions/")})
+
+    assert trained_after("sft") == ({"sft", "rl"}, {"tiny-sft", "tiny-rl"})
+    assert trained_after("rl") == ({"rl"}, {"tiny-rl"})
+    assert stages_after(lambda c: c["train"]["runs"]["tiny"]["rl"].update(display="RL'd")) == {"report"}
+    table = (tmp_path / "results/tables/refcoco.md").read_text()
+    assert "random init" in table and "reproduced SFT" in table and "reproduced RL" in table
 
     # Add a split: the model's one predict job reruns but answers only the new split.
     config["splits"] = all_splits

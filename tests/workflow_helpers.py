@@ -23,7 +23,11 @@ STAGES = [
     ("resources/manifests/images-", "extract_images"),
     ("resources/rl/", "rewrite_rl_parquet"),
     ("resources/manifests/model-", "fetch_model"),
+    ("resources/manifests/start-", "fetch_model"),
+    ("results/checkpoints/", "train"),
     ("results/predictions/", "predict"),
+    ("results/latency/", "latency"),
+    ("results/scaling/", "scaling"),
     ("results/metrics/", "score"),
     ("results/tables/", "report"),
     ("results/figures/", "report"),
@@ -54,6 +58,13 @@ def small_demo_config(**inference) -> dict:
     config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     config["demo"].update(n_train_images=8, n_eval_per_split=4)
     config["inference"].update({"max_tokens": 16, "batch_size": 8, **inference})
+    for run in config.get("train", {}).get("runs", {}).values():
+        # A couple of optimizer steps on a handful of rows: the stages run, nothing more.
+        run["sft"].update(max_steps=2, limit=16)
+        run["rl"].update(max_steps=1, limit=4, overrides={"group_size": 2, "prompts_per_step": 2,
+                                                          "micro_batch_size": 4, "max_new_tokens": 8})
+    # The test-time-scaling sweep: one record per split, three budgets, short answers.
+    config["scaling"] = {"budgets": [0, 4, "unlimited"], "answer_max_tokens": 8, "n_per_split": 1, "seed": 0}
     return config
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from egm.infer.engine import Completion, Request, SamplingOptions
+from egm.infer.engine import Completion, Request, SamplingOptions, batches_by_settings, request_max_tokens
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16"}
@@ -113,20 +113,31 @@ class HFEngine:
                 return int(candidate)
         return self._eos_ids[0]
 
-    def _generation_kwargs(self, prompt_len: int) -> dict:
+    def _stop_token_ids(self, stop: tuple[str, ...]) -> list[int]:
+        """One token id per stop string (generation stops on them like on an eos)."""
+        ids = []
+        for text in stop:
+            encoded = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise ValueError(f"stop string {text!r} is {len(encoded)} tokens for this tokenizer; the hf backend "
+                                 "stops on single tokens only")
+            ids.append(int(encoded[0]))
+        return ids
+
+    def _generation_kwargs(self, prompt_len: int, max_new_tokens: int | None = None, stop_ids: list[int] = ()) -> dict:
         from transformers import GenerationConfig, LogitsProcessorList
 
         s = self.sampling
         greedy = s.temperature == 0
         # A fresh config, not the checkpoint's: its sampling defaults must not leak into greedy runs.
         config = GenerationConfig(
-            max_new_tokens=int(s.max_tokens),
+            max_new_tokens=int(s.max_tokens if max_new_tokens is None else max_new_tokens),
             do_sample=not greedy,
             temperature=None if greedy else float(s.temperature),
             top_p=None if greedy else float(s.top_p),
             top_k=None if greedy else (int(s.top_k) if s.top_k and s.top_k > 0 else None),
             repetition_penalty=float(s.repetition_penalty),
-            eos_token_id=self._eos_ids,
+            eos_token_id=self._eos_ids + [i for i in stop_ids if i not in self._eos_ids],
             pad_token_id=self._pad_id,
         )
         kwargs = {"generation_config": config}
@@ -136,13 +147,16 @@ class HFEngine:
             )
         return kwargs
 
-    def _completions(self, new_tokens, latency: float) -> list[Completion]:
-        eos = set(self._eos_ids)
+    def _completions(self, new_tokens, latency: float, stop_ids: list[int] = ()) -> list[Completion]:
+        """Each row cut at its first eos (dropped from the text) or stop token (kept in it)."""
+        stops = set(stop_ids) - set(self._eos_ids)
+        eos = set(self._eos_ids) | stops
         out = []
         for row in new_tokens.tolist():
             # Everything after the first eos is padding from rows that finished earlier.
             length = next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))
-            kept = row[: length - 1] if length and row[length - 1] in eos else row[:length]
+            ended = length and row[length - 1] in eos and row[length - 1] not in stops
+            kept = row[: length - 1] if ended else row[:length]
             # Special tokens are kept: `</think>` and the reasoning are part of what gets parsed.
             text = self.tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             out.append(Completion(text=text, completion_tokens=length, latency_s=latency))
@@ -161,25 +175,29 @@ class HFEngine:
             torch.manual_seed(int(seed))
 
         results: list[Completion] = []
-        for start in range(0, len(requests), self.batch_size):
-            chunk = requests[start : start + self.batch_size]
+        # Batches hold consecutive requests with the same max_tokens and stop strings.
+        for index in batches_by_settings(requests, self.batch_size):
+            chunk = [requests[i] for i in index]
+            stop_ids = self._stop_token_ids(chunk[0].stop)
             t0 = time.perf_counter()
             images = []
             for req in chunk:
                 with Image.open(req.image_path) as img:
                     images.append(img.convert("RGB"))
-            inputs = build_inputs(images, [r.prompt for r in chunk], self.tokenizer, self.image_processor)
+            inputs = build_inputs(images, [r.prompt for r in chunk], self.tokenizer, self.image_processor,
+                                  prefixes=[r.assistant_prefix for r in chunk])
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
             prompt_len = inputs["input_ids"].shape[1]
+            max_new = request_max_tokens(chunk[0], self.sampling)
             with torch.inference_mode():
-                output = self.model.generate(**inputs, **self._generation_kwargs(prompt_len))
+                output = self.model.generate(**inputs, **self._generation_kwargs(prompt_len, max_new, stop_ids))
             sequences = output if isinstance(output, torch.Tensor) else output.sequences
             new_tokens = sequences[:, prompt_len:].cpu()
             # A batch finishes together, so every request in it reports the batch's wall time
             # (image loading and preprocessing included): the latency a caller of this backend sees.
             latency = time.perf_counter() - t0
-            results.extend(self._completions(new_tokens, latency))
+            results.extend(self._completions(new_tokens, latency, stop_ids))
         return results
 
     def close(self) -> None:

@@ -78,23 +78,43 @@ def predict_split(
     done = read_work_file(work_path)
     pending = [rec for rec in split.records if rec.line not in done]
     total = len(split.records)
+    newly_answered = len(pending)
     log.info("%s: %d records, %d already answered, %d bad records", split_name, total, len(done), len(split.bad))
     if pending:
         engine = get_engine()
         work_path.parent.mkdir(parents=True, exist_ok=True)
         with open(work_path, "a", encoding="utf-8") as work:
-            for start in range(0, len(pending), batch_size):
-                batch = pending[start : start + batch_size]
+
+            def keep(rec, prompt, completion) -> None:
+                row = _record_base(split_name, rec)
+                row.update(status="ok", error=None, prompt=prompt, answer=completion.text)
+                row.update(evaluate_answer(completion.text, rec.bbox, rec.width, rec.height))
+                row.update(completion_tokens=completion.completion_tokens, latency_s=completion.latency_s)
+                work.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done[rec.line] = row
+
+            if hasattr(engine, "generate_each"):
+                # Engines that answer requests one by one (the server client) get the whole split
+                # at once, so `concurrency` requests stay in flight throughout; each answer is
+                # written as it arrives, so a failure mid-split keeps everything finished before it.
+                prompts = [build_prompt(prompt_template, rec.sent) for rec in pending]
+                requests = [Request(rec.id, rec.image_path, p) for rec, p in zip(pending, prompts)]
+                try:
+                    engine.generate_each(requests, lambda i, c: (keep(pending[i], prompts[i], c), work.flush()))
+                finally:
+                    work.flush()
+                    os.fsync(work.fileno())
+                    log.info("%s: %d/%d answered", split_name, sum(1 for r in split.records if r.line in done), total)
+                pending = []
+            # Batch engines get chunks: a batch, or more where the engine asks for it (replicas).
+            chunk = max(batch_size, int(getattr(engine, "chunk_size", batch_size) or batch_size))
+            for start in range(0, len(pending), chunk):
+                batch = pending[start : start + chunk]
                 prompts = [build_prompt(prompt_template, rec.sent) for rec in batch]
                 requests = [Request(rec.id, rec.image_path, p) for rec, p in zip(batch, prompts)]
                 completions = engine.generate(requests)
                 for rec, prompt, completion in zip(batch, prompts, completions):
-                    row = _record_base(split_name, rec)
-                    row.update(status="ok", error=None, prompt=prompt, answer=completion.text)
-                    row.update(evaluate_answer(completion.text, rec.bbox, rec.width, rec.height))
-                    row.update(completion_tokens=completion.completion_tokens, latency_s=completion.latency_s)
-                    work.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    done[rec.line] = row
+                    keep(rec, prompt, completion)
                 work.flush()
                 os.fsync(work.fileno())
                 log.info("%s: %d/%d answered", split_name, sum(1 for r in split.records if r.line in done), total)
@@ -105,7 +125,7 @@ def predict_split(
     with atomic_write(out_path, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return {"split": split_name, "records": total, "bad_records": len(split.bad), "newly_answered": len(pending)}
+    return {"split": split_name, "records": total, "bad_records": len(split.bad), "newly_answered": newly_answered}
 
 
 def split_name_of(path: Path) -> str:

@@ -56,9 +56,17 @@ def expand_image_tokens(text: str, grid_thw, merge_size: int, image_token: str =
     return "".join(out)
 
 
-def build_inputs(images, prompts: list[str], tokenizer, image_processor) -> dict:
+def _feedable(prefix: str) -> str:
+    """An assistant prefix without image/video placeholders: fed back, each would claim an
+    image's visual slot (a random-weight model can emit them; a trained one does not)."""
+    return prefix.replace(IMAGE_TOKEN, "").replace(VIDEO_TOKEN, "")
+
+
+def build_inputs(images, prompts: list[str], tokenizer, image_processor, prefixes: list[str] | None = None) -> dict:
     """Left-padded batch for `generate`: one image and one prompt per row.
 
+    `prefixes` (optional, one per row) is text the assistant turn already holds, appended after
+    the generation prompt, so generation continues it (egm.infer.budget).
     Returns input_ids, attention_mask, mm_token_type_ids (1 at image tokens, else 0),
     pixel_values and image_grid_thw as torch tensors.
     """
@@ -69,8 +77,11 @@ def build_inputs(images, prompts: list[str], tokenizer, image_processor) -> dict
     vision = image_processor(images=list(images), return_tensors="pt")
     grids = vision["image_grid_thw"]
     merge = int(image_processor.merge_size)
+    prefixes = [_feedable(p) for p in prefixes] if prefixes else [""] * len(prompts)
+    if len(prefixes) != len(prompts):
+        raise ValueError(f"{len(prefixes)} assistant prefixes for {len(prompts)} prompts")
     texts = [
-        expand_image_tokens(render_prompt(tokenizer, prompt), grids[i : i + 1], merge)
+        expand_image_tokens(render_prompt(tokenizer, prompt), grids[i : i + 1], merge) + prefixes[i]
         for i, prompt in enumerate(prompts)
     ]
     # Left padding keeps every row's last prompt token at the end, where generation continues.

@@ -121,26 +121,37 @@ def _axis_limits(values: Sequence[float], log: bool) -> tuple[float, float]:
     return max(0.0, lo - pad), min(102.0, hi + pad)
 
 
+def latency_by_model(files: list[dict]) -> dict[str, float]:
+    """Mean latency (ms) per model key from results/latency/{model}.json contents."""
+    out = {}
+    for entry in files:
+        out[str(entry["model"])] = float(entry["mean_latency_ms"])
+    return out
+
+
 def tradeoff_figure(
-    metrics: list[dict], models: dict, out_prefix: Path, splits: list[str]
+    metrics: list[dict], models: dict, out_prefix: Path, splits: list[str], latency: dict[str, float] | None = None
 ) -> None:
     """Avg Acc@0.5 (%) against mean latency (ms, log x) -> `{out_prefix}.png` and `.pdf`.
 
-    Models without an Avg (a configured split missing or unscored) or without a positive
-    latency cannot be placed; they are left out and named in the subtitle.
+    Latency comes from `latency` (the latency rule's protocol run, by model key) where given,
+    else from the mean over the predictions. Models without an Avg (a configured split missing
+    or unscored) or without a positive latency cannot be placed; they are left out and named in
+    the subtitle.
     """
     configured = order_splits(splits)
     ours: list[tuple[str, float, float, float]] = []
     skipped: list[str] = []
+    latency = latency or {}
     for summary in summarise(metrics, models, configured):
         accuracy = summary.average(configured)
-        latency = summary.mean_latency_ms()
+        latency_ms = latency.get(summary.key, summary.mean_latency_ms())
         if math.isnan(accuracy):
             skipped.append(f"{summary.display} (no Avg accuracy)")
-        elif math.isnan(latency) or latency <= 0:
+        elif math.isnan(latency_ms) or latency_ms <= 0:
             skipped.append(f"{summary.display} (no latency)")
         else:
-            ours.append((summary.display, latency, accuracy, summary.params_b))
+            ours.append((summary.display, latency_ms, accuracy, summary.params_b))
 
     fig = Figure(figsize=(8.0, 5.6), layout="constrained")
     FigureCanvasAgg(fig)
@@ -205,7 +216,8 @@ def tradeoff_figure(
         f"Avg over {n} configured split(s)"
         + (f" (the paper averages its {len(paper.SPLITS)})" if differs else "")
         + "; marker area grows with parameter count.",
-        "Latency: ours measured on this run's hardware; the paper does not state its hardware.",
+        "Latency: ours measured on this run's hardware; the paper does not state its hardware."
+        + (" Ours from the latency protocol run (results/latency/) where present." if latency else ""),
     ]
     if not ours:
         subtitle.append("No model of this run could be plotted.")

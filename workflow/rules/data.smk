@@ -14,6 +14,8 @@ if "demo" in config:
         params:
             demo=config["demo"],
             dataset_repo=config["dataset"]["repo_id"],
+        container:
+            image_for("cpu")
         log:
             "logs/demo_mirror.log",
         shell:
@@ -35,6 +37,8 @@ rule fetch_dataset:
         dataset=config["dataset"],
         checksums=json_arg(config["dataset"]["checksums"]),
         mirror=mirror_arg(),
+    container:
+        image_for("cpu")
     log:
         "logs/fetch_dataset.log",
     shell:
@@ -48,6 +52,10 @@ rule extract_images:
         "resources/manifests/dataset.json",
     output:
         "resources/manifests/images-{archive}.json",
+    container:
+        image_for("cpu")
+    resources:
+        **cpu_job(),
     log:
         "logs/extract_images/{archive}.log",
     shell:
@@ -61,6 +69,10 @@ rule rewrite_rl_parquet:
         images=expand("resources/manifests/images-{archive}.json", archive=["coco", "coco_flip"]),
     output:
         "resources/rl/{part}.parquet",
+    container:
+        image_for("cpu")
+    resources:
+        **cpu_job(),
     log:
         "logs/rewrite_rl_parquet/{part}.log",
     shell:

@@ -6,6 +6,10 @@ rule score:
         "results/predictions/{model}/{split}.jsonl",
     output:
         "results/metrics/{model}/{split}.json",
+    container:
+        image_for("cpu")
+    resources:
+        **cpu_job(),
     log:
         "logs/score/{model}/{split}.log",
     shell:

@@ -9,24 +9,28 @@ def predict_options(model):
             "backend": entry["backend"],
             "engine_options": entry["engine_options"],
             "inference": config["inference"],
+            "gpus": entry["gpus"],
         }
     )
 
 
 rule predict:
     input:
-        model="resources/manifests/model-{model}.json",
+        model=lambda wc: model_manifest(wc.model),
         splits=split_files(),
         images="resources/manifests/images-coco.json",
     output:
         expand("results/predictions/{{model}}/{split}.jsonl", split=SPLITS),
     params:
         options=lambda wc: predict_options(wc.model),
+        model_dir=lambda wc: model_dir(wc.model),
+    container:
+        image_for(lambda wc: model_image_key(wc.model))
     resources:
-        gpu=lambda wc: MODELS[wc.model]["gpus"],
+        **model_job(),
     log:
         "logs/predict/{model}.log",
     shell:
-        "python -m egm predict --model-dir resources/models/{wildcards.model} --model-manifest {input.model}"
+        "python -m egm predict --model-dir {params.model_dir} --model-manifest {input.model}"
         " --splits {input.splits} --image-root {IMAGE_ROOT} --out-dir results/predictions/{wildcards.model}"
         " --options {params.options} > {log} 2>&1"

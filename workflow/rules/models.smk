@@ -15,6 +15,8 @@ rule fetch_model:
         revision=lambda wc: MODELS[wc.model]["revision"],
         checksums=lambda wc: json_arg(MODELS[wc.model]["checksums"]),
         mirror=mirror_arg(),
+    container:
+        image_for("cpu")
     log:
         "logs/fetch_model/{model}.log",
     shell:

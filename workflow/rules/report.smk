@@ -5,7 +5,8 @@ def report_options(**extra):
     models = {
         name: {key: entry.get(key) for key in ("display", "paper", "params_b")} for name, entry in MODELS.items()
     }
-    return json_arg({"models": models, "splits": SPLITS, **extra})
+    # json_arg sorts dict keys; "order" keeps the config's model order (base -> SFT -> RL rows).
+    return json_arg({"models": models, "order": list(MODELS), "splits": SPLITS, **extra})
 
 
 ALL_METRICS = expand("results/metrics/{model}/{split}.json", model=MODELS, split=SPLITS)
@@ -27,6 +28,10 @@ rule table_refcoco:
         ),
     params:
         options=report_options(tolerance=config["report"]["tolerance"]),
+    container:
+        image_for("cpu")
+    resources:
+        **cpu_job(),
     log:
         "logs/table_refcoco.log",
     shell:
@@ -36,7 +41,8 @@ rule table_refcoco:
 
 rule figure_tradeoff:
     input:
-        ALL_METRICS,
+        metrics=ALL_METRICS,
+        latency=LATENCY_FILES,
     output:
         report(
             multiext("results/figures/tradeoff", ".png", ".pdf"),
@@ -45,8 +51,12 @@ rule figure_tradeoff:
         ),
     params:
         options=report_options(),
+    container:
+        image_for("cpu")
+    resources:
+        **cpu_job(),
     log:
         "logs/figure_tradeoff.log",
     shell:
-        "python -m egm report-figure --metrics {input} --report {params.options}"
+        "python -m egm report-figure --metrics {input.metrics} --latency {input.latency} --report {params.options}"
         " --out-prefix results/figures/tradeoff > {log} 2>&1"

@@ -1,0 +1,614 @@
+"""Per-request latency of Qwen3-VL 2B/4B/8B (random bf16 weights) against the weight-streaming floor.
+
+One 640x480 image (300 visual tokens) and a ~30-token prompt per request; a forced number of new
+tokens (42: the baselines' mean answer length in the paper, 101: EGM-8B's), batch 1 and batch 64.
+Methods:
+
+- `generate`: plain `model.generate` (eager, dynamic cache): the reference path;
+- `graph`: `egm.infer.fast.GraphDecoder` (static cache, one CUDA graph per decode step);
+- `graph_compiled`: the same with each layer's pre/post-attention blocks compiled first.
+
+Each timed request includes image preprocessing, the vision tower, prefill and decode, ending
+when the tokens are on the host. The floor is what streaming the language model's weights
+once per new token costs at the measured copy bandwidth: LLM weight bytes x new tokens /
+bandwidth, where bandwidth = (bytes read + bytes written) / time of a large device-to-device
+copy, measured several times in this run, best taken. Batch 64 has the same floor (the weights
+are streamed once per step for the whole batch); its KV cache reads come on top.
+
+    python benchmarks/latency.py --out benchmarks/results/latency-h100.json     # on a GPU
+    python benchmarks/latency.py --tiny --out /tmp/latency-tiny.json            # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# EGM.md section 6. Vocabulary 151936, rope theta 5e6, mrope [24, 20, 20] interleaved; vision
+# patch 16, merge 2, temporal patch 2, 2304 position embeddings; merger output = text hidden.
+ARCHS = {
+    "qwen3-vl-2b": dict(hidden=2048, mlp=6144, layers=28, heads=16, kv=8, tied=True,
+                        v_depth=24, v_hidden=1024, v_mlp=4096, v_heads=16, deepstack=[5, 11, 17]),
+    "qwen3-vl-4b": dict(hidden=2560, mlp=9728, layers=36, heads=32, kv=8, tied=True,
+                        v_depth=24, v_hidden=1024, v_mlp=4096, v_heads=16, deepstack=[5, 11, 17]),
+    "qwen3-vl-8b": dict(hidden=4096, mlp=12288, layers=36, heads=32, kv=8, tied=False,
+                        v_depth=27, v_hidden=1152, v_mlp=4304, v_heads=16, deepstack=[8, 16, 24]),
+    # CPU smoke test of this script only.
+    "tiny": dict(hidden=128, mlp=256, layers=2, heads=4, kv=2, tied=False, head_dim=32, vocab=1000,
+                 mrope=[8, 4, 4], v_depth=2, v_hidden=64, v_mlp=128, v_heads=4, deepstack=[1], positions=144),
+}
+VOCAB = 151936
+# Qwen3-VL's special token ids.
+IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151655, 151656
+TINY_IDS = dict(im_end=990, endoftext=991, vision_start=992, vision_end=993, image_pad=994, video_pad=995)
+
+
+def build_config(name: str):
+    from transformers import Qwen3VLConfig
+
+    a = ARCHS[name]
+    tiny = name == "tiny"
+    ids = TINY_IDS if tiny else dict(im_end=IM_END, endoftext=ENDOFTEXT, vision_start=VISION_START,
+                                     vision_end=VISION_END, image_pad=IMAGE_PAD, video_pad=VIDEO_PAD)
+    text = dict(
+        vocab_size=a.get("vocab", VOCAB), hidden_size=a["hidden"], intermediate_size=a["mlp"],
+        num_hidden_layers=a["layers"], num_attention_heads=a["heads"], num_key_value_heads=a["kv"],
+        head_dim=a.get("head_dim", 128), hidden_act="silu", rms_norm_eps=1e-6,
+        max_position_embeddings=4096 if tiny else 262144,
+        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                         "mrope_section": a.get("mrope", [24, 20, 20]), "mrope_interleaved": True},
+        tie_word_embeddings=a["tied"], bos_token_id=ids["endoftext"], eos_token_id=ids["im_end"],
+        pad_token_id=ids["endoftext"],
+    )
+    vision = dict(
+        depth=a["v_depth"], hidden_size=a["v_hidden"], intermediate_size=a["v_mlp"], num_heads=a["v_heads"],
+        patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=a["hidden"],
+        num_position_embeddings=a.get("positions", 2304), deepstack_visual_indexes=a["deepstack"],
+        hidden_act="gelu_pytorch_tanh", in_channels=3,
+    )
+    return Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+        tie_word_embeddings=a["tied"],
+    ), ids
+
+
+def build_model(name: str, device: str, dtype):
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    config, ids = build_config(name)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16 directly: an fp32 build of the 8B is twice the memory
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Qwen3VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    return model, ids
+
+
+def llm_weight_bytes(model) -> int:
+    """Bytes of the language model's weights (decoder, embeddings, lm_head; tied ones once)."""
+    seen, total = set(), 0
+    for module in (model.model.language_model, model.lm_head):
+        for p in module.parameters():
+            if p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def copy_bandwidth(device: str, gib: float = 2.0, iters: int = 20, rounds: int = 5) -> list[float]:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    import torch
+
+    if device != "cuda":
+        return [float("nan")]
+    n = int(gib * 2**30)
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            dst.copy_(src)
+        end.record()
+        end.synchronize()
+        out.append(2 * n * iters / (start.elapsed_time(end) / 1000))
+    del src, dst
+    torch.cuda.empty_cache()
+    return out
+
+
+def image_processor():
+    from transformers.utils import is_torchvision_available
+
+    kwargs = dict(size={"shortest_edge": 65536, "longest_edge": 16777216}, patch_size=16, temporal_patch_size=2,
+                  merge_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    if is_torchvision_available():
+        from transformers import Qwen2VLImageProcessor
+
+        return Qwen2VLImageProcessor(**kwargs)
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(**kwargs)
+
+
+def make_image(width: int, height: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+class Requests:
+    """The same request B times: the image through the processor, then a Qwen3-VL chat prompt."""
+
+    def __init__(self, processor, image, ids: dict, vocab_text: int, device: str, dtype, text_tokens: int = 24,
+                 preprocess_device: str = "cpu"):
+        import numpy as np
+
+        self.processor, self.image, self.ids, self.device, self.dtype = processor, image, ids, device, dtype
+        # The torchvision processor can resize and normalise on the GPU (64 images on the CPU take
+        # a large share of a batch's latency); the PIL one works on the CPU only.
+        self.processor_kwargs = {"device": preprocess_device} if preprocess_device != "cpu" else {}
+        rng = np.random.default_rng(1)
+        # <|im_start|>user\n <vision> Locate ..., output its bbox ... <|im_end|>\n<|im_start|>assistant\n<think>\n
+        self.prefix = rng.integers(0, vocab_text, 3).tolist()
+        self.text = rng.integers(0, vocab_text, text_tokens).tolist()
+        self.suffix = [ids["im_end"]] + rng.integers(0, vocab_text, 6).tolist()
+
+    def __call__(self, batch: int, pad_to: int | None = None) -> dict:
+        import torch
+
+        vision = self.processor(images=[self.image] * batch, return_tensors="pt", **self.processor_kwargs)
+        grid = vision["image_grid_thw"]
+        n_visual = int(grid[0].prod()) // 4
+        row = self.prefix + [self.ids["vision_start"]] + [self.ids["image_pad"]] * n_visual + [self.ids["vision_end"]]
+        row += self.text + self.suffix
+        pad = max(0, (pad_to or 0) - len(row))
+        ids = torch.tensor([[self.ids["endoftext"]] * pad + row] * batch)
+        mask = torch.tensor([[0] * pad + [1] * len(row)] * batch)
+        mm = (ids == self.ids["image_pad"]).long()
+        out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm,
+               "pixel_values": vision["pixel_values"], "image_grid_thw": grid}
+        out = {k: v.to(self.device) for k, v in out.items()}
+        out["pixel_values"] = out["pixel_values"].to(self.dtype)
+        return out
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_generate(model, make, batch, n, ids, device):
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              eos_token_id=ids["im_end"], pad_token_id=ids["endoftext"])
+    sync(device)
+    t0 = time.perf_counter()
+    inputs = make(batch)
+    with torch.inference_mode():
+        out = model.generate(**inputs, generation_config=config)
+    tokens = out[:, inputs["input_ids"].shape[1]:].cpu()
+    return time.perf_counter() - t0, tokens
+
+
+def run_graph(decoder, make, batch, n, cache_length, pad_to, device):
+    sync(device)
+    t0 = time.perf_counter()
+    inputs = make(batch, pad_to=pad_to)
+    tokens = decoder.generate_ids(inputs, n, eos_ids=None, cache_length=cache_length).cpu()
+    return time.perf_counter() - t0, tokens
+
+
+def agreement(a, b, reference_eos: int) -> float:
+    """Mean over rows of the share of leading tokens two greedy runs agree on.
+
+    `b` is plain generate with the eos suppressed (forced length), so wherever greedy would have
+    picked the eos it picks the runner-up instead; rows are compared up to that point.
+    """
+    shares = []
+    for ra, rb in zip(a.tolist(), b.tolist()):
+        n = min(len(ra), len(rb))
+        if reference_eos in ra[:n]:
+            n = ra.index(reference_eos)
+        if n == 0:
+            continue
+        k = next((i for i, (x, y) in enumerate(zip(ra[:n], rb[:n])) if x != y), n)
+        shares.append(k / n)
+    return sum(shares) / len(shares) if shares else float("nan")
+
+
+def matmul_rate(device: str, n: int = 8192, iters: int = 10) -> float:
+    """bf16 matrix product rate (FLOP/s) on random data: the compute ceiling for prefill."""
+    import torch
+
+    if device != "cuda":
+        return float("nan")
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * n**3 * iters / (start.elapsed_time(end) / 1000)
+
+
+def timed(fn, device: str, reps: int = 3) -> float:
+    """Median wall seconds of fn() between device syncs."""
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def attention_variants(batch: int, kvh: int, group: int, hd: int, length: int, device: str, iters: int = 200) -> dict:
+    """Microseconds per decode-step attention call ([B, kvh, G, hd] against a [B, kvh, L, hd] cache)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(batch, kvh, group, hd, device=device, dtype=torch.bfloat16)
+    k = torch.randn(batch, kvh, length, hd, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    bias = torch.zeros(batch, 1, 1, length, device=device, dtype=torch.bfloat16)
+    bias[..., length - 50:] = float("-inf")
+
+    def manual():
+        scores = (q @ k.transpose(-1, -2)) * hd**-0.5 + bias
+        return scores.softmax(-1) @ v
+
+    ref = manual().float()
+    variants = {"default": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), "manual": manual}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("math", SDPBackend.MATH)):
+        def run(backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        variants[name] = run
+    out = {}
+    for name, fn in variants.items():
+        try:
+            err = float((fn().float() - ref).norm() / ref.norm())
+            for _ in range(5):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            out[name] = {"us": round(1000 * start.elapsed_time(end) / iters, 2), "rel_error": round(err, 5)}
+        except Exception as exc:
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return out
+
+
+def diagnose(model, decoder, make, batch: int, pad_to: int, device: str, path: Path) -> dict:
+    """Where a batch's fixed cost goes: vision tower, 3D-rope index, whole prefill; kernel tables."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = make(batch, pad_to=pad_to)
+    base = model.model
+    with torch.inference_mode():
+        out = {
+            "preprocess_ms": round(1000 * timed(lambda: make(batch, pad_to=pad_to), device), 2),
+            "vision_ms": round(1000 * timed(lambda: base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]), device), 2),
+            "rope_index_ms": round(1000 * timed(lambda: base.get_rope_index(
+                inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+                attention_mask=inputs["attention_mask"]), device), 2),
+            "prefill_ms": round(1000 * timed(lambda: decoder.prefill(inputs), device), 2),
+        }
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            decoder.prefill(inputs)
+            sync(device)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=35)
+    table += "\n\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    path.write_text(table)
+    cfg = model.model.language_model.config
+    out["attention_us"] = attention_variants(batch, cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads,
+                                             cfg.head_dim, 512, device)
+    return out
+
+
+def profile_step(decoder, device: str, path: Path) -> dict:
+    """Kernels of one decode step (run eagerly, outside the graph): what a replay executes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    state = next(iter(decoder._states.values()))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.inference_mode():
+        decoder._step(state)
+        sync(device)
+        with profile(activities=activities) as prof:
+            decoder._step(state)
+            sync(device)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_us = sum(e.device_time for e in events) if events else float("nan")
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total" if device == "cuda" else "cpu_time_total",
+                                              row_limit=40))
+    return {"kernels_per_step": len(events), "kernel_time_per_step_ms": round(kernel_us / 1000, 3)}
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", default="qwen3-vl-8b,qwen3-vl-4b,qwen3-vl-2b")
+    parser.add_argument("--tokens", default="42,101")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--methods", default="generate,graph,graph_compiled")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions of the graph methods")
+    parser.add_argument("--generate-reps", type=int, default=1, help="timed repetitions of plain generate")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Qwen3-VL")
+    parser.add_argument("--preprocess", default="auto", help="where images are resized/normalised: cpu, cuda, auto")
+    parser.add_argument("--profile-dir", default=None, help="write one decode step's kernel table per model here")
+    parser.add_argument("--diagnose", action="store_true", help="only break down the fixed costs (needs --profile-dir)")
+    args = parser.parse_args(argv)
+
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from egm.infer.fast import GraphDecoder
+
+    t_start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    models = ["tiny"] if args.tiny else args.models.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    methods = args.methods.split(",")
+    width, height = (640, 480) if not args.tiny else (64, 64)
+    max_new = max(tokens)
+
+    result = {
+        "benchmark": "benchmarks/latency.py",
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "image": f"{width}x{height}",
+        "new_tokens": tokens,
+        "batches": batches,
+        "weights": "random, seeded, " + str(dtype).removeprefix("torch."),
+        "floor": "LLM weight bytes x new tokens / best measured copy bandwidth (read+write bytes / time)",
+        "bandwidth_Bps": [],
+        "models": {},
+        "skipped": [],
+    }
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        bw = [b for b in result["bandwidth_Bps"] if not math.isnan(b)]
+        result["bandwidth_best_Bps"] = max(bw) if bw else None
+        for entry in result["models"].values():
+            for run in entry["runs"]:
+                if bw:
+                    floor = entry["llm_weight_bytes"] * run["new_tokens"] / max(bw)
+                    run["floor_ms"] = round(1000 * floor, 2)
+                    run["ratio_to_floor"] = round(run["ms_per_request"] / 1000 / floor, 3)
+                    flops = result.get("matmul_flops")
+                    if flops and not math.isnan(flops):
+                        # Prefill is compute-bound: 2 x parameters x tokens for the LLM (prompt)
+                        # and the vision tower (patches), at the measured matrix-product rate.
+                        prefill = 2 * run["batch"] * (entry["llm_parameters"] * entry["prompt_tokens"]
+                                                      + entry["vision_parameters"] * 4 * entry["visual_tokens"]) / flops
+                        run["floor_with_prefill_ms"] = round(1000 * (floor + prefill), 2)
+                        run["ratio_to_floor_with_prefill"] = round(run["ms_per_request"] / 1000 / (floor + prefill), 3)
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out_path)
+
+    def over_budget(what: str) -> bool:
+        if time.perf_counter() - t_start > args.budget_s:
+            result["skipped"].append(what)
+            print(f"skipped (budget): {what}", flush=True)
+            return True
+        return False
+
+    result["bandwidth_Bps"] += copy_bandwidth(device)
+    result["matmul_flops"] = matmul_rate(device)
+    processor = image_processor()
+    preprocess = args.preprocess
+    if preprocess == "auto":
+        from transformers.utils import is_torchvision_available
+
+        preprocess = device if is_torchvision_available() else "cpu"
+    result["preprocess_device"] = preprocess
+    image = make_image(width, height)
+    for name in models:
+        if over_budget(name):
+            continue
+        t0 = time.perf_counter()
+        model, ids = build_model(name, device, dtype)
+        build_s = time.perf_counter() - t0
+        vocab_text = min(model.config.text_config.vocab_size - 16, 150000)
+        make = Requests(processor, image, ids, vocab_text, device, dtype, preprocess_device=preprocess)
+        try:
+            make(1)
+        except Exception as err:  # an image processor that cannot run on the GPU: time it on the CPU
+            print(f"preprocessing on {preprocess} failed ({err}); using the CPU", flush=True)
+            preprocess = result["preprocess_device"] = "cpu"
+            make = Requests(processor, image, ids, vocab_text, device, dtype)
+        entry = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "llm_weight_bytes": llm_weight_bytes(model),
+            "llm_parameters": sum(p.numel() for p in model.model.language_model.parameters()),
+            "vision_parameters": sum(p.numel() for p in model.model.visual.parameters()),
+            "build_s": round(build_s, 1),
+            "prompt_tokens": int(make(1)["input_ids"].shape[1]),
+            "runs": [],
+        }
+        entry["visual_tokens"] = int((make(1)["input_ids"] == ids["image_pad"]).sum())
+        result["models"][name] = entry
+        print(f"{name}: {entry['parameters'] / 1e9:.3f}B parameters, LLM {entry['llm_weight_bytes'] / 1e9:.2f} GB, "
+              f"prompt {entry['prompt_tokens']} tokens ({entry['visual_tokens']} visual), built in {build_s:.1f}s", flush=True)
+        bucket = 128
+        pad_to = math.ceil(entry["prompt_tokens"] / bucket) * bucket
+        cache_length = pad_to + max_new
+        decoder = None
+        reference = {}
+        if args.diagnose:
+            decoder = GraphDecoder(model, compile_layers=True)
+            for batch in batches:
+                run_graph(decoder, make, batch, max_new, cache_length, pad_to, device)
+                diag = diagnose(model, decoder, make, batch, pad_to, device, Path(args.profile_dir) / f"prefill-{name}-b{batch}.txt")
+                entry.setdefault("diagnosis", {})[f"batch {batch}"] = diag
+                print(f"  batch {batch}: {json.dumps(diag)}", flush=True)
+                save()
+            batches_to_time = []
+        else:
+            batches_to_time = batches
+        for batch in batches_to_time:
+            for method in methods:
+                what = f"{name} batch {batch} {method}"
+                if over_budget(what):
+                    continue
+                try:
+                    if method == "generate":
+                        run_generate(model, make, batch, 2, ids, device)  # warm-up
+                        for n in tokens:
+                            times = []
+                            for _ in range(args.generate_reps):
+                                wall, toks = run_generate(model, make, batch, n, ids, device)
+                                times.append(wall)
+                            reference[(batch, n)] = toks
+                            record(entry, method, batch, n, times, toks)
+                        save()
+                        continue
+                    if decoder is None:
+                        decoder = GraphDecoder(model, compile_layers=False)
+                    decoder.set_compile(method == "graph_compiled")
+                    t0 = time.perf_counter()
+                    run_graph(decoder, make, batch, max_new, cache_length, pad_to, device)  # capture (and compile)
+                    warm_s = time.perf_counter() - t0
+                    for n in tokens:
+                        times = []
+                        for _ in range(args.reps):
+                            wall, toks = run_graph(decoder, make, batch, n, cache_length, pad_to, device)
+                            times.append(wall)
+                        run = record(entry, method, batch, n, times, toks)
+                        run["warmup_s"] = round(warm_s, 1)
+                        if (batch, n) in reference:
+                            run["agreement_with_generate"] = round(agreement(toks, reference[(batch, n)], ids["im_end"]), 3)
+                    if method == "graph_compiled":
+                        key = f"batch {batch}"
+                        entry.setdefault("checks", {})[key] = decoder.check_step(make(batch, pad_to=pad_to), cache_length,
+                                                                                  eager_reference=batch == 1)
+                        import gc
+
+                        gc.collect()  # the check's generate() leaves its cache in reference cycles
+                        if device == "cuda":
+                            torch.cuda.empty_cache()
+                        inputs = make(batch, pad_to=pad_to)
+                        cpu_make = Requests(processor, image, ids, vocab_text, device, dtype)
+                        entry.setdefault("phases_ms", {})[key] = {
+                            "preprocess": round(1000 * timed(lambda: make(batch, pad_to=pad_to), device), 2),
+                            "preprocess_on_cpu": round(1000 * timed(lambda: cpu_make(batch, pad_to=pad_to), device), 2),
+                            "prefill": round(1000 * timed(lambda: decoder.prefill(inputs), device), 2),
+                        }
+                        del inputs
+                        run_graph(decoder, make, batch, max_new, cache_length, pad_to, device)  # state for profiling
+                        if args.profile_dir and batch == 1:
+                            entry["profile"] = profile_step(decoder, device, Path(args.profile_dir) / f"profile-{name}.txt")
+                        print(f"  {key}: checks {entry['checks'][key]} phases {entry['phases_ms'][key]} "
+                              f"{entry.get('profile', '')}", flush=True)
+                except Exception as err:  # one failed variant must not lose the others' numbers
+                    import traceback
+
+                    traceback.print_exc()
+                    entry.setdefault("errors", []).append(f"{what}: {type(err).__name__}: {err}"[:2000])
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.empty_cache()
+                import gc
+
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                    print(f"  GPU memory in use after {what}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
+                save()
+        del decoder, model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        result["bandwidth_Bps"] += copy_bandwidth(device)
+        save()
+    result["total_s"] = round(time.perf_counter() - t_start, 1)
+    save()
+    print_table(result)
+    return 0
+
+
+def record(entry, method, batch, n, times, toks) -> dict:
+    if toks.shape[1] != n:
+        raise RuntimeError(f"{method}: {toks.shape[1]} new tokens instead of the forced {n}")
+    wall = statistics.median(times)
+    run = {
+        "method": method,
+        "batch": batch,
+        "new_tokens": n,
+        "ms_per_request": round(1000 * wall, 2),  # every request of a batch waits for the whole batch
+        "ms_per_request_amortized": round(1000 * wall / batch, 2),
+        "tokens_per_s": round(batch * n / wall, 1),
+        "all_ms": [round(1000 * t, 2) for t in times],
+    }
+    entry["runs"].append(run)
+    print(f"  {method:15s} batch {batch:3d} {n:4d} tokens: {run['ms_per_request']:9.1f} ms/request, "
+          f"{run['tokens_per_s']:8.1f} tokens/s", flush=True)
+    return run
+
+
+def print_table(result) -> None:
+    bw = result.get("bandwidth_best_Bps")
+    print(f"\n{result['device']}, copy bandwidth {bw / 1e12:.2f} TB/s" if bw else f"\n{result['device']}")
+    print(f"{'model':12s} {'method':15s} {'batch':>5s} {'tokens':>6s} {'ms/req':>9s} {'floor':>8s} {'ratio':>6s} {'tok/s':>9s}")
+    for name, entry in result["models"].items():
+        for r in entry["runs"]:
+            print(f"{name:12s} {r['method']:15s} {r['batch']:5d} {r['new_tokens']:6d} {r['ms_per_request']:9.1f} "
+                  f"{r.get('floor_ms', float('nan')):8.1f} {r.get('ratio_to_floor', float('nan')):6.2f} {r['tokens_per_s']:9.1f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

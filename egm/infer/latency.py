@@ -1,0 +1,150 @@
+"""The paper's latency protocol for one model: results/latency/{model}.json.
+
+A fixed, seeded sample of one eval split is answered twice with the model's configured backend:
+
+1. the protocol run: `concurrency` requests in flight (64 in the paper; with the server backend
+   the server spreads them over its data-parallel replicas, one per GPU), each request's latency
+   measured from sending it to its full answer (queueing included);
+2. batch 1: one request at a time, the latency a single user sees.
+
+A few requests are sent first and not counted (warm-up: compilation, graph capture, caches).
+The summary per run: mean, p50, p90, p99 (ms), mean completion tokens, tokens/s (all completion
+tokens over the run's wall time) and requests/s; the device is named. The trade-off figure takes
+its latency from here when the file exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+
+from egm.infer.engine import Completion, Engine, Request
+
+log = logging.getLogger(__name__)
+
+
+def sample_records(records: Sequence, n: int, seed: int) -> list:
+    """`n` records drawn without replacement by a seeded RNG, in split order (all if fewer)."""
+    if n >= len(records):
+        return list(records)
+    chosen = set(random.Random(seed).sample(range(len(records)), n))
+    return [rec for i, rec in enumerate(records) if i in chosen]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize(latencies_s: Sequence[float], tokens: Sequence[int], wall_s: float) -> dict:
+    ms = [1000.0 * v for v in latencies_s]
+    n = len(ms)
+    total_tokens = int(sum(tokens))
+    return {
+        "n": n,
+        "mean_ms": math.fsum(ms) / n if n else math.nan,
+        "p50_ms": percentile(ms, 50),
+        "p90_ms": percentile(ms, 90),
+        "p99_ms": percentile(ms, 99),
+        "min_ms": min(ms) if ms else math.nan,
+        "max_ms": max(ms) if ms else math.nan,
+        "mean_completion_tokens": total_tokens / n if n else math.nan,
+        "wall_s": wall_s,
+        "tokens_per_s": total_tokens / wall_s if wall_s > 0 else math.nan,
+        "requests_per_s": n / wall_s if wall_s > 0 else math.nan,
+    }
+
+
+def answer_all(engine: Engine, requests: list[Request], concurrency: int) -> tuple[list[Completion], float]:
+    """All answers with `concurrency` requests in flight; (completions in request order, wall s).
+
+    Engines that answer one by one (server) get the whole list with that concurrency; batch
+    engines get chunks of `concurrency` requests (one batch at a time, or one per replica).
+    """
+    out: list[Completion | None] = [None] * len(requests)
+    t0 = time.perf_counter()
+    if hasattr(engine, "generate_each"):
+
+        def keep(index: int, completion: Completion) -> None:
+            out[index] = completion
+
+        engine.generate_each(requests, keep, concurrency=concurrency)
+    else:
+        for start in range(0, len(requests), concurrency):
+            chunk = requests[start : start + concurrency]
+            out[start : start + len(chunk)] = engine.generate(chunk)
+    wall = time.perf_counter() - t0
+    missing = [r.id for r, c in zip(requests, out) if c is None]
+    if missing:
+        raise RuntimeError(f"no answer for {len(missing)} request(s), e.g. {missing[:3]}")
+    return out, wall  # type: ignore[return-value]
+
+
+def describe_device() -> dict:
+    """The hardware this ran on: the visible GPUs by name, else the CPU model."""
+    from egm.infer.gpus import visible_gpus
+
+    info = {"host": platform.node(), "cpu": _cpu_model(), "cpu_count": os.cpu_count()}
+    gpus = visible_gpus()
+    if gpus and shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+            rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
+            info["gpus"] = [f"{r[2]} ({r[3]})" for r in rows if r[0] in gpus or r[1] in gpus]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            info["gpus"] = [f"GPU {g}" for g in gpus]
+    else:
+        info["gpus"] = []
+    info["name"] = f"{len(info['gpus'])}x {info['gpus'][0]}" if info["gpus"] else f"CPU: {info['cpu']}"
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _run_record(requests: list[Request], completions: list[Completion], wall: float, concurrency: int) -> dict:
+    return {
+        "concurrency": concurrency,
+        "summary": summarize([c.latency_s for c in completions], [c.completion_tokens for c in completions], wall),
+        "requests": [
+            {"id": r.id, "latency_s": c.latency_s, "completion_tokens": c.completion_tokens}
+            for r, c in zip(requests, completions)
+        ],
+    }
+
+
+def measure_latency(engine: Engine, requests: list[Request], concurrency: int, batch1_n: int, warmup: int) -> dict:
+    """Warm-up, the protocol run over all requests, then batch 1 over the first `batch1_n`."""
+    if warmup:
+        log.info("warm-up: %d requests", min(warmup, len(requests)))
+        answer_all(engine, requests[:warmup], concurrency)
+    log.info("protocol run: %d requests, %d in flight", len(requests), concurrency)
+    completions, wall = answer_all(engine, requests, concurrency)
+    result = {"protocol": _run_record(requests, completions, wall, concurrency)}
+    single = requests[:batch1_n]
+    if single:
+        log.info("batch 1: %d requests, one at a time", len(single))
+        completions, wall = answer_all(engine, single, 1)
+        result["batch1"] = _run_record(single, completions, wall, 1)
+    return result

@@ -1,0 +1,120 @@
+"""Data parallelism for engines that hold one GPU (or one tensor-parallel group) each.
+
+A ReplicatedEngine starts one worker process per GPU group, each seeing only its own GPUs
+(CUDA_VISIBLE_DEVICES set before anything imports CUDA), loads the inner engine in all of them
+at once, and splits every `generate` call into contiguous shards, one per replica, answered in
+parallel and put back in request order.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import traceback
+
+from egm.infer.engine import Completion, Request, SamplingOptions
+
+log = logging.getLogger(__name__)
+
+
+def _worker(conn, backend: str, model_dir: str, sampling: SamplingOptions, options: dict, gpus: list[str]) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    from egm.infer.engine import load_engine
+
+    try:
+        engine = load_engine(backend, model_dir, sampling, {**options, "data_parallel_size": 1})
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ready", None))
+    try:
+        while True:
+            requests = conn.recv()
+            if requests is None:
+                break
+            try:
+                conn.send(("ok", engine.generate(requests)))
+            except BaseException:
+                conn.send(("error", traceback.format_exc()))
+    finally:
+        engine.close()
+
+
+def shard(items: list, n: int) -> list[list]:
+    """n contiguous, balanced slices (sizes differ by at most one)."""
+    base, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        size = base + (1 if i < extra else 0)
+        out.append(items[start : start + size])
+        start += size
+    return out
+
+
+class ReplicatedEngine:
+    def __init__(self, backend: str, model_dir: str, sampling: SamplingOptions, options: dict, gpu_groups: list[list[str]]):
+        if not gpu_groups:
+            raise ValueError("no GPU groups to put replicas on")
+        self.name = backend
+        self.gpu_groups = gpu_groups
+        self.data_parallel_size = len(gpu_groups)
+        ctx = mp.get_context("spawn")  # never fork a process that may already hold CUDA state
+        self._conns, self._procs = [], []
+        for gpus in gpu_groups:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, backend, str(model_dir), sampling, dict(options), list(gpus)),
+                               daemon=True)
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        try:
+            for i, conn in enumerate(self._conns):
+                self._receive(i, conn, expect="ready")
+        except BaseException:
+            self.close()
+            raise
+        batch = int(options.get("batch_size", 1))
+        # predict hands over this many requests at a time: one batch per replica, all busy.
+        self.chunk_size = batch * len(gpu_groups)
+        log.info("%s: %d replicas on GPU groups %s", backend, len(gpu_groups), gpu_groups)
+
+    def _receive(self, i: int, conn, expect: str):
+        try:
+            kind, payload = conn.recv()
+        except (EOFError, OSError) as err:
+            code = self._procs[i].exitcode
+            raise RuntimeError(f"replica {i} (GPUs {self.gpu_groups[i]}) died (exit code {code})") from err
+        if kind == "error":
+            raise RuntimeError(f"replica {i} (GPUs {self.gpu_groups[i]}) failed:\n{payload}")
+        if kind != expect:
+            raise RuntimeError(f"replica {i}: expected {expect}, got {kind}")
+        return payload
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        shards = shard(list(requests), len(self._conns))
+        busy = []
+        for i, (conn, part) in enumerate(zip(self._conns, shards)):
+            if part:
+                conn.send(part)
+                busy.append(i)
+        results: list[Completion] = []
+        for i in busy:
+            results.extend(self._receive(i, self._conns[i], expect="ok"))
+        return results
+
+    def close(self) -> None:
+        for conn in self._conns:
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for proc in self._procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=10)
+        for conn in self._conns:
+            conn.close()
+        self._conns, self._procs = [], []

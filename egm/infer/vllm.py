@@ -1,0 +1,121 @@
+"""vLLM backend: the offline `vllm.LLM` with multi-modal inputs.
+
+The prompt is the model's own chat template rendered with one image placeholder (the paper's
+request: one user turn, image then text, no system prompt); vLLM expands the placeholder to the
+image's visual tokens itself. Everything that does not need vLLM (prompt, sampling and engine
+options) is a plain function here, tested without vLLM installed.
+
+Engine options (a model's `engine_options` in the config): tensor_parallel_size, dtype,
+max_model_len, gpu_memory_utilization, max_num_seqs, seed, enforce_eager, and `engine_args`
+(a dict passed to `vllm.LLM` as is). data_parallel_size is handled by load_engine (one replica
+per GPU group); the 235B models use tensor_parallel_size 8 on one node.
+"""
+
+from __future__ import annotations
+
+import time
+
+from egm.infer.engine import CONTAINERS, Completion, Request, SamplingOptions, require_module
+
+ENGINE_KEYS = ("tensor_parallel_size", "dtype", "max_model_len", "gpu_memory_utilization", "max_num_seqs", "seed",
+               "enforce_eager", "pipeline_parallel_size", "distributed_executor_backend")
+
+
+def vllm_sampling_kwargs(sampling: SamplingOptions) -> dict:
+    """Keyword arguments of `vllm.SamplingParams` for the config's decoding settings.
+
+    top_k <= 0 means "off" (vLLM's -1); the seed, if any, comes from `sampling.extra`.
+    """
+    kwargs = {
+        "max_tokens": int(sampling.max_tokens),
+        "temperature": float(sampling.temperature),
+        "top_p": float(sampling.top_p),
+        "top_k": int(sampling.top_k) if sampling.top_k and sampling.top_k > 0 else -1,
+        "repetition_penalty": float(sampling.repetition_penalty),
+        "presence_penalty": float(sampling.presence_penalty),
+    }
+    if sampling.extra.get("seed") is not None:
+        kwargs["seed"] = int(sampling.extra["seed"])
+    return kwargs
+
+
+def vllm_request_sampling_kwargs(sampling: SamplingOptions, request: Request) -> dict:
+    """`vllm_sampling_kwargs` with the request's own max_tokens and stop strings (kept in the
+    text, so a caller can tell where it stopped)."""
+    kwargs = vllm_sampling_kwargs(sampling)
+    if request.max_tokens is not None:
+        kwargs["max_tokens"] = int(request.max_tokens)
+    if request.stop:
+        kwargs.update(stop=list(request.stop), include_stop_str_in_output=True)
+    return kwargs
+
+
+def vllm_engine_kwargs(model_dir: str, options: dict) -> dict:
+    """Keyword arguments of `vllm.LLM`: the known option names, then `engine_args` verbatim."""
+    options = dict(options)
+    extra = dict(options.pop("engine_args", {}) or {})
+    unknown = sorted(set(options) - set(ENGINE_KEYS) - {"batch_size", "data_parallel_size"})
+    if unknown:
+        raise ValueError(f"unknown vllm engine option(s) {unknown}; put engine-specific ones under engine_args")
+    kwargs = {"model": str(model_dir), "limit_mm_per_prompt": {"image": 1}, "trust_remote_code": False}
+    for key in ENGINE_KEYS:
+        if options.get(key) is not None:
+            kwargs[key] = options[key]
+    kwargs.update(extra)
+    return kwargs
+
+
+def vllm_prompt(tokenizer, request: Request, image) -> dict:
+    """One request as vLLM's prompt dict: templated text with one image placeholder, and the image."""
+    from egm.models.inputs import render_prompt
+
+    text = render_prompt(tokenizer, request.prompt) + request.assistant_prefix
+    return {"prompt": text, "multi_modal_data": {"image": image}}
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, model_dir: str, sampling: SamplingOptions, batch_size: int = 64, **options):
+        require_module("vllm", "backend vllm", CONTAINERS["vllm"])
+        from transformers import AutoTokenizer
+        from vllm import LLM, SamplingParams
+
+        self.model_dir = str(model_dir)
+        self.batch_size = int(batch_size)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.llm = LLM(**vllm_engine_kwargs(self.model_dir, options))
+        self.sampling = sampling
+        self.params = SamplingParams(**vllm_sampling_kwargs(sampling))
+        # vLLM schedules everything it is given; predict hands it bigger chunks than a batch.
+        self.chunk_size = max(self.batch_size, 256)
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        from PIL import Image
+
+        t0 = time.perf_counter()
+        prompts = []
+        for req in requests:
+            with Image.open(req.image_path) as img:
+                prompts.append(vllm_prompt(self.tokenizer, req, img.convert("RGB")))
+        params = self.params
+        if any(r.max_tokens is not None or r.stop for r in requests):
+            from vllm import SamplingParams
+
+            params = [SamplingParams(**vllm_request_sampling_kwargs(self.sampling, r)) for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        # Offline generation returns when the whole call is done: every request reports that wall
+        # time, as in the hf backend (the server backend measures requests one by one).
+        latency = time.perf_counter() - t0
+        return [Completion(text=o.outputs[0].text, completion_tokens=len(o.outputs[0].token_ids), latency_s=latency)
+                for o in outputs]
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        self.llm = None
+        if llm is None:
+            return
+        del llm
+        import gc
+
+        gc.collect()

@@ -1,0 +1,89 @@
+"""`python -m egm sft` and `python -m egm rl`: the training stages' commands (see egm.cli).
+
+With `--gpus N` > 1 the command re-runs itself under torchrun, one process per GPU (DeepSpeed
+ZeRO-3 from the recipe); on CPU or one GPU it trains in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger("egm")
+
+
+def _json_arg(text: str) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
+
+
+def _argv_after_command() -> list[str]:
+    """This process's own arguments (from the subcommand on), for the torchrun relaunch."""
+    argv = sys.argv[1:]
+    for name in ("sft", "rl"):
+        if name in argv:
+            return argv[argv.index(name):]
+    raise RuntimeError(f"cannot find the training command in {argv}")
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from egm.runtime import require_gpus
+    from egm.train.common import relaunch
+
+    require_gpus(args.gpus, what=f"sft {args.out_dir}")
+    if relaunch(args.gpus, _argv_after_command()):
+        return
+    from egm.train.sft import train_sft
+
+    manifest = train_sft(
+        args.model_dir, args.data, args.image_root, args.out_dir, args.manifest, args.work_dir, args.options,
+        fingerprint_inputs=[args.model_manifest, *args.inputs],
+    )
+    if manifest:
+        log.info("SFT done: %d steps, last log %s", manifest["global_step"], manifest["log"]["last"])
+
+
+def cmd_rl(args: argparse.Namespace) -> None:
+    from egm.runtime import require_gpus
+    from egm.train.common import relaunch
+
+    require_gpus(args.gpus, what=f"rl {args.out_dir}")
+    if relaunch(args.gpus, _argv_after_command()):
+        return
+    from egm.train.rl import train_rl
+
+    manifest = train_rl(
+        args.model_dir, args.train, args.val, args.out_dir, args.manifest, args.work_dir, args.options,
+        fingerprint_inputs=[args.model_manifest],
+    )
+    if manifest:
+        log.info("RL done: %d steps, last log %s", manifest["global_step"], manifest["log"]["last"])
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", required=True, help="the start model's directory")
+    p.add_argument("--model-manifest", required=True, help="its manifest (part of the resume fingerprint)")
+    p.add_argument("--out-dir", required=True, help="the trained model's directory (written atomically)")
+    p.add_argument("--manifest", required=True, help="JSON written last, the rule's output downstream rules use")
+    p.add_argument("--work-dir", required=True, help="checkpoints for resuming a killed run")
+    p.add_argument("--options", type=_json_arg, required=True, help="JSON: recipe, max_steps, limit, run")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs of the job; more than one runs under torchrun")
+
+
+def add_train_parsers(sub) -> None:
+    p = sub.add_parser("sft", help="supervised fine-tuning (TRL SFTTrainer) of a Qwen3-VL model, resumable")
+    _common(p)
+    p.add_argument("--data", required=True, help="the SFT JSONL")
+    p.add_argument("--image-root", required=True, help="where the extracted images live")
+    p.add_argument("--inputs", nargs="*", default=[], help="more manifests the result depends on")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("rl", help="GRPO reinforcement learning (TRL GRPOTrainer) with the IoU reward, resumable")
+    _common(p)
+    p.add_argument("--train", required=True, help="rewritten RL train parquet")
+    p.add_argument("--val", default=None, help="rewritten RL val parquet (reward split 'test')")
+    p.set_defaults(func=cmd_rl)

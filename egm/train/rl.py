@@ -1,0 +1,122 @@
+"""GRPO reinforcement learning with TRL's GRPOTrainer and the authors' IoU reward.
+
+Prompts are the RL parquet's (the eval prompt, no final period, image first); each is sampled
+`group_size` times and every completion scored by `egm.train.rewards.grounding_reward` ("mix"
+on train rows, accuracy on the val rows, which are split "test"). Rollouts use vLLM colocated
+with training where vLLM is importable on a GPU, `model.generate` otherwise. Checkpoints every
+`save_steps`; a killed job resumes from the last one (see egm.train.common).
+
+The recipes of the authors' two code bases (AReaL, verl) live in config/recipes/; how each key
+maps onto GRPOConfig, and what cannot, is in docs/training.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from egm.train import common
+from egm.train.recipes import recorded_only, rl_args
+
+log = logging.getLogger(__name__)
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None and common.on_gpu()
+
+
+def train_rl(
+    model_dir: str | os.PathLike,
+    train_path: str | os.PathLike,
+    val_path: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    manifest_path: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    options: dict,
+    fingerprint_inputs: list[str] = (),
+    callbacks: list | None = None,
+    reward_funcs: list | None = None,
+) -> dict | None:
+    """Train, write `out_dir` and then `manifest_path`; resume from `work_dir` when it holds
+    checkpoints of the same options and inputs. Returns the manifest (None on ranks > 0).
+
+    options: {"recipe": {...}, "max_steps": int|None, "limit": int|None (prompts), "run": str}.
+    `reward_funcs` replaces the grounding reward (tests only: the pipeline always uses it).
+    """
+    from trl import GRPOConfig, GRPOTrainer
+
+    from egm.train.data import rl_dataset
+    from egm.train.processing import load_processor
+    from egm.train.rewards import trl_grounding_reward
+
+    recipe = options["recipe"]
+    world_size, rank = common.world()
+    gpu = common.on_gpu()
+    timer = common.Timer()
+    inputs = [*fingerprint_inputs, train_path, *([val_path] if val_path else [])]
+    print_ = common.fingerprint(options, inputs)
+    checkpoints = Path(work_dir) / common.CHECKPOINTS
+
+    kwargs = rl_args(recipe, world_size=world_size, on_gpu=gpu, max_steps=options.get("max_steps"),
+                     vllm_available=vllm_available())
+    if not val_path:
+        kwargs.pop("eval_strategy", None)
+        kwargs.pop("eval_steps", None)
+    for key, value in recorded_only(recipe, "rl").items():
+        log.warning("recipe key %s=%r has no TRL counterpart: not applied", key, value)
+    log.info("rollouts: %s", "vLLM (colocate)" if kwargs["use_vllm"] else "transformers generate")
+    args = GRPOConfig(
+        output_dir=str(checkpoints),
+        save_strategy="steps",
+        report_to="none",
+        disable_tqdm=True,
+        logging_first_step=True,
+        **kwargs,
+    )
+    _ = args.world_size  # sets up the process group (several GPUs), so the work-dir barrier holds
+    common.prepare_work_dir(Path(work_dir), print_, rank)
+    processor = load_processor(model_dir, recipe.get("image_min_pixels"), recipe.get("image_max_pixels"))
+    model = common.load_model(model_dir)
+    frozen = common.freeze_vision_tower(model) if recipe.get("freeze_vision_tower", False) else {}
+
+    train, train_summary = rl_dataset(train_path, limit=options.get("limit"))
+    val, val_summary = (None, None)
+    if val_path and args.eval_strategy != "no":
+        val, val_summary = rl_dataset(val_path, limit=options.get("limit"))
+    log.info("RL data: %s %s", train_summary, val_summary)
+
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs or [trl_grounding_reward],
+        args=args,
+        train_dataset=train,
+        eval_dataset=val,
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+    resume = common.last_checkpoint(checkpoints)
+    if resume:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    log.info("trained: %s", result.metrics)
+
+    meta = {
+        "stage": "rl",
+        "run": options.get("run"),
+        "start": str(model_dir),
+        "options": options,
+        "trl_args": kwargs,
+        "not_applied": recorded_only(recipe, "rl"),
+        "world_size": world_size,
+        "device": "cuda" if gpu else "cpu",
+        "rollout": "vllm-colocate" if kwargs["use_vllm"] else "transformers-generate",
+        "data": {"train": train_summary, "val": val_summary},
+        "frozen": frozen,
+        "resumed_from": resume,
+        "train_metrics": result.metrics,
+        "wall_s": timer.seconds(),
+        "fingerprint": print_,
+    }
+    return common.finish_stage(trainer, Path(work_dir), model_dir, out_dir, manifest_path, meta)

@@ -1,0 +1,173 @@
+"""Engine plumbing that needs no engine: vLLM/SGLang request and option mapping, the server
+command lines, the client's request body, GPU discovery, sharding, the Ray-on-SLURM plan."""
+
+import base64
+import importlib.util
+import json
+
+import pytest
+
+from egm.grounding import PROMPTS
+from egm.infer import client as cl
+from egm.infer.engine import BackendUnavailable, Request, SamplingOptions, load_engine
+from egm.infer.gpus import groups, resolve_data_parallel, visible_gpus
+from egm.infer.ray_slurm import plan
+from egm.infer.replicas import shard
+from egm.infer.server import ServerSpec, server_command
+from egm.infer.sglang import sglang_engine_kwargs, sglang_inputs, sglang_sampling_params
+from egm.infer.vllm import vllm_engine_kwargs, vllm_prompt, vllm_sampling_kwargs
+
+PAPER = SamplingOptions(max_tokens=4096, temperature=0.0, top_p=1.0, top_k=20, repetition_penalty=1.0, presence_penalty=0.0)
+PROMPT = PROMPTS["qwen3"].format(sent="the red circle")
+
+
+def test_vllm_sampling_and_engine_options():
+    assert vllm_sampling_kwargs(PAPER) == {"max_tokens": 4096, "temperature": 0.0, "top_p": 1.0, "top_k": 20,
+                                           "repetition_penalty": 1.0, "presence_penalty": 0.0}
+    sampled = vllm_sampling_kwargs(SamplingOptions(temperature=0.7, top_k=0, presence_penalty=1.5, extra={"seed": 3}))
+    assert sampled["top_k"] == -1 and sampled["seed"] == 3 and sampled["presence_penalty"] == 1.5
+
+    kwargs = vllm_engine_kwargs("/m", {"tensor_parallel_size": 8, "dtype": "bfloat16", "max_model_len": 8192,
+                                       "batch_size": 64, "data_parallel_size": "auto",
+                                       "engine_args": {"enable_prefix_caching": False}})
+    assert kwargs == {"model": "/m", "limit_mm_per_prompt": {"image": 1}, "trust_remote_code": False,
+                      "tensor_parallel_size": 8, "dtype": "bfloat16", "max_model_len": 8192,
+                      "enable_prefix_caching": False}
+    with pytest.raises(ValueError, match="tp_size"):
+        vllm_engine_kwargs("/m", {"tp_size": 2})
+
+
+def test_offline_prompts_are_the_papers_request(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    req = Request("1", "/images/a.jpg", PROMPT)
+    prompt = vllm_prompt(tok, req, image="IMG")
+    assert prompt["multi_modal_data"] == {"image": "IMG"}
+    text = prompt["prompt"]
+    # One user turn, no system prompt, one image placeholder before the text.
+    assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + PROMPT + "<|im_end|>")
+    assert text.count("<|image_pad|>") == 1 and "system" not in text
+    prompts, images = sglang_inputs(tok, [req, req])
+    assert prompts == [text, text] and images == ["/images/a.jpg"] * 2
+
+
+def test_sglang_sampling_and_engine_options():
+    assert sglang_sampling_params(PAPER) == {"max_new_tokens": 4096, "temperature": 0.0, "top_p": 1.0, "top_k": 20,
+                                             "repetition_penalty": 1.0, "presence_penalty": 0.0}
+    kwargs = sglang_engine_kwargs("/m", {"tensor_parallel_size": 2, "data_parallel_size": "auto", "max_model_len": 8192,
+                                         "gpu_memory_utilization": 0.85, "batch_size": 64},
+                                  gpus=["0", "1", "2", "3", "4"])
+    assert kwargs == {"model_path": "/m", "trust_remote_code": False, "tp_size": 2, "dp_size": 2,
+                      "context_length": 8192, "mem_fraction_static": 0.85}
+    assert sglang_engine_kwargs("/m", {"data_parallel_size": 3}, gpus=[])["dp_size"] == 3
+
+
+def test_server_command_lines():
+    spec = ServerSpec(kind="vllm", model_dir="/m", port=9001, tensor_parallel_size=8, data_parallel_size=1,
+                      max_model_len=16384, engine_args=["--pipeline-parallel-size", 2])
+    cmd = server_command(spec)
+    assert cmd[1:4] == ["serve", "/m", "--host"]
+    joined = " ".join(cmd)
+    for part in ("--port 9001", "--tensor-parallel-size 8", "--data-parallel-size 1", "--max-model-len 16384",
+                 "--served-model-name egm", "--pipeline-parallel-size 2"):
+        assert part in joined
+    assert "--trust-remote-code" not in cmd
+
+    sg = " ".join(server_command(ServerSpec(kind="sglang", model_dir="/m", port=1, data_parallel_size=8)))
+    assert "-m sglang.launch_server --model-path /m" in sg and "--dp-size 8" in sg and "--tp-size 1" in sg
+    tf = server_command(ServerSpec(kind="transformers", model_dir="/m", port=2, device="cpu", trust_remote_code=True))
+    assert tf[1:3] == ["serve", "/m"] and tf[-1] == "--trust-remote-code" and "cpu" in tf
+    with pytest.raises(ValueError):
+        server_command(ServerSpec(kind="ollama", model_dir="/m"))
+
+
+def test_client_request_body(tmp_path):
+    from PIL import Image
+
+    png, jpg = tmp_path / "a.png", tmp_path / "b.bin"
+    Image.new("RGB", (4, 4), "red").save(png)
+    Image.new("RGB", (4, 4), "red").save(jpg, format="JPEG")
+    url = cl.image_data_url(str(png))
+    assert url.startswith("data:image/png;base64,")
+    assert base64.b64decode(url.split(",", 1)[1]) == png.read_bytes()  # the file itself, not re-encoded
+    assert cl.image_data_url(str(jpg)).startswith("data:image/jpeg;base64,")
+
+    body = cl.request_body("egm", url, PROMPT, PAPER)
+    assert body["messages"] == [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url, "detail": "high"}},
+        {"type": "text", "text": PROMPT},
+    ]}]
+    assert {k: body[k] for k in ("model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+                                 "presence_penalty", "stream")} == {
+        "model": "egm", "max_tokens": 4096, "temperature": 0.0, "top_p": 1.0, "top_k": 20,
+        "repetition_penalty": 1.0, "presence_penalty": 0.0, "stream": False}
+    json.dumps(body)
+
+    # A server without the vLLM/SGLang extensions: dropped where they change nothing, else refused.
+    plain = cl.sampling_fields(PAPER, extensions=False)
+    assert "top_k" not in plain and "repetition_penalty" not in plain
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        cl.sampling_fields(SamplingOptions(repetition_penalty=1.1), extensions=False)
+    with pytest.raises(ValueError, match="top_k"):
+        cl.sampling_fields(SamplingOptions(temperature=1.0, top_k=20), extensions=False)
+
+
+def test_answer_text_keeps_the_reasoning():
+    assert cl.answer_text({"content": "think</think>\n\nanswer"}) == "think</think>\n\nanswer"
+    assert cl.answer_text({"content": "[1,2,3,4]", "reasoning_content": "I see it"}) == "I see it\n</think>\n\n[1,2,3,4]"
+    assert cl.answer_text({"content": "", "reasoning_content": "unfinished"}) == "unfinished"
+    assert cl.answer_text({"content": None}) == ""
+
+
+@pytest.mark.parametrize("backend, options, container", [
+    ("vllm", {}, "containers/gpu-vllm.def"),
+    ("sglang", {}, "containers/gpu-sglang.def"),
+    ("server", {"server": "sglang"}, "containers/gpu-sglang.def"),
+    ("server", {"server": "vllm"}, "containers/gpu-vllm.def"),
+])
+def test_missing_engines_name_their_container(backend, options, container):
+    module = "vllm" if "vllm" in container else "sglang"
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed here")
+    with pytest.raises(BackendUnavailable, match=container):
+        load_engine(backend, "/m", PAPER, {"data_parallel_size": 1, **options})
+
+
+def test_unknown_backend():
+    with pytest.raises(BackendUnavailable, match="known: hf, vllm, sglang, server"):
+        load_engine("tgi", "/m", PAPER)
+
+
+def test_gpu_discovery_and_parallel_sizes():
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}) == []
+    gpus = [str(i) for i in range(8)]
+    assert groups(gpus, 1) == [[g] for g in gpus]
+    assert groups(gpus, 4) == [gpus[:4], gpus[4:]]
+    assert groups(gpus[:3], 2) == [["0", "1"]]
+    assert resolve_data_parallel("auto", 1, gpus) == 8
+    assert resolve_data_parallel("auto", 8, gpus) == 1
+    assert resolve_data_parallel("auto", 1, []) == 1
+    assert resolve_data_parallel(2, 4, []) == 2
+    with pytest.raises(ValueError):
+        resolve_data_parallel(0, 1, gpus)
+
+
+def test_shards_are_contiguous_and_balanced():
+    items = list(range(10))
+    parts = shard(items, 4)
+    assert [len(p) for p in parts] == [3, 3, 2, 2]
+    assert sum(parts, []) == items
+    assert shard([1], 3) == [[1], [], []]
+
+
+def test_ray_plan_head_on_first_node_workers_on_the_rest():
+    p = plan(["gpu01", "gpu02", "gpu03"], "10.0.0.1", port=6400, gpus_per_node=8)
+    assert p.head == "gpu01" and p.workers == ["gpu02", "gpu03"] and p.env == {"RAY_ADDRESS": "10.0.0.1:6400"}
+    assert "--head" in p.head_cmd and "--nodelist=gpu01" in p.head_cmd and "--num-gpus=8" in p.head_cmd
+    assert p.head_cmd[-1] == "--block"
+    assert "--nodelist=gpu02,gpu03" in p.worker_cmd and "--address=10.0.0.1:6400" in p.worker_cmd
+    assert "--ntasks-per-node=1" in p.worker_cmd
+    assert plan(["solo"], "10.0.0.2").worker_cmd is None

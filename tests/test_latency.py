@@ -1,0 +1,151 @@
+"""The latency protocol (egm.infer.latency, `python -m egm latency`), its rule, the figure's use of
+it, and a CPU smoke run of benchmarks/latency.py."""
+
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from egm.cli import main as egm_main
+from egm.infer.engine import Completion, Request
+from egm.infer.latency import answer_all, measure_latency, percentile, sample_records, summarize
+from tests.workflow_helpers import REPO, copy_workflow, plan, stage_of
+
+
+def test_percentiles_and_summary():
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 90) == pytest.approx(4.6)  # numpy's linear interpolation
+    assert percentile(values, 0) == 1.0 and percentile(values, 100) == 5.0
+    s = summarize([0.1, 0.2, 0.3, 0.4], [10, 20, 30, 40], wall_s=0.5)
+    assert s["n"] == 4 and s["mean_ms"] == pytest.approx(250.0) and s["p50_ms"] == pytest.approx(250.0)
+    assert s["tokens_per_s"] == pytest.approx(200.0) and s["requests_per_s"] == pytest.approx(8.0)
+    assert s["mean_completion_tokens"] == 25.0
+    assert math.isnan(summarize([], [], 0.0)["mean_ms"])
+
+
+def test_sample_is_seeded_and_in_split_order():
+    records = list(range(100))
+    a, b = sample_records(records, 10, seed=0), sample_records(records, 10, seed=0)
+    assert a == b == sorted(a) and len(set(a)) == 10
+    assert sample_records(records, 10, seed=1) != a
+    assert sample_records(records[:5], 10, seed=0) == records[:5]
+
+
+class BatchEngine:
+    def __init__(self):
+        self.chunks = []
+
+    def generate(self, requests):
+        self.chunks.append(len(requests))
+        return [Completion(text=r.id, completion_tokens=3, latency_s=0.01) for r in requests]
+
+
+class StreamEngine:
+    def __init__(self):
+        self.concurrency = []
+
+    def generate_each(self, requests, on_done, concurrency=None):
+        self.concurrency.append(concurrency)
+        for i, r in reversed(list(enumerate(requests))):  # out of order, as a server answers
+            on_done(i, Completion(text=r.id, completion_tokens=2, latency_s=0.02))
+
+
+def test_protocol_then_batch_one():
+    requests = [Request(str(i), "x.png", "p") for i in range(10)]
+    batch = BatchEngine()
+    result = measure_latency(batch, requests, concurrency=4, batch1_n=3, warmup=2)
+    # warm-up (2), protocol in chunks of the concurrency, then one at a time
+    assert batch.chunks == [2, 4, 4, 2, 1, 1, 1]
+    assert result["protocol"]["summary"]["n"] == 10 and result["batch1"]["summary"]["n"] == 3
+    assert [r["id"] for r in result["protocol"]["requests"]] == [str(i) for i in range(10)]
+
+    stream = StreamEngine()
+    out, _ = answer_all(stream, requests, concurrency=64)
+    assert [c.text for c in out] == [r.id for r in requests] and stream.concurrency == [64]
+    measure_latency(stream, requests, concurrency=64, batch1_n=2, warmup=0)
+    assert stream.concurrency == [64, 64, 1]
+
+
+def test_latency_command_writes_the_protocol_file(tiny_dir, tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    lines = []
+    for i in range(6):
+        Image.new("RGB", (96, 96), (40 * i, 0, 0)).save(root / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "sent": f"shape {i}", "bbox": [1, 1, 9, 9], "width": 96, "height": 96}))
+    split = tmp_path / "refcoco_val.jsonl"
+    split.write_text("\n".join(lines) + "\n")
+    options = {
+        "prompt": "qwen3", "backend": "hf", "engine_options": {"data_parallel_size": 1},
+        "inference": {"max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "top_k": 20, "repetition_penalty": 1.0,
+                      "presence_penalty": 0.0},
+        "latency": {"split": "refcoco_val", "n": 4, "seed": 0, "concurrency": 2, "batch1_n": 2, "warmup": 1},
+    }
+    out = tmp_path / "latency" / "tiny.json"
+    assert egm_main(["latency", "--model", "tiny", "--model-dir", str(tiny_dir), "--split", str(split),
+                     "--image-root", str(root), "--options", json.dumps(options), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "tiny" and result["split"] == "refcoco_val" and result["sample"]["n"] == 4
+    assert result["device"]["name"].startswith(("CPU", "1x", "2x", "4x", "8x"))
+    protocol = result["protocol"]
+    assert protocol["concurrency"] == 2 and len(protocol["requests"]) == 4
+    for key in ("mean_ms", "p50_ms", "p90_ms", "p99_ms", "tokens_per_s"):
+        assert protocol["summary"][key] > 0
+    assert result["mean_latency_ms"] == protocol["summary"]["mean_ms"]
+    assert result["batch1"]["concurrency"] == 1 and len(result["batch1"]["requests"]) == 2
+
+
+def test_figure_prefers_the_latency_files(monkeypatch, tmp_path):
+    from matplotlib.figure import Figure
+
+    from egm.report.figures import latency_by_model, tradeoff_figure
+
+    splits = ["refcoco_val"]
+    metrics = [{"model": "m", "split": "refcoco_val", "acc_at_0.5": 0.9, "mean_iou": 0.8,
+                "mean_completion_tokens": 50, "mean_latency_s": 2.0}]
+    models = {"m": {"display": "M", "params_b": 8.0}}
+    placed = []
+
+    def capture(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        placed.append([tuple(c.get_offsets()[0]) for c in ax.collections[1:]])
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    tradeoff_figure(metrics, models, tmp_path / "a", splits)
+    latency = latency_by_model([{"model": "m", "mean_latency_ms": 737.0}])
+    tradeoff_figure(metrics, models, tmp_path / "b", splits, latency=latency)
+    assert placed[0][0] == pytest.approx((2000.0, 90.0))  # the predictions' mean latency
+    assert placed[2][0] == pytest.approx((737.0, 90.0))  # the latency rule's, preferred
+
+
+def test_paper_config_measures_every_model_and_the_figure_uses_it(tmp_path):
+    copy_workflow(tmp_path)
+    outputs = plan(tmp_path, targets=["figure_tradeoff"])
+    stages = Counter(stage_of(p) for p in outputs)
+    latency_files = sorted(p for p in outputs if p.startswith("results/latency/"))
+    assert stages["latency"] == len(latency_files) >= 6
+    assert "results/latency/egm-8b.json" in latency_files
+    # The demo has no latency section: no latency jobs there.
+    demo = plan(tmp_path, REPO / "config" / "demo.yaml", targets=["figure_tradeoff"])
+    assert not any(p.startswith("results/latency/") for p in demo)
+
+
+def test_benchmark_script_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "latency.py"), "--tiny", "--out", str(out), "--tokens", "3",
+         "--batches", "1", "--methods", "generate,graph", "--reps", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    runs = data["models"]["tiny"]["runs"]
+    assert [(r["method"], r["batch"], r["new_tokens"]) for r in runs] == [("generate", 1, 3), ("graph", 1, 3)]
+    assert runs[1]["agreement_with_generate"] == 1.0
+    assert Path(REPO / "benchmarks" / "results" / "latency-h100.json").exists()

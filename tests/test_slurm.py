@@ -1,0 +1,155 @@
+"""The demo through a real one-node SLURM cluster (slurmctld + slurmd + munge, started and stopped
+here), submitted by snakemake-executor-plugin-slurm via profiles/slurm, every job in the CPU image."""
+
+from __future__ import annotations
+
+import fcntl
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.container_helpers import (
+    CANARY_TOKEN,
+    APPTAINER_ARGS,
+    IS_ROOT,
+    apptainer_bin,
+    container_workflow,
+    cpu_image,
+    files_holding,
+    image_marker,
+    job_logs,
+    lean_demo_config,
+    record_timing,
+    snakemake,
+    unavailable,
+)
+from tests.workflow_helpers import REPO, write_config
+
+pytestmark = pytest.mark.slow
+
+LOCAL_RULES = {"demo_mirror", "fetch_dataset", "fetch_model"}
+SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if not IS_ROOT:
+        unavailable("the one-node SLURM cluster runs its daemons as root")
+    missing = [t for t in ("munged", "slurmctld", "slurmd", "sbatch", "squeue") if not shutil.which(t)]
+    if missing:
+        unavailable(f"{', '.join(missing)} missing (ci/setup-system.sh installs them)")
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        unavailable("snakemake-executor-plugin-slurm missing: pip install -e '.[cluster]'")
+    # One cluster per machine (fixed config path, fixed ports): concurrent test runs take turns.
+    lock = open(Path(tempfile.gettempdir()) / "egm-slurm-cluster.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    rundir = tmp_path_factory.mktemp("slurm")
+    start = subprocess.run([str(REPO / "ci" / "slurm-cluster.sh"), "start", str(rundir)],
+                           capture_output=True, text=True, timeout=180)
+    try:
+        if start.returncode != 0:
+            pytest.fail(f"starting SLURM failed:\n{start.stderr}")
+        yield rundir
+    finally:
+        subprocess.run([str(REPO / "ci" / "slurm-cluster.sh"), "stop", str(rundir)], capture_output=True, timeout=120)
+        lock.close()  # releases the flock
+
+
+@pytest.fixture(scope="module")
+def tools():
+    bin_dir = apptainer_bin()
+    return bin_dir, cpu_image(bin_dir)
+
+
+def slurm_snakemake(workdir: Path, bin_dir: Path, configfile: Path, *extra: str) -> subprocess.CompletedProcess:
+    return snakemake(
+        workdir, bin_dir, *extra, "--profile", "profiles/slurm", "--configfile", str(configfile),
+        f"--apptainer-args=--nv {APPTAINER_ARGS}",
+        # This cluster has no accounting database: squeue is the status source, no account to guess.
+        "--slurm-status-command", "squeue", "--slurm-no-account",
+        "--slurm-keep-successful-logs", "--jobs", "4",
+        # Poll a one-node cluster every 2 s instead of the plugin's production pacing.
+        "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
+        timeout=600,
+    )
+
+
+def slurm_job_states(job_ids: list[str]) -> dict[str, str]:
+    out = subprocess.run(["squeue", "-t", "all", "-h", "-o", "%i %T", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, check=True).stdout
+    return dict(line.split() for line in out.splitlines())
+
+
+def test_demo_every_job_through_sbatch_inside_the_image(cluster, tools, tmp_path):
+    bin_dir, image = tools
+    workdir = container_workflow(tmp_path / "wf", image)
+    config = lean_demo_config()
+    config["resources"] = {"partition": "main", "cpu_mem_mb": 500, "cpu_runtime_min": 10}
+    configfile = write_config(workdir, config)
+
+    started = time.monotonic()
+    result = slurm_snakemake(workdir, bin_dir, configfile)
+    record_timing("slurm_demo_s", time.monotonic() - started)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert (workdir / "results/tables/refcoco.md").exists()
+
+    # What the main Snakemake ran: `localrule X:` on this host, `rule X:` handed to the executor.
+    ran = re.findall(r"^(local)?rule (\w+):$", output, re.M)
+    remote = [rule for local, rule in ran if not local]
+    local = {rule for local, rule in ran if local} - {"all"}
+    assert local >= LOCAL_RULES and "predict" in remote and "score" in remote
+    submitted = {job_id: Path(log) for job_id, log in SUBMITTED.findall(output)}
+    assert len(submitted) == len(remote)  # every non-local job went through sbatch
+    slurm_logs = workdir / ".snakemake/slurm_logs"
+    assert {log.relative_to(slurm_logs).parts[0].removeprefix("rule_") for log in submitted.values()} == set(remote)
+    logs = job_logs(workdir)
+    # SLURM's own record: every submitted id ran to completion on the cluster.
+    assert set(slurm_job_states(list(submitted)).items()) == {(job_id, "COMPLETED") for job_id in submitted}
+    for job_id, log in submitted.items():
+        assert log.name == f"{job_id}.log" and "slurm-jobstep" in log.read_text(), log
+    # Inside the job, every egm command ran in the image; local rules ran in it on this host.
+    markers = {str(p.relative_to(workdir)): image_marker(p) for p in logs}
+    assert set(markers.values()) == {image.stem}, markers
+    assert files_holding(workdir, CANARY_TOKEN) == []
+
+
+def test_unknown_partition_fails_with_sbatchs_error(cluster, tools, tmp_path):
+    bin_dir, image = tools
+    workdir = container_workflow(tmp_path / "wf", image)
+    config = lean_demo_config()
+    config["resources"] = {"partition": "no-such-partition", "cpu_mem_mb": 500}
+    configfile = write_config(workdir, config)
+    result = slurm_snakemake(workdir, bin_dir, configfile, "resources/manifests/images-coco.json")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "invalid partition specified: no-such-partition" in output, output[-3000:]
+
+
+def test_gpu_job_gets_a_gpu_and_fails_clearly_without_cuda(cluster, tools, tmp_path):
+    """The model asks for one GPU: SLURM grants the (fake) GPU, and egm, finding no CUDA device in
+    the job, stops at once saying so instead of running on CPU."""
+    bin_dir, image = tools
+    workdir = container_workflow(tmp_path / "wf", image)
+    config = lean_demo_config()
+    config["models"]["tiny-base"]["gpus"] = 1
+    config["containers"]["vllm"] = str(image)  # the GPU image cannot be built here
+    config["resources"] = {"partition": "main", "cpu_mem_mb": 500, "mem_mb_per_gpu": 1000, "cpus_per_gpu": 1}
+    configfile = write_config(workdir, config)
+    result = slurm_snakemake(workdir, bin_dir, configfile, "results/predictions/tiny-base/refcoco_val.jsonl")
+    output = result.stdout + result.stderr
+
+    predict = [job_id for job_id, log in SUBMITTED.findall(output) if "/rule_predict/" in log]
+    assert len(predict) == 1, output[-4000:]
+    job = subprocess.run(["scontrol", "show", "job", predict[0]], capture_output=True, text=True).stdout
+    assert re.search(r"TresPerJob=gres[:/]gpu[:=]1\b", job), job  # --gpus=1 reached SLURM
+
+    assert result.returncode != 0
+    assert "needs 1 GPU(s) but 0 are visible" in (workdir / "logs/predict/tiny-base.log").read_text()

@@ -1,0 +1,321 @@
+"""Training stages on the tiny model (CPU): data conversion, recipes -> TRL configs, one SFT step,
+one GRPO step, and resuming a killed run from its checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from egm.data.archives import extract_archive, part_files
+from egm.data.demo import write_demo_dataset
+from egm.data.parquet import rewrite_image_paths
+from egm.train import common, recipes
+from egm.train.data import BadRow, RowCounter, iter_sft_rows, rl_rows, sft_row, split_user_turn
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "config" / "recipes"
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """The demo data set with its images extracted and the RL parquet rewritten, like the DAG."""
+    root = tmp_path_factory.mktemp("train-data")
+    write_demo_dataset(root / "ds", seed=3, n_train_images=6, n_eval_per_split=2)
+    extract_archive(part_files(root / "ds"), root / "images")
+    extract_archive([root / "ds" / "coco_flip.tar"], root / "images")
+    for part in ("train", "val"):
+        rewrite_image_paths(root / "ds" / "processed_rl_data" / f"{part}_grounding.parquet",
+                            root / "rl" / f"{part}.parquet", str(root / "images"))
+    return root
+
+
+def tiny_sft_recipe(**extra):
+    recipe = dict(
+        learning_rate=1e-3, lr_scheduler="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        epochs=1, global_batch_size=2, micro_batch_size=2, max_length=512, image_min_pixels=9216,
+        image_max_pixels=9216, freeze_vision_tower=True, save_steps=2, logging_steps=1, seed=0,
+    )
+    recipe.update(extra)
+    return recipe
+
+
+def tiny_rl_recipe(**extra):
+    recipe = dict(
+        group_size=2, prompts_per_step=2, micro_batch_size=4, max_new_tokens=8, temperature=1.0, top_p=1.0,
+        top_k=0, learning_rate=1e-3, lr_scheduler="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, clip_eps=0.2, kl_beta=0.0, loss_aggregation="token-mean",
+        reward_normalization="group", image_min_pixels=9216, image_max_pixels=9216, save_steps=1,
+        logging_steps=1, seed=0,
+    )
+    recipe.update(extra)
+    return recipe
+
+
+def weights(model_dir):
+    from safetensors.torch import load_file
+
+    out = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_sft_rows_become_prompt_completion_with_the_image_first(demo_data):
+    counter = RowCounter("sft")
+    rows = list(iter_sft_rows(demo_data / "ds" / "vanilla_grounding_reasoning_training_dataset_raw.jsonl",
+                              str(demo_data / "images"), counter))
+    assert rows and counter.bad == 0
+    first = rows[0]
+    assert first["prompt"][0]["role"] == "user"
+    text = first["prompt"][0]["content"]
+    assert text.startswith("Locate ") and text.endswith("using JSON format.")  # the SFT prompt's period
+    assert first["completion"][0]["role"] == "assistant" and "</think>" in first["completion"][0]["content"]
+    assert Path(first["images"][0]).is_file() and "/images/coco" in first["images"][0]
+    assert any("/coco_flip/" in r["images"][0] for r in rows)
+
+
+def test_bad_sft_rows_are_counted_not_fatal(tmp_path, demo_data):
+    good = json.loads((demo_data / "ds" / "vanilla_grounding_reasoning_training_dataset_raw.jsonl")
+                      .read_text().splitlines()[0])
+    missing = {**good, "images": ["data/coco/train2014/nope.jpg"]}
+    two = {**good, "images": good["images"] * 2}
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join([json.dumps(good), "{broken", json.dumps(missing), json.dumps(two), ""]))
+    counter = RowCounter(str(path))
+    rows = list(iter_sft_rows(path, str(demo_data / "images"), counter))
+    assert len(rows) == 1 and counter.bad == 3
+
+
+def test_user_turn_placeholders():
+    assert split_user_turn("<image>\nLocate x.", 1) == "Locate x."
+    with pytest.raises(BadRow):
+        split_user_turn("Locate <image> x.", 1)
+    with pytest.raises(BadRow):
+        split_user_turn("Locate x.", 1)
+    with pytest.raises(BadRow):
+        sft_row({"messages": [{"role": "user", "content": "<image>\nx"}], "images": ["a"]}, "/r")
+
+
+def test_rl_rows_carry_the_reward_columns(demo_data):
+    counter = RowCounter("rl")
+    rows = rl_rows(demo_data / "rl" / "train.parquet", counter)
+    assert rows and counter.bad == 0
+    row = rows[0]
+    assert row["prompt"][0]["content"].endswith("using JSON format")  # the RL/eval prompt: no period
+    assert row["split"] == "train" and len(row["ground_truth"]) == 4 and row["width"] == 96
+    assert {r["split"] for r in rl_rows(demo_data / "rl" / "val.parquet", counter)} == {"test"}
+
+
+# ------------------------------------------------------------------ recipes
+
+
+def test_paper_sft_recipe_maps_to_sftconfig():
+    from trl import SFTConfig
+
+    recipe = recipes.load_recipe(RECIPES / "sft.yaml")
+    on8 = recipes.sft_args(recipe, world_size=8, on_gpu=True)
+    assert on8["per_device_train_batch_size"] * on8["gradient_accumulation_steps"] * 8 == 128
+    assert on8["gradient_accumulation_steps"] == 2  # 8 GPUs x 8 x 2, as the paper ran it
+    assert on8["learning_rate"] == 1e-5 and on8["lr_scheduler_type"] == "cosine"
+    assert on8["warmup_steps"] == 0.03 and on8["weight_decay"] == 0.0 and on8["max_grad_norm"] == 1.0
+    assert on8["num_train_epochs"] == 1 and on8["max_length"] == 8192 and on8["bf16"] is True
+    assert on8["completion_only_loss"] is True
+    assert json.loads(Path(on8["deepspeed"]).read_text())["zero_optimization"]["stage"] == 3
+    on1 = recipes.sft_args(recipe, world_size=1, on_gpu=False)
+    assert on1["gradient_accumulation_steps"] == 16 and on1["bf16"] is False and "deepspeed" not in on1
+    SFTConfig(output_dir="unused", **on1)  # TRL accepts every argument
+
+
+@pytest.mark.parametrize("name", ["rl_verl.yaml", "rl_areal.yaml"])
+def test_paper_rl_recipes_map_to_grpoconfig(name):
+    from trl import GRPOConfig
+
+    recipe = recipes.load_recipe(RECIPES / name)
+    args = recipes.rl_args(recipe, world_size=8, on_gpu=True, vllm_available=True)
+    completions = recipe["prompts_per_step"] * recipe["group_size"]
+    assert args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * 8 == completions
+    assert args["steps_per_generation"] == args["gradient_accumulation_steps"]  # one update per rollout batch
+    assert args["num_generations"] == recipe["group_size"]
+    assert args["max_completion_length"] == 2048
+    assert (args["temperature"], args["top_p"], args["top_k"]) == (0.7, 0.9, 50)
+    assert args["use_vllm"] and args["vllm_mode"] == "colocate"
+    assert args["loss_type"] == "dapo"  # token-mean
+    assert args["scale_rewards"] == "group"
+    if name == "rl_verl.yaml":
+        assert args["importance_sampling_level"] == "sequence"  # GSPO
+        assert args["beta"] == 0.005 and args["learning_rate"] == 3e-6 and args["warmup_steps"] == 30
+        assert args["vllm_importance_sampling_correction"] is False
+    else:
+        assert args["beta"] == 0.0 and args["epsilon"] == 0.2 and args["warmup_steps"] == 0.1
+        assert args["vllm_importance_sampling_correction"] is True
+        assert args["vllm_importance_sampling_mode"] == "token_truncate"
+        assert args["vllm_importance_sampling_clip_max"] == 5.0
+        assert set(recipes.recorded_only(recipe, "rl")) == {
+            "batch_advantage_normalization", "decoupled_loss", "max_head_offpolicyness", "rollout_gpus"}
+    # On this CPU machine: transformers generate, no IS correction, and GRPOConfig takes it all.
+    cpu = recipes.rl_args(recipe, world_size=1, on_gpu=False, vllm_available=False)
+    assert cpu["use_vllm"] is False and cpu["vllm_importance_sampling_correction"] is False
+    GRPOConfig(output_dir="unused", **cpu)
+
+
+def test_every_shipped_recipe_is_valid():
+    for path in RECIPES.glob("*.yaml"):
+        recipe = recipes.load_recipe(path)
+        stage = recipe["stage"]
+        recipes.check_keys(recipe, stage)
+        (recipes.sft_args if stage == "sft" else recipes.rl_args)(recipe)
+
+
+def test_recipe_errors():
+    recipe = recipes.load_recipe(RECIPES / "rl_verl.yaml")
+    with pytest.raises(recipes.RecipeError, match="unknown"):
+        recipes.rl_args({**recipe, "learning_rte": 1.0})
+    with pytest.raises(recipes.RecipeError, match="not a multiple"):
+        recipes.rl_args({**recipe, "micro_batch_size": 7})
+    with pytest.raises(recipes.RecipeError, match="vLLM"):
+        recipes.rl_args({**recipe, "rollout": "vllm"}, vllm_available=False)
+    with pytest.raises(recipes.RecipeError, match="stage"):
+        recipes.sft_args(recipe)
+
+
+def test_launcher_sized_from_the_gpu_count(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert common.launch_command(0, ["sft"]) is None
+    assert common.launch_command(1, ["sft"]) is None
+    command = common.launch_command(8, ["sft", "--gpus", "8"])
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"]
+    assert command[-4:] == ["egm", "sft", "--gpus", "8"]
+    monkeypatch.setenv("LOCAL_RANK", "3")  # already a torchrun worker
+    assert common.launch_command(8, ["sft"]) is None
+
+
+# ------------------------------------------------------------------ training
+
+
+def run_sft(tiny_dir, demo_data, out, max_steps, callbacks=None, **recipe):
+    from egm.train.sft import train_sft
+
+    return train_sft(
+        tiny_dir, demo_data / "ds" / "vanilla_grounding_reasoning_training_dataset_raw.jsonl",
+        str(demo_data / "images"), out / "sft", out / "sft.json", out / ".work" / "sft",
+        {"run": "t", "recipe": tiny_sft_recipe(**recipe), "max_steps": max_steps, "limit": None},
+        callbacks=callbacks,
+    )
+
+
+def test_one_sft_step_trains_llm_and_merger_not_the_vit(tiny_dir, demo_data, tmp_path):
+    manifest = run_sft(tiny_dir, demo_data, tmp_path, max_steps=1)
+    assert manifest["global_step"] == 1
+    loss = manifest["log"]["first"]["loss"]
+    assert 0 < loss < 100
+    before, after = weights(tiny_dir), weights(tmp_path / "sft")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("model.language_model.") for k in changed)
+    assert any(".visual.merger." in k for k in changed)
+    assert not any(".visual.blocks." in k or ".visual.patch_embed." in k for k in changed)
+    # The directory is a servable model: the start's tokenizer/processor files, the new weights.
+    out = tmp_path / "sft"
+    for name in ("tokenizer.json", "preprocessor_config.json", "chat_template.jinja", "config.json", "training.json"):
+        assert (out / name).exists(), name
+    assert (out / "preprocessor_config.json").read_bytes() == (tiny_dir / "preprocessor_config.json").read_bytes()
+    assert json.loads((tmp_path / "sft.json").read_text())["files"]
+    assert not (tmp_path / ".work" / "sft").exists()  # checkpoints go once the manifest exists
+    from egm.infer.engine import Request, SamplingOptions
+    from egm.infer.hf import HFEngine
+
+    image = next((demo_data / "images" / "coco" / "train2014").iterdir())
+    engine = HFEngine(str(out), SamplingOptions(max_tokens=4))
+    assert len(engine.generate([Request("0", str(image), "Locate the red circle")])) == 1
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_killed_sft_resumes_from_its_last_checkpoint(tiny_dir, demo_data, tmp_path):
+    from transformers import TrainerCallback
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise Killed("simulated kill after the step-2 checkpoint")
+
+    with pytest.raises(Killed):
+        run_sft(tiny_dir, demo_data, tmp_path / "a", max_steps=4, callbacks=[KillAfterSave()])
+    work = tmp_path / "a" / ".work" / "sft" / "checkpoints"
+    assert common.last_checkpoint(work).endswith("checkpoint-2")
+    assert not (tmp_path / "a" / "sft").exists() and not (tmp_path / "a" / "sft.json").exists()
+
+    class Steps(TrainerCallback):
+        done = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.done.append(state.global_step)
+
+    manifest = run_sft(tiny_dir, demo_data, tmp_path / "a", max_steps=4, callbacks=[Steps()])
+    training = json.loads((tmp_path / "a" / "sft" / "training.json").read_text())
+    assert training["resumed_from"].endswith("checkpoint-2")
+    assert manifest["global_step"] == 4
+    assert Steps.done == [3, 4]  # the resumed run did only what was left
+    assert [e["step"] for e in training["log_history"] if "loss" in e] == [1, 2, 3, 4]
+
+    # Same result as a run that was never interrupted (data order, optimizer and RNG restored).
+    run_sft(tiny_dir, demo_data, tmp_path / "b", max_steps=4)
+    resumed, straight = weights(tmp_path / "a" / "sft"), weights(tmp_path / "b" / "sft")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(tiny_dir, demo_data, tmp_path):
+    work = tmp_path / ".work" / "sft"
+    common.prepare_work_dir(work, {"options_sha256": "other"})
+    (work / "checkpoints" / "checkpoint-9").mkdir(parents=True)
+    (work / "checkpoints" / "checkpoint-9" / "trainer_state.json").write_text("{}")
+    manifest = run_sft(tiny_dir, demo_data, tmp_path, max_steps=1)
+    assert manifest["global_step"] == 1
+    assert json.loads((tmp_path / "sft" / "training.json").read_text())["resumed_from"] is None
+
+
+def test_one_grpo_step(tiny_dir, demo_data, tmp_path):
+    from egm.train import rl
+
+    calls = []
+
+    def token_reward(prompts, completions, completion_ids, ground_truth, width, height, split, **_):
+        # The random model never writes a box, so the IoU reward would be 0 for every sample
+        # and GRPO's advantages with it; a reward that differs between samples makes it learn.
+        calls.append(len(completions))
+        return [float(sum(ids) % 97) for ids in completion_ids]
+
+    manifest = rl.train_rl(
+        tiny_dir, demo_data / "rl" / "train.parquet", None, tmp_path / "rl", tmp_path / "rl.json",
+        tmp_path / ".work" / "rl", {"run": "t", "recipe": tiny_rl_recipe(), "max_steps": 1, "limit": 8},
+        reward_funcs=[token_reward],
+    )
+    assert manifest["global_step"] == 1 and calls == [4]  # 2 prompts x 2 samples
+    first = manifest["log"]["first"]
+    assert "reward" in first and "reward_std" in first and torch.isfinite(torch.tensor(first["loss"]))
+    before, after = weights(tiny_dir), weights(tmp_path / "rl")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    training = json.loads((tmp_path / "rl" / "training.json").read_text())
+    assert training["rollout"] == "transformers-generate"
+    from transformers import AutoModelForImageTextToText
+
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "rl")  # the checkpoint reloads
+
+
+def test_grpo_uses_the_grounding_reward_by_default(tiny_dir, demo_data, tmp_path):
+    from egm.train import rl
+
+    manifest = rl.train_rl(
+        tiny_dir, demo_data / "rl" / "train.parquet", demo_data / "rl" / "val.parquet", tmp_path / "rl",
+        tmp_path / "rl.json", tmp_path / ".work" / "rl",
+        {"run": "t", "recipe": tiny_rl_recipe(eval_steps=1), "max_steps": 1, "limit": 2},
+    )
+    last = manifest["log"]["last"]
+    assert "rewards/grounding_reward/mean" in last  # logged under the reward's name
+    assert "eval_rewards/grounding_reward/mean" in last  # the val parquet ("test" split) evaluated
