@@ -153,3 +153,7 @@ def test_gpu_job_gets_a_gpu_and_fails_clearly_without_cuda(cluster, tools, tmp_p
 
     assert result.returncode != 0
     assert "needs 1 GPU(s) but 0 are visible" in (workdir / "logs/predict/tiny-base.log").read_text()
+    # The failure is reported with where to look: the job's own log and its SLURM log.
+    error = output[output.index("Error in rule predict"):]
+    assert "logs/predict/tiny-base.log" in error, error[:3000]
+    assert re.search(r"slurm_logs/rule_predict/\S+\.log", output), output[-3000:]
