@@ -7,18 +7,12 @@ ZeRO-3 from the recipe); on CPU or one GPU it trains in this process.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
+from egm.cli import _json_arg
+
 log = logging.getLogger("egm")
-
-
-def _json_arg(text: str) -> dict:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
 
 
 def _argv_after_command() -> list[str]:

@@ -113,6 +113,16 @@ def prepare_work_dir(work_dir: Path, print_: dict, rank: int = 0) -> Path:
     return work_dir / CHECKPOINTS
 
 
+def train_resuming(trainer, checkpoints: Path):
+    """Train, continuing from the newest complete checkpoint a killed run left; (result, resumed from)."""
+    resume = last_checkpoint(checkpoints)
+    if resume:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    log.info("trained: %s", result.metrics)
+    return result, resume
+
+
 def last_checkpoint(checkpoints: Path) -> str | None:
     """The newest complete Trainer checkpoint, or None.
 

@@ -96,11 +96,7 @@ def train_rl(
         processing_class=processor,
         callbacks=callbacks,
     )
-    resume = common.last_checkpoint(checkpoints)
-    if resume:
-        log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
-    log.info("trained: %s", result.metrics)
+    result, resume = common.train_resuming(trainer, checkpoints)
 
     meta = {
         "stage": "rl",

@@ -79,18 +79,14 @@ def train_sft(
         processing_class=processor,
         callbacks=callbacks,
     )
-    resume = common.last_checkpoint(checkpoints)
-    if resume:
-        log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
-    log.info("trained: %s", result.metrics)
+    result, resume = common.train_resuming(trainer, checkpoints)
 
     meta = {
         "stage": "sft",
         "run": options.get("run"),
         "start": str(model_dir),
         "options": options,
-        "trl_args": {k: v for k, v in kwargs.items()},
+        "trl_args": dict(kwargs),
         "world_size": world_size,
         "device": "cuda" if gpu else "cpu",
         "data": data_summary,
