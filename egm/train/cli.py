@@ -24,12 +24,17 @@ def _argv_after_command() -> list[str]:
     raise RuntimeError(f"cannot find the training command in {argv}")
 
 
-def cmd_sft(args: argparse.Namespace) -> None:
+def _relaunched(args: argparse.Namespace, stage: str) -> bool:
+    """Check the job sees its GPUs; with several, re-run under torchrun and say so (this process is done)."""
     from egm.runtime import require_gpus
     from egm.train.common import relaunch
 
-    require_gpus(args.gpus, what=f"sft {args.out_dir}")
-    if relaunch(args.gpus, _argv_after_command()):
+    require_gpus(args.gpus, what=f"{stage} {args.out_dir}")
+    return relaunch(args.gpus, _argv_after_command())
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    if _relaunched(args, "sft"):
         return
     from egm.train.sft import train_sft
 
@@ -42,11 +47,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 
 def cmd_rl(args: argparse.Namespace) -> None:
-    from egm.runtime import require_gpus
-    from egm.train.common import relaunch
-
-    require_gpus(args.gpus, what=f"rl {args.out_dir}")
-    if relaunch(args.gpus, _argv_after_command()):
+    if _relaunched(args, "rl"):
         return
     from egm.train.rl import train_rl
 

@@ -113,6 +113,25 @@ def prepare_work_dir(work_dir: Path, print_: dict, rank: int = 0) -> Path:
     return work_dir / CHECKPOINTS
 
 
+# Settings every stage's TRL config shares: step checkpoints, plain logs, no experiment trackers.
+TRAINER_DEFAULTS = {"save_strategy": "steps", "report_to": "none", "disable_tqdm": True, "logging_first_step": True}
+
+
+def load_for_training(config, work_dir: Path, fingerprint, rank: int, model_dir, recipe: dict, freeze_by_default: bool):
+    """Work dir, processor and model once the TRL config exists (with DeepSpeed ZeRO-3 it must come
+    first); returns (processor, model, frozen vision parameters)."""
+    from egm.train.processing import load_processor
+
+    _ = config.world_size  # sets up the process group (several GPUs), so the work-dir barrier holds
+    prepare_work_dir(Path(work_dir), fingerprint, rank)
+    processor = load_processor(model_dir, recipe.get("image_min_pixels"), recipe.get("image_max_pixels"))
+    model = load_model(model_dir)
+    frozen = freeze_vision_tower(model) if recipe.get("freeze_vision_tower", freeze_by_default) else {}
+    if frozen:
+        log.info("vision tower frozen: %s", frozen)
+    return processor, model, frozen
+
+
 def train_resuming(trainer, checkpoints: Path):
     """Train, continuing from the newest complete checkpoint a killed run left; (result, resumed from)."""
     resume = last_checkpoint(checkpoints)

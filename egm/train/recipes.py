@@ -218,3 +218,11 @@ def rl_args(recipe: dict, world_size: int = 1, on_gpu: bool = False, max_steps: 
         args["eval_steps"] = int(recipe["eval_steps"])
         args["per_device_eval_batch_size"] = group  # whole groups on every process
     return args
+
+
+def warn_unapplied(recipe: dict, stage: str) -> dict:
+    """Log each recipe key that has no TRL counterpart (recorded, not applied); returns them."""
+    unapplied = recorded_only(recipe, stage)
+    for key, value in unapplied.items():
+        log.warning("recipe key %s=%r has no TRL counterpart: not applied", key, value)
+    return unapplied

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from egm.train import common
-from egm.train.recipes import recorded_only, rl_args
+from egm.train.recipes import rl_args, warn_unapplied
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ def train_rl(
     from trl import GRPOConfig, GRPOTrainer
 
     from egm.train.data import rl_dataset
-    from egm.train.processing import load_processor
     from egm.train.rewards import trl_grounding_reward
 
     recipe = options["recipe"]
@@ -64,22 +63,12 @@ def train_rl(
     if not val_path:
         kwargs.pop("eval_strategy", None)
         kwargs.pop("eval_steps", None)
-    for key, value in recorded_only(recipe, "rl").items():
-        log.warning("recipe key %s=%r has no TRL counterpart: not applied", key, value)
+    not_applied = warn_unapplied(recipe, "rl")
     log.info("rollouts: %s", "vLLM (colocate)" if kwargs["use_vllm"] else "transformers generate")
-    args = GRPOConfig(
-        output_dir=str(checkpoints),
-        save_strategy="steps",
-        report_to="none",
-        disable_tqdm=True,
-        logging_first_step=True,
-        **kwargs,
+    args = GRPOConfig(output_dir=str(checkpoints), **common.TRAINER_DEFAULTS, **kwargs)
+    processor, model, frozen = common.load_for_training(
+        args, work_dir, print_, rank, model_dir, recipe, freeze_by_default=False
     )
-    _ = args.world_size  # sets up the process group (several GPUs), so the work-dir barrier holds
-    common.prepare_work_dir(Path(work_dir), print_, rank)
-    processor = load_processor(model_dir, recipe.get("image_min_pixels"), recipe.get("image_max_pixels"))
-    model = common.load_model(model_dir)
-    frozen = common.freeze_vision_tower(model) if recipe.get("freeze_vision_tower", False) else {}
 
     train, train_summary = rl_dataset(train_path, limit=options.get("limit"))
     val, val_summary = (None, None)
@@ -104,7 +93,7 @@ def train_rl(
         "start": str(model_dir),
         "options": options,
         "trl_args": kwargs,
-        "not_applied": recorded_only(recipe, "rl"),
+        "not_applied": not_applied,
         "world_size": world_size,
         "device": "cuda" if gpu else "cpu",
         "rollout": "vllm-colocate" if kwargs["use_vllm"] else "transformers-generate",

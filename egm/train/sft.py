@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from egm.train import common
-from egm.train.recipes import recorded_only, sft_args
+from egm.train.recipes import sft_args, warn_unapplied
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ def train_sft(
     from trl import SFTConfig, SFTTrainer
 
     from egm.train.data import sft_dataset
-    from egm.train.processing import load_processor
 
     recipe = options["recipe"]
     world_size, rank = common.world()
@@ -48,26 +47,18 @@ def train_sft(
     checkpoints = Path(work_dir) / common.CHECKPOINTS
 
     kwargs = sft_args(recipe, world_size=world_size, on_gpu=gpu, max_steps=options.get("max_steps"))
-    for key, value in recorded_only(recipe, "sft").items():
-        log.warning("recipe key %s=%r has no TRL counterpart: not applied", key, value)
+    warn_unapplied(recipe, "sft")
     # The config first: with DeepSpeed ZeRO-3 it must exist before the model is built.
     args = SFTConfig(
         output_dir=str(checkpoints),
-        save_strategy="steps",
-        report_to="none",
-        disable_tqdm=True,
-        logging_first_step=True,
+        **common.TRAINER_DEFAULTS,
         # The vision collator reads images and messages; it needs the raw columns.
         remove_unused_columns=False,
         **kwargs,
     )
-    _ = args.world_size  # sets up the process group (several GPUs), so the work-dir barrier holds
-    common.prepare_work_dir(Path(work_dir), print_, rank)
-    processor = load_processor(model_dir, recipe.get("image_min_pixels"), recipe.get("image_max_pixels"))
-    model = common.load_model(model_dir)
-    frozen = common.freeze_vision_tower(model) if recipe.get("freeze_vision_tower", True) else {}
-    if frozen:
-        log.info("vision tower frozen: %s", frozen)
+    processor, model, frozen = common.load_for_training(
+        args, work_dir, print_, rank, model_dir, recipe, freeze_by_default=True
+    )
 
     dataset, data_summary = sft_dataset(data_path, image_root, limit=options.get("limit"))
     log.info("SFT data: %s", data_summary)
