@@ -12,13 +12,14 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	# torch==2.13.0 is pinned in pyproject.toml: the CPU build (no multi-GB CUDA download).
-	$(PYTHON) -m pip install --quiet -e '.[test,cluster]'
+	$(PYTHON) -m pip install --quiet -e '.[test,cluster,reports]'
 	touch $@
 
 setup: $(STAMP)
 
 demo: $(STAMP)
 	$(RUN) snakemake --cores all --configfile config/demo.yaml
+	$(RUN) snakemake --cores all --configfile config/demo.yaml --report results/report.html
 
 test: $(STAMP)
 	$(RUN) $(PYTHON) -m pytest $(PYTEST_ARGS)

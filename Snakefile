@@ -28,6 +28,9 @@ rule all:
     input:
         rules.table_refcoco.output,
         rules.figure_tradeoff.output,
+        rules.figure_tokens.output,
+        rules.table_latency.output,
+        rules.figure_training.output if TRAINING_STAGES else [],
         rules.table_scaling.output,
         rules.figure_scaling.output,
         expand("resources/rl/{part}.parquet", part=RL_PARTS),

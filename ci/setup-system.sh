@@ -3,6 +3,8 @@
 # before `make test`). Idempotent; needs root. Installs:
 #   - squashfs-tools, squashfuse, uidmap, fakeroot, debootstrap, patchelf: Apptainer's host tools;
 #   - slurmctld, slurmd, slurm-client, munge: the one-node cluster ci/slurm-cluster.sh runs;
+#   - chromium, chromium-driver: the headless browser that opens the demo's HTML report
+#     (tests/report_browser.py, driven through the system's chromedriver);
 #   - Apptainer itself into ~/.cache/egm (containers/install-apptainer.sh);
 #   - an unprivileged user `egm-build` with subordinate uids/gids: root cannot build images in a
 #     sandbox without CAP_SYS_RESOURCE, so containers/build.sh builds as that user (--fakeroot).
@@ -10,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(squashfs-tools squashfuse uidmap fakeroot debootstrap patchelf slurmctld slurmd slurm-client munge)
+PACKAGES=(squashfs-tools squashfuse uidmap fakeroot debootstrap patchelf slurmctld slurmd slurm-client munge
+          chromium chromium-driver)
 BUILD_USER="${EGM_BUILD_USER:-egm-build}"
 SUBID_START=200000
 SUBID_COUNT=65536

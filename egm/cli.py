@@ -37,6 +37,19 @@ def _require_gpus(options: dict, what: str) -> None:
     require_gpus(int(options.get("gpus", 0)), what=what)
 
 
+def _provenance(args: argparse.Namespace, options: dict) -> dict:
+    """What a result is traced by: the model and data it came from and the job that made it."""
+    from egm.provenance import job_record, manifest_record
+
+    record = {
+        "model_key": args.model,
+        "model": manifest_record(args.model_manifest) if args.model_manifest else None,
+        "data": manifest_record(args.data_manifest) if args.data_manifest else None,
+    }
+    record["job"] = job_record(options["backend"], options.get("engine_options"), config=options)
+    return record
+
+
 def cmd_make_demo(args: argparse.Namespace) -> None:
     from egm.data.demo import write_demo_dataset
     from egm.io import write_json
@@ -99,7 +112,7 @@ def cmd_rewrite_parquet(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from egm.infer.engine import load_engine
     from egm.infer.predict import cache_key, predict_model
-    from egm.io import sha256_file
+    from egm.io import sha256_file, write_json
 
     options = args.options
     _require_gpus(options, f"predict {args.model_dir}")
@@ -112,6 +125,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         log.info("loading %s with backend %s", args.model_dir, options["backend"])
         return load_engine(options["backend"], args.model_dir, sampling, {"batch_size": inference["batch_size"], **engine_options})
 
+    provenance = _provenance(args, options)  # first: a bad manifest fails before the engine loads
     summaries = predict_model(
         [Path(p) for p in args.splits],
         Path(args.out_dir),
@@ -124,13 +138,22 @@ def cmd_predict(args: argparse.Namespace) -> None:
     )
     for summary in summaries:
         log.info("done: %s", summary)
+    if args.run_record:
+        write_json(args.run_record, provenance)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from egm.io import write_json
+    from egm.io import read_json, sha256_file, write_json
     from egm.metrics import read_prediction_rows, summarize_predictions
+    from egm.provenance import code_record, image_record
 
     metrics = summarize_predictions(read_prediction_rows(args.predictions), args.model, args.split)
+    if args.run_record:
+        metrics["provenance"] = {
+            **read_json(args.run_record),
+            "predictions": {"path": args.predictions, "sha256": sha256_file(args.predictions)},
+            "scored_by": {"egm": code_record(), "image": image_record()},
+        }
     write_json(args.out, metrics)
     log.info("%s %s: Acc@0.5 %s over %d", args.model, args.split, metrics["acc_at_0.5"], metrics["n_scored"])
 
@@ -148,7 +171,7 @@ def _models_in_order(report: dict) -> dict:
 
 
 def cmd_report_table(args: argparse.Namespace) -> None:
-    from egm.report.tables import paper_comparison, refcoco_table, write_table
+    from egm.report.tables import expected_comparison, paper_comparison, refcoco_table, write_table
 
     metrics = _load_metrics(args.metrics)
     models, splits = _models_in_order(args.report), args.report["splits"]
@@ -159,6 +182,13 @@ def cmd_report_table(args: argparse.Namespace) -> None:
         out_dir / "refcoco_vs_paper",
         title="Reproduced vs paper, Acc@0.5 (%)",
     )
+    if args.report.get("expected"):
+        write_table(
+            expected_comparison(metrics, models, splits, args.report["expected"]),
+            out_dir / "refcoco_vs_expected",
+            title="This run vs its expected ranges",
+            signed_columns=(),
+        )
 
 
 def cmd_report_figure(args: argparse.Namespace) -> None:
@@ -173,8 +203,9 @@ def cmd_latency(args: argparse.Namespace) -> None:
     from egm.data.splits import load_split
     from egm.grounding import build_prompt
     from egm.infer.engine import Request, load_engine
-    from egm.infer.latency import describe_device, measure_latency, sample_records
+    from egm.infer.latency import measure_latency, sample_records
     from egm.io import write_json
+    from egm.provenance import describe_device
 
     options = args.options
     _require_gpus(options, f"latency {args.model_dir}")
@@ -207,6 +238,7 @@ def cmd_latency(args: argparse.Namespace) -> None:
         "max_tokens": sampling.max_tokens,
         "mean_latency_ms": summary["mean_ms"],
         **result,
+        "provenance": _provenance(args, options),
     })
     log.info("protocol: mean %.1f ms, p90 %.1f ms, %.1f tokens/s", summary["mean_ms"], summary["p90_ms"], summary["tokens_per_s"])
 
@@ -245,6 +277,7 @@ def cmd_scaling(args: argparse.Namespace) -> None:
         int(settings["seed"]),
         Path(args.out_dir),
         work_dir=Path(args.work_dir) / key if args.work_dir else None,
+        provenance=_provenance(args, options),
     )
 
 
@@ -257,6 +290,26 @@ def cmd_report_scaling(args: argparse.Namespace) -> None:
         write_scaling_table(metrics, models, Path(args.table_prefix))
     if args.figure_prefix:
         scaling_figure(metrics, models, Path(args.figure_prefix))
+
+
+def cmd_report_tokens(args: argparse.Namespace) -> None:
+    from egm.report.tokens import tokens_figure
+
+    tokens_figure(_load_metrics(args.metrics), _models_in_order(args.report), Path(args.out_prefix), args.report["splits"])
+
+
+def cmd_report_latency(args: argparse.Namespace) -> None:
+    from egm.report.latency_table import write_latency_table
+
+    write_latency_table(_load_metrics(args.metrics), _models_in_order(args.report), args.report["splits"],
+                        _load_metrics(args.latency), Path(args.out_prefix))
+
+
+def cmd_report_training(args: argparse.Namespace) -> None:
+    from egm.report.training import read_stage, training_figure
+
+    models = _models_in_order(args.report) if args.report else {}
+    training_figure([read_stage(d, models) for d in args.stages], Path(args.out_prefix))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", required=True)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--options", type=_json_arg, required=True, help="JSON: prompt, backend, inference, engine_options")
+    p.add_argument("--model", default=None, help="the model's key in the config, named in the provenance")
+    p.add_argument("--data-manifest", default=None, help="the data set's fetch manifest, named in the provenance")
+    p.add_argument("--run-record", default=None, help="JSON written at the end: what produced these answers")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("score", help="metrics of one prediction file")
@@ -313,11 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--model", required=True)
     p.add_argument("--split", required=True)
+    p.add_argument("--run-record", default=None, help="predict's provenance record: copied into the metrics")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("report-table", help="the RefCOCO table and the paper comparison")
     p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, splits, tolerance")
+    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, splits, tolerance, expected")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_report_table)
 
@@ -334,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True, help="eval split JSONL the sample is drawn from")
     p.add_argument("--image-root", required=True)
     p.add_argument("--options", type=_json_arg, required=True, help="JSON: prompt, backend, engine_options, inference, latency")
+    p.add_argument("--model-manifest", default=None, help="the model's manifest, named in the provenance")
+    p.add_argument("--data-manifest", default=None, help="the data set's fetch manifest, named in the provenance")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_latency)
 
@@ -347,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=None, help="resume cache: finished budgets, by settings")
     p.add_argument("--options", type=_json_arg, required=True,
                    help="JSON: prompt, backend, engine_options, inference, scaling (budgets, answer_max_tokens, ...)")
+    p.add_argument("--data-manifest", default=None, help="the data set's fetch manifest, named in the provenance")
     p.set_defaults(func=cmd_scaling)
 
     p = sub.add_parser("report-scaling", help="the test-time-scaling table and/or figure")
@@ -355,6 +415,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table-prefix", default=None)
     p.add_argument("--figure-prefix", default=None)
     p.set_defaults(func=cmd_report_scaling)
+
+    p = sub.add_parser("report-tokens", help="the accuracy vs generated tokens figure")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, order, splits")
+    p.add_argument("--out-prefix", required=True)
+    p.set_defaults(func=cmd_report_tokens)
+
+    p = sub.add_parser("report-latency", help="the latency table: protocol runs or predictions, beside the paper")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--latency", nargs="*", default=[], help="results/latency/*.json: preferred over the predictions' latency")
+    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, order, splits")
+    p.add_argument("--out-prefix", required=True)
+    p.set_defaults(func=cmd_report_latency)
+
+    p = sub.add_parser("report-training", help="the training curves: SFT loss, RL reward and loss per run")
+    p.add_argument("--stages", nargs="+", required=True, help="finished stage directories, each with training.json")
+    p.add_argument("--report", type=_json_arg, default=None, help="JSON: models, order (display names of the stages)")
+    p.add_argument("--out-prefix", required=True)
+    p.set_defaults(func=cmd_report_training)
 
     from egm.train.cli import add_train_parsers
 

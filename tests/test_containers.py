@@ -3,6 +3,7 @@ inside the real CPU image under real Apptainer (built here, cached under ~/.cach
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -217,6 +218,14 @@ def test_demo_runs_every_job_inside_the_cpu_image(tmp_path):
     assert len(logs) == steps - 1, [str(p.relative_to(workdir)) for p in logs]  # one log per job but `all`
     markers = {str(p.relative_to(workdir)): image_marker(p) for p in logs}
     assert set(markers.values()) == {image.stem}, markers  # every job, in exactly this image
+    # Every metrics file names that image by the digest of its file (provenance).
+    from egm.provenance import file_sha256
+
+    digest = file_sha256(image)
+    for path in (workdir / "results/metrics").rglob("*.json"):
+        record = json.loads(path.read_text())["provenance"]
+        assert record["job"]["image"]["name"] == image.stem, path
+        assert record["job"]["image"]["sha256"] == digest == record["scored_by"]["image"]["sha256"], path
     assert files_holding(workdir, CANARY_TOKEN) == []
 
     # Same image, nothing to do; an edited definition is a new image and every job reruns.

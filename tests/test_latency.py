@@ -14,6 +14,7 @@ from PIL import Image
 from egm.cli import main as egm_main
 from egm.infer.engine import Completion, Request
 from egm.infer.latency import answer_all, measure_latency, percentile, sample_records, summarize
+from egm.provenance import sha256_json
 from tests.workflow_helpers import REPO, copy_workflow, plan, stage_of
 
 
@@ -99,6 +100,9 @@ def test_latency_command_writes_the_protocol_file(tiny_dir, tmp_path):
         assert protocol["summary"][key] > 0
     assert result["mean_latency_ms"] == protocol["summary"]["mean_ms"]
     assert result["batch1"]["concurrency"] == 1 and len(result["batch1"]["requests"]) == 2
+    job = result["provenance"]["job"]
+    assert job["engine"] == {**job["engine"], "backend": "hf", "package": "transformers"} and job["engine"]["version"]
+    assert job["config"] == options and job["config_sha256"] == sha256_json(options)
 
 
 def test_figure_prefers_the_latency_files(monkeypatch, tmp_path):
@@ -112,9 +116,12 @@ def test_figure_prefers_the_latency_files(monkeypatch, tmp_path):
     models = {"m": {"display": "M", "params_b": 8.0}}
     placed = []
 
+    titles = []
+
     def capture(fig, *args, **kwargs):
         ax = fig.axes[0]
         placed.append([tuple(c.get_offsets()[0]) for c in ax.collections[1:]])
+        titles.append(ax.get_title(loc="left"))
 
     monkeypatch.setattr(Figure, "savefig", capture)
     tradeoff_figure(metrics, models, tmp_path / "a", splits)
@@ -122,6 +129,7 @@ def test_figure_prefers_the_latency_files(monkeypatch, tmp_path):
     tradeoff_figure(metrics, models, tmp_path / "b", splits, latency=latency)
     assert placed[0][0] == pytest.approx((2000.0, 90.0))  # the predictions' mean latency
     assert placed[2][0] == pytest.approx((737.0, 90.0))  # the latency rule's, preferred
+    assert "latency protocol run" not in titles[0] and "latency protocol run" in titles[2]  # says which
 
 
 def test_paper_config_measures_every_model_and_the_figure_uses_it(tmp_path):

@@ -7,13 +7,16 @@ import math
 import pandas as pd
 import pytest
 
+from egm.provenance import FIELDS
 from egm.report import paper
 from egm.report.figures import tradeoff_figure
 from egm.report.tables import (
+    AMODAL_NOTE,
     NO_COUNTERPART_NOTE,
+    expected_comparison,
+    latex_escape,
     paper_comparison,
     refcoco_table,
-    write_paper_comparison,
     write_table,
 )
 
@@ -167,10 +170,10 @@ def test_write_table_csv_and_markdown(tmp_path):
     metrics[0]["mean_latency_s"] = None
     df = refcoco_table(metrics, MODELS, SPLITS)
     written = write_table(df, tmp_path / "sub" / "refcoco", title="T", notes=["a note"])
-    assert [p.name for p in written] == ["refcoco.csv", "refcoco.md"]
+    assert [p.name for p in written] == ["refcoco.csv", "refcoco.md", "refcoco.tex"]
 
     back = pd.read_csv(tmp_path / "sub" / "refcoco.csv")
-    assert list(back.columns) == list(df.columns)
+    assert list(back.columns) == [*df.columns, *FIELDS]  # each row's provenance after the table
     assert list(back["model"]) == list(df["model"])
     numeric = df.columns[1:]
     pd.testing.assert_frame_equal(back[numeric], df[numeric], check_dtype=False, rtol=1e-12)
@@ -191,18 +194,103 @@ def test_write_table_missing_and_signed(tmp_path):
     assert not (tmp_path / "t.csv").exists()
 
 
-@pytest.mark.parametrize("via", ["helper", "write_table"])
-def test_empty_comparison_still_writes_files(tmp_path, via):
+def test_empty_comparison_still_writes_files_and_says_what_was_not_run(tmp_path):
     models = {"tiny": {"display": "Tiny", "paper": None, "params_b": 0.001}}
     metrics = [metric("tiny", "refcoco_val", 0.05)]
-    if via == "helper":
-        df = write_paper_comparison(metrics, models, ["refcoco_val"], tmp_path / "comparison")
-    else:  # the note must come along even when the caller passes none
-        df = paper_comparison(metrics, models, ["refcoco_val"])
-        write_table(df, tmp_path / "comparison", title="cmp")
+    df = paper_comparison(metrics, models, ["refcoco_val"])
+    write_table(df, tmp_path / "comparison", title="cmp")  # the notes come along via df.attrs
     assert df.empty
-    assert list(pd.read_csv(tmp_path / "comparison.csv").columns) == list(df.columns)
-    assert NO_COUNTERPART_NOTE in (tmp_path / "comparison.md").read_text(encoding="utf-8")
+    assert list(pd.read_csv(tmp_path / "comparison.csv").columns) == [*df.columns, *FIELDS]
+    md = (tmp_path / "comparison.md").read_text(encoding="utf-8")
+    assert NO_COUNTERPART_NOTE in md and AMODAL_NOTE in md
+    # Every paper table model is named as not run, since none has a counterpart here.
+    for name in paper.REFCOCO_ACC:
+        assert name in md
+    assert "\\multicolumn" in (tmp_path / "comparison.tex").read_text(encoding="utf-8")
+
+
+def test_comparison_names_only_the_paper_models_without_counterpart():
+    df = paper_comparison(big_metrics(), MODELS, SPLITS)
+    not_run = next(n for n in df.attrs["notes"] if n.startswith("Not run"))
+    assert "EGM-8B" not in not_run and "EGM-4B" in not_run
+
+
+# ---------------------------------------------------------------- provenance and LaTeX
+
+
+def provenance(commit="a" * 40, engine_version="5.24.0", image_sha="b" * 64):
+    return {
+        "model_key": "big",
+        "model": {"repo_id": "org/big", "revision": "main", "commit": commit, "manifest_sha256": "c" * 64},
+        "data": {"repo_id": "org/data", "revision": "v1", "commit": "d" * 40},
+        "job": {
+            "egm": {"version": "0.1.0", "commit": "e" * 40, "dirty": True},
+            "image": {"name": "cpu-123", "path": "x.sif", "sha256": image_sha},
+            "engine": {"backend": "hf", "package": "transformers", "version": engine_version},
+            "device": {"name": "1x GPU"},
+            "config_sha256": "f" * 64,
+        },
+    }
+
+
+def test_table_rows_carry_their_provenance_into_csv_markdown_and_latex(tmp_path):
+    metrics = big_metrics()
+    for entry in metrics:
+        entry["provenance"] = provenance()
+    metrics[-1]["provenance"] = provenance(engine_version="5.25.0")  # one split from another engine
+    df = refcoco_table(metrics, MODELS, SPLITS)
+    write_table(df, tmp_path / "t")
+    row = pd.read_csv(tmp_path / "t.csv", dtype=str).iloc[0]
+    assert row["model_commit"] == "a" * 40 and row["data_commit"] == "d" * 40
+    assert row["data_revision"] == "v1" and row["image_sha256"] == "b" * 64
+    assert row["engine"] == "hf transformers 5.24.0; hf transformers 5.25.0"  # mixed runs show
+    assert row["egm"] == "0.1.0 @ " + "e" * 40 + "-dirty" and row["model_key"] == "big"
+    md = (tmp_path / "t.md").read_text(encoding="utf-8")
+    assert "org/big @ main: " + "a" * 12 + " |" in md and "cpu-123 (" + "b" * 12 + ")" in md
+    assert "a" * 13 not in md  # shortened in Markdown
+    tex = (tmp_path / "t.tex").read_text(encoding="utf-8")
+    assert "% Provenance of Big:" in tex and "a" * 40 in tex
+
+
+def test_trained_model_is_traced_by_its_manifest_digest():
+    entry = provenance(commit=None)
+    row = refcoco_table([{**m, "provenance": entry} for m in big_metrics()], MODELS, SPLITS).attrs["provenance"]["Big"]
+    assert row["model_commit"] == "manifest:" + "c" * 64
+
+
+def test_latex_table_escapes_and_aligns(tmp_path):
+    df = pd.DataFrame({"model": ["a_b & 50%"], "diff": [-1.25], "gap": [math.nan]})
+    write_table(df, tmp_path / "t", formats=("tex",), title="T", notes=["x ≤ 1"])
+    tex = (tmp_path / "t.tex").read_text(encoding="utf-8")
+    assert "\\begin{tabular}{lrr}" in tex and "\\toprule" in tex and tex.rstrip().endswith("\\end{tabular}")
+    assert "a\\_b \\& 50\\% & -1.2 & -- \\\\" in tex
+    assert "% Note: x ≤ 1" in tex
+    assert latex_escape("∞ {x}") == "$\\infty$ \\{x\\}"
+
+
+# ---------------------------------------------------------------- expected ranges (the demo)
+
+
+def test_expected_comparison_verdicts():
+    models = {**MODELS, "small": {"display": "Small", "paper": None, "params_b": 0.5}}
+    metrics = big_metrics() + [metric("small", s, 0.05) for s in SPLITS]
+    expected = {
+        "big": {"acc": [40, 50], "parseable": [99.5, 100]},  # Avg 45.0 within; 1 unparseable per split
+        "small": {"acc": [6, 10], "tokens": [0, 200]},
+        "idle": {"acc": [0, 1]},
+    }
+    df = expected_comparison(metrics, models, SPLITS, expected)
+    got = {(r.model, r.metric): (round(r.reproduced, 3), r.verdict) for r in df.itertuples()}
+    big_parseable = 100.0 * (sum(100 - i % 2 for i in range(8)) - 8) / sum(100 - i % 2 for i in range(8))
+    assert got[("Big", "Avg Acc@0.5 (%)")] == (45.0, "within")
+    assert got[("Big", "parseable answers (%)")] == (round(big_parseable, 3), "outside")
+    assert got[("Small", "Avg Acc@0.5 (%)")] == (5.0, "outside")
+    assert got[("Small", "mean tokens")] == (100.0, "within")
+    assert got[("Idle", "Avg Acc@0.5 (%)")][1] == "not run"
+    with pytest.raises(ValueError, match="nobody"):
+        expected_comparison(metrics, models, SPLITS, {"nobody": {"acc": [0, 1]}})
+    with pytest.raises(ValueError, match="speed"):
+        expected_comparison(metrics, models, SPLITS, {"big": {"speed": [0, 1]}})
 
 
 # ---------------------------------------------------------------- figure

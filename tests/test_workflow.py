@@ -1,10 +1,13 @@
 """The whole pipeline through real Snakemake: the demo end to end, then incremental reruns."""
 
 import json
+import os
+import re
 from collections import Counter
 
 import pytest
 
+from tests.report_browser import check_report_or_skip
 from tests.workflow_helpers import (
     copy_workflow,
     files_containing,
@@ -26,12 +29,12 @@ def test_paper_config_plans_every_stage_without_network(tmp_path):
     stages = Counter(stage_of(p) for p in outputs)
     n_models = 6
     n_trained = 2  # the training run's reproduced SFT and RL models (workflow/rules/train.smk)
-    assert stages["predict"] == (n_models + n_trained) * PAPER_SPLITS
+    assert stages["predict"] == (n_models + n_trained) * (PAPER_SPLITS + 1)  # + run.json (provenance)
     assert stages["score"] == (n_models + n_trained) * PAPER_SPLITS
     assert stages["fetch_model"] == n_models
     assert stages["extract_images"] == 2
     assert stages["rewrite_rl_parquet"] == 2
-    assert stages["report"] == 10  # refcoco + vs-paper + scaling tables (csv, md), both figures (png, pdf)
+    assert stages["report"] == 20  # refcoco, vs-paper, scaling, latency tables (csv, md, tex); 4 figures (png, pdf)
     # Test-time scaling: 7 budgets (jsonl + json) per swept model, the two 235B models at one point.
     assert stages["scaling"] == (n_models - 2 + n_trained) * 7 * 2 + 2 * 2
     assert "demo_mirror" not in stages
@@ -94,6 +97,13 @@ def test_demo_end_to_end_then_incremental(tmp_path):
         metrics = json.loads((tmp_path / "results/metrics/tiny-base" / path.name.replace(".jsonl", ".json")).read_text())
         assert metrics["n_scored"] == 4
 
+    # --- report check: `snakemake --report` works and, in headless Chromium, shows every figure.
+    result = run_snakemake(tmp_path, configfile, "--report", "results/report.html")
+    assert result.returncode == 0, result.stderr[-4000:]
+    check_report_or_skip(tmp_path / "results/report.html", shots=tmp_path / "report-shots",
+                         required=["results/figures/tradeoff.png", "results/figures/scaling.png"])
+    # --- end of report check
+
     # The rerun table (docs/reruns.md), row by row, planned through the Snakemake API.
     def stages_after(change) -> set[str]:
         changed = small_demo_config()
@@ -125,6 +135,43 @@ def test_demo_end_to_end_then_incremental(tmp_path):
     assert stages_after(lambda c: c["train"]["runs"]["tiny"]["rl"].update(display="RL'd")) == {"report"}
     table = (tmp_path / "results/tables/refcoco.md").read_text()
     assert "random init" in table and "reproduced SFT" in table and "reproduced RL" in table
+
+    # Provenance: a metrics file names the model and data it came from (here mirror copies, traced
+    # by their manifests' digests), the engine and the config keys; table rows carry the same.
+    from egm.io import sha256_file
+
+    record = json.loads((tmp_path / "results/metrics/tiny-base/refcoco_val.json").read_text())["provenance"]
+    model_digest = sha256_file(tmp_path / "resources/manifests/model-tiny-base.json")
+    assert record["model"]["manifest_sha256"] == model_digest
+    assert record["data"]["manifest_sha256"] == sha256_file(tmp_path / "resources/manifests/dataset.json")
+    assert record["job"]["engine"]["package"] == "transformers" and record["job"]["config"]["inference"]["max_tokens"] == 16
+    assert f"manifest:{model_digest}" in (tmp_path / "results/tables/refcoco.csv").read_text()
+    trained = json.loads((tmp_path / "results/metrics/tiny-rl/refcoco_val.json").read_text())["provenance"]
+    assert trained["model"]["repo_id"] == "trained:tiny/rl"
+
+    # Each artifact rebuilds alone: without its files, its target plans exactly them.
+    artifacts = {
+        "table_refcoco": [f"results/tables/{t}{e}" for t in ("refcoco", "refcoco_vs_paper", "refcoco_vs_expected")
+                          for e in (".csv", ".md", ".tex")],
+        "table_latency": [f"results/tables/latency{e}" for e in (".csv", ".md", ".tex")],
+        "table_scaling": [f"results/tables/scaling{e}" for e in (".csv", ".md", ".tex")],
+        **{f"figure_{name}": [f"results/figures/{name}.png", f"results/figures/{name}.pdf"]
+           for name in ("tradeoff", "tokens", "training", "scaling")},
+    }
+    for rule, outputs in artifacts.items():
+        for path in outputs:
+            os.replace(tmp_path / path, tmp_path / (path + ".aside"))
+        try:
+            assert sorted(plan(tmp_path, configfile, targets=[rule])) == sorted(outputs), rule
+        finally:
+            for path in outputs:
+                os.replace(tmp_path / (path + ".aside"), tmp_path / path)
+    for path in artifacts["figure_tradeoff"]:
+        (tmp_path / path).unlink()
+    result = run_snakemake(tmp_path, configfile, "--printshellcmds", "figure_tradeoff")  # a flag ends --configfile's list
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert re.search(r"^total\s+1$", result.stdout + result.stderr, re.M), result.stdout[-3000:]
+    assert plan(tmp_path, configfile) == []
 
     # Add a split: the model's one predict job reruns but answers only the new split.
     config["splits"] = all_splits

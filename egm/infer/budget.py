@@ -234,12 +234,14 @@ def sweep_model(
     out_dir: Path,
     work_dir: Path | None = None,
     warmup: bool = True,
+    provenance: dict | None = None,
 ) -> list[dict]:
     """Every budget over one fixed, seeded sample of the splits, with one engine load.
 
     Writes `{out_dir}/budget-{label}.jsonl` (predict's row format plus the budget's fields) and
     `budget-{label}.json` (metrics) per budget; returns the metrics. A finished budget's rows are
     kept in `work_dir` (keyed by the caller), so a rerun after a kill redoes only what is missing.
+    `provenance` (egm.provenance records) goes into every budget's metrics.
     Budgets run from the largest down, unlimited first: a warm engine times every budget alike.
     """
     from transformers import AutoTokenizer
@@ -305,6 +307,8 @@ def sweep_model(
                 "n_per_split": n_per_split, "seed": seed, "answer_max_tokens": answer_max_tokens,
                 "n_bad_records_in_splits": n_bad,
             })
+            if provenance is not None:
+                metrics["provenance"] = provenance
             out_dir.mkdir(parents=True, exist_ok=True)
             _write_jsonl(out_dir / f"budget-{label}.jsonl", rows)
             write_json(out_dir / f"budget-{label}.json", metrics)

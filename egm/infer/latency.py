@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import platform
 import random
-import shutil
-import subprocess
 import time
 from collections.abc import Sequence
 
@@ -90,37 +86,6 @@ def answer_all(engine: Engine, requests: list[Request], concurrency: int) -> tup
     if missing:
         raise RuntimeError(f"no answer for {len(missing)} request(s), e.g. {missing[:3]}")
     return out, wall  # type: ignore[return-value]
-
-
-def describe_device() -> dict:
-    """The hardware this ran on: the visible GPUs by name, else the CPU model."""
-    from egm.infer.gpus import visible_gpus
-
-    info = {"host": platform.node(), "cpu": _cpu_model(), "cpu_count": os.cpu_count()}
-    gpus = visible_gpus()
-    if gpus and shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30, check=True).stdout
-            rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
-            info["gpus"] = [f"{r[2]} ({r[3]})" for r in rows if r[0] in gpus or r[1] in gpus]
-        except (OSError, subprocess.SubprocessError, IndexError):
-            info["gpus"] = [f"GPU {g}" for g in gpus]
-    else:
-        info["gpus"] = []
-    info["name"] = f"{len(info['gpus'])}x {info['gpus'][0]}" if info["gpus"] else f"CPU: {info['cpu']}"
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _run_record(requests: list[Request], completions: list[Completion], wall: float, concurrency: int) -> dict:

@@ -37,6 +37,20 @@ def marker_area(params_b: float) -> float:
     return 20.0 + 6.0 * params_b
 
 
+def save_figure(fig: Figure, out_prefix: Path) -> list[Path]:
+    """Write `{out_prefix}.png` and `{out_prefix}.pdf` atomically; returns the paths written."""
+    out_prefix = Path(out_prefix)
+    # Dates and version strings left out so re-rendering identical inputs gives identical files.
+    outputs = (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None}))
+    written = []
+    for fmt, metadata in outputs:
+        path = out_prefix.with_name(f"{out_prefix.name}.{fmt}")
+        with atomic_write(path, "wb") as handle:
+            fig.savefig(handle, format=fmt, dpi=DPI, metadata=metadata)
+        written.append(path)
+    return written
+
+
 def _radius(area: float) -> float:
     """Marker radius in points for a scatter area (scatter's s is the marker width squared)."""
     return math.sqrt(area) / 2
@@ -173,14 +187,14 @@ def tradeoff_figure(
 
     # Our labels are placed first so they win any clash with the paper's.
     labels: list[_Label] = []
-    for i, (name, latency, accuracy, params_b) in enumerate(ours):
+    for i, (name, latency_ms, accuracy, params_b) in enumerate(ours):
         colour = f"C{i % 10}"
         ax.scatter(
-            [latency], [accuracy], s=[marker_area(params_b)], color=colour,
-            edgecolors="black", linewidths=0.6, zorder=4,
+            [latency_ms], [accuracy], s=[marker_area(params_b)], color=colour,
+            edgecolors="black", linewidths=0.6, zorder=4, clip_on=False,  # whole even at 0 %
         )
         annotation = ax.annotate(
-            name, (latency, accuracy), xytext=(0, 0), textcoords="offset points",
+            name, (latency_ms, accuracy), xytext=(0, 0), textcoords="offset points",
             fontsize=8, color=colour, fontweight="bold", zorder=5,
         )
         labels.append(_Label(annotation, _radius(marker_area(params_b)), "below"))
@@ -228,9 +242,4 @@ def tradeoff_figure(
     fig.suptitle("Accuracy vs latency on RefCOCO / RefCOCO+ / RefCOCOg", fontsize=11)
     _place_labels(fig, ax, labels)  # last, once titles have fixed the layout
 
-    out_prefix = Path(out_prefix)
-    # Dates and version strings left out so re-rendering identical inputs gives identical files.
-    outputs = (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None}))
-    for fmt, metadata in outputs:
-        with atomic_write(out_prefix.with_name(f"{out_prefix.name}.{fmt}"), "wb") as handle:
-            fig.savefig(handle, format=fmt, dpi=DPI, metadata=metadata)
+    save_figure(fig, out_prefix)

@@ -12,18 +12,17 @@ from __future__ import annotations
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from egm import provenance as prov
 from egm.infer.budget import UNLIMITED
-from egm.io import atomic_write
 from egm.report.tables import _num, write_table
 
 TABLE_COLUMNS = ("model", "budget", "n", "Acc@0.5", "mean IoU", "tokens", "latency (ms)", "closed (%)")
-DPI = 150
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,7 @@ class Point:
     closed: float  # percent of answers whose reasoning closed by itself
     answer_max_tokens: int | None
     n_per_split: int | None
+    provenance: dict = field(default_factory=dict, compare=False)  # egm.provenance.flatten
 
 
 def budget_order(label: str) -> float:
@@ -71,6 +71,7 @@ def collect_points(metrics: Sequence[Mapping[str, Any]], models: Mapping[str, Ma
             closed=_num(entry.get("closed_share")) * 100.0,
             answer_max_tokens=entry.get("answer_max_tokens"),
             n_per_split=entry.get("n_per_split"),
+            provenance=prov.flatten(entry.get("provenance"), key[0]),
         )
     order = list(models) + sorted({m for m, _ in seen} - set(models))
     rank = {m: i for i, m in enumerate(order)}
@@ -111,6 +112,10 @@ def scaling_table(metrics: Sequence[Mapping[str, Any]], models: Mapping[str, Map
     df["n"] = df["n"].astype("int64")
     df.attrs["notes"] = scaling_notes(points)
     df.attrs["empty_note"] = "No scaling metrics."
+    by_row: dict[str, list[dict]] = {}
+    for p in points:
+        by_row.setdefault(p.display, []).append(p.provenance)
+    df.attrs["provenance"] = {display: prov.merge(rows) for display, rows in by_row.items()}
     return df
 
 
@@ -192,6 +197,8 @@ def scaling_figure(metrics: Sequence[Mapping[str, Any]], models: Mapping[str, Ma
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from egm.report.figures import save_figure
+
     points = collect_points(metrics, models)
     usable = [p for p in points if not math.isnan(p.acc) and not math.isnan(p.latency_ms) and p.latency_ms > 0]
     skipped = sorted({f"{p.display} ({budget_symbol(p.budget)})" for p in points} -
@@ -217,9 +224,4 @@ def scaling_figure(metrics: Sequence[Mapping[str, Any]], models: Mapping[str, Ma
         subtitle.append("Not plotted (no accuracy or latency): " + ", ".join(skipped) + ".")
     axes[0].set_title("\n".join(textwrap.fill(line, 110) for line in subtitle), fontsize=7.5, loc="left")
     fig.suptitle("Bigger or longer? Accuracy vs latency per reasoning budget", fontsize=11)
-
-    out_prefix = Path(out_prefix)
-    outputs = (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None}))
-    for fmt, metadata in outputs:
-        with atomic_write(out_prefix.with_name(f"{out_prefix.name}.{fmt}"), "wb") as handle:
-            fig.savefig(handle, format=fmt, dpi=DPI, metadata=metadata)
+    save_figure(fig, out_prefix)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from egm import provenance as prov
 from egm.io import atomic_write
 from egm.report import paper
 from egm.report.paper import AVG, SPLIT_LABELS, SPLITS
@@ -22,6 +23,12 @@ MISSING = "–"
 EXTRA_COLUMNS = ("mean IoU", "tokens", "latency (ms)", "bad records", "unparseable")
 COMPARISON_COLUMNS = (
     "model", "paper_model", "split", "source", "paper", "reproduced", "diff", "verdict",
+)
+EXPECTED_COLUMNS = ("model", "metric", "low", "high", "reproduced", "verdict")
+FORMATS = ("csv", "md", "tex")
+AMODAL_NOTE = (
+    "Amodal grounding (the paper's amodal tables): not run, the data is not public; only the "
+    "prompt templates were released (egm.grounding.PROMPTS)."
 )
 NO_COUNTERPART_NOTE = (
     "No model in this run has a paper counterpart (every model's `paper` entry is null), "
@@ -68,6 +75,8 @@ class ModelSummary:
     latency_ms: dict[str, float] = field(default_factory=dict)
     bad_records: int = 0
     unparseable: int = 0
+    scored: int = 0
+    provenance: list[dict[str, str]] = field(default_factory=list)  # egm.provenance.flatten, per split
 
     def average(self, splits: Sequence[str]) -> float:
         """Unweighted mean over `splits`, NaN unless every one of them has a score.
@@ -81,6 +90,10 @@ class ModelSummary:
 
     def mean_latency_ms(self) -> float:
         return _mean(self.latency_ms.values())
+
+    def parseable(self) -> float:
+        """Share (%) of scored answers with a parseable box."""
+        return 100.0 * (self.scored - self.unparseable) / self.scored if self.scored else math.nan
 
 
 def _index(metrics: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Mapping[str, Any]]:
@@ -126,6 +139,8 @@ def summarise(
             summary.latency_ms[split] = _num(entry.get("mean_latency_s")) * 1000.0
             summary.bad_records += _count(entry.get("n_bad_records"))
             summary.unparseable += _count(entry.get("n_unparseable"))
+            summary.scored += _count(entry.get("n_scored"))
+            summary.provenance.append(prov.flatten(entry.get("provenance"), key))
         summaries.append(summary)
     return summaries
 
@@ -162,6 +177,7 @@ def refcoco_table(
     # Notes ride with the frame so any caller of write_table gets them without extra arguments.
     df.attrs["notes"] = refcoco_notes(configured)
     df.attrs["empty_note"] = "No metrics for any configured model and split."
+    df.attrs["provenance"] = row_provenance(summaries)
     return df
 
 
@@ -202,12 +218,6 @@ def paper_comparison(
             else:
                 reproduced = summary.acc.get(split, math.nan) if split in configured else math.nan
             diff = reproduced - paper_value
-            if math.isnan(reproduced):
-                verdict = "not run"
-            elif abs(diff) <= tolerance + 1e-9:  # slack so 0.5 exactly is not lost to float error
-                verdict = "match"
-            else:
-                verdict = "differs"
             rows.append(
                 {
                     "model": display,
@@ -217,13 +227,90 @@ def paper_comparison(
                     "paper": paper_value,
                     "reproduced": reproduced,
                     "diff": diff,
-                    "verdict": verdict,
+                    "verdict": verdict(reproduced, paper_value - tolerance, paper_value + tolerance),
                 }
             )
     df = pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
     df[["paper", "reproduced", "diff"]] = df[["paper", "reproduced", "diff"]].astype("float64")
-    df.attrs["notes"] = comparison_notes(df, tolerance)
+    compared = {spec.get("paper") for spec in models.values() if spec}
+    df.attrs["notes"] = comparison_notes(df, tolerance, [m for m in paper.REFCOCO_ACC if m not in compared])
     df.attrs["empty_note"] = NO_COUNTERPART_NOTE
+    df.attrs["provenance"] = row_provenance(s for k, s in summaries.items() if (models.get(k) or {}).get("paper"))
+    return df
+
+
+def row_provenance(summaries: Iterable[ModelSummary]) -> dict[str, dict[str, str]]:
+    """Provenance per table row label (the display name), merged over the model's splits."""
+    rows: dict[str, list[dict[str, str]]] = {}
+    for summary in summaries:
+        rows.setdefault(summary.display, []).extend(summary.provenance)
+    return {display: prov.merge(entries) for display, entries in rows.items()}
+
+
+# What `report.expected` may give a range for: label and how to read it off a summary.
+EXPECTED_METRICS = {
+    "acc": "Avg Acc@0.5 (%)",
+    "parseable": "parseable answers (%)",
+    "iou": "mean IoU (%)",
+    "tokens": "mean tokens",
+}
+
+
+def _expected_value(summary: ModelSummary, metric: str, splits: Sequence[str]) -> float:
+    if metric == "acc":
+        return summary.average(splits)
+    if metric == "parseable":
+        return summary.parseable()
+    if metric == "iou":
+        return _mean(summary.iou.values())
+    return _mean(summary.tokens.values())
+
+
+def verdict(value: float, low: float, high: float, inside: str = "match", outside: str = "differs") -> str:
+    if math.isnan(value):
+        return "not run"
+    slack = 1e-9  # so a bound hit exactly is not lost to float error
+    return inside if low - slack <= value <= high + slack else outside
+
+
+def expected_comparison(
+    metrics: list[dict], models: dict, splits: list[str], expected: Mapping[str, Mapping[str, Sequence[float]]]
+) -> pd.DataFrame:
+    """This run against ranges set in the config (`report.expected`: model key -> metric ->
+    [low, high]), for runs the paper has no numbers for, such as the demo."""
+    configured = order_splits(splits)
+    summaries = {m.key: m for m in summarise(metrics, models, configured)}
+    unknown = sorted(set(expected) - set(models))
+    if unknown:
+        raise ValueError(f"report.expected names model(s) {unknown}, which are not evaluated: {sorted(models)}")
+    rows = []
+    for key in [k for k in models if k in expected]:  # rows in the config's model order
+        ranges, summary = expected[key], summaries.get(key)
+        for metric, (low, high) in ranges.items():
+            if metric not in EXPECTED_METRICS:
+                raise ValueError(f"report.expected.{key}: unknown metric {metric!r}; known: {sorted(EXPECTED_METRICS)}")
+            value = math.nan if summary is None else _expected_value(summary, metric, configured)
+            rows.append({
+                "model": str((models[key] or {}).get("display") or key),
+                "metric": EXPECTED_METRICS[metric],
+                "low": float(low),
+                "high": float(high),
+                "reproduced": value,
+                "verdict": verdict(value, float(low), float(high), "within", "outside"),
+            })
+    df = pd.DataFrame(rows, columns=list(EXPECTED_COLUMNS))
+    df[["low", "high", "reproduced"]] = df[["low", "high", "reproduced"]].astype("float64")
+    counts = df["verdict"].value_counts()
+    df.attrs["notes"] = [
+        "Expected ranges come from the config (`report.expected`): what a working pipeline gives on "
+        "this data and budget. They are not the paper's numbers (refcoco_vs_paper compares with those).",
+        f"{int(counts.get('within', 0))} of {len(df)} value(s) within range; "
+        f"{int(counts.get('not run', 0))} not run.",
+        "Avg Acc@0.5 is over the configured splits; parseable: share of scored answers with a box the "
+        "paper's parser reads.",
+    ]
+    df.attrs["empty_note"] = "No expected ranges configured."
+    df.attrs["provenance"] = row_provenance(s for k, s in summaries.items() if k in expected)
     return df
 
 
@@ -240,6 +327,7 @@ def _is_missing(value: Any) -> bool:
 
 
 def _format_cell(value: Any, signed: bool, labels: Mapping[str, str]) -> str:
+    """A cell as text: one decimal for numbers (signed where asked), MISSING for gaps, labels applied."""
     if _is_missing(value):
         return MISSING
     if isinstance(value, bool):
@@ -253,61 +341,130 @@ def _format_cell(value: Any, signed: bool, labels: Mapping[str, str]) -> str:
             number = 0.0  # no "-0.0" for tiny negative differences
         text = f"{number:+.1f}" if signed and number != 0 else f"{number:.1f}"
         return text
-    text = labels.get(str(value), str(value))
-    return text.replace("|", "\\|").replace("\n", " ")
+    return labels.get(str(value), str(value)).replace("\n", " ")
 
 
-def _markdown(
-    df: pd.DataFrame,
-    title: str | None,
-    notes: Sequence[str],
-    labels: Mapping[str, str],
-    signed_columns: Sequence[str],
-    empty_note: str,
-) -> str:
+def _rows(df: pd.DataFrame, labels: Mapping[str, str], signed_columns: Sequence[str]) -> list[list[str]]:
+    return [
+        [_format_cell(v, c in signed_columns, labels) for c, v in zip(df.columns, row)]
+        for row in df.itertuples(index=False, name=None)
+    ]
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _provenance_lines(provenance: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """The Markdown provenance table: one line per table row label, commits shortened."""
+    lines = [
+        "| model | model (repo @ revision: commit) | data (repo @ revision: commit) | engine | device "
+        "| image (sha256) | egm | config |",
+        "|:---|:---|:---|:---|:---|:---|:---|:---|",
+    ]
+    for label, full in provenance.items():
+        row = prov.short(full)
+
+        def source(prefix: str) -> str:
+            repo, revision, commit = row[f"{prefix}_repo"], row[f"{prefix}_revision"], row[f"{prefix}_commit"]
+            return f"{repo or MISSING} @ {revision or MISSING}: {commit or MISSING}"
+
+        image = row["image"] + (f" ({row['image_sha256']})" if row["image_sha256"] else "")
+        cells = [label, source("model"), source("data"), row["engine"], row["device"], image, row["egm"],
+                 row["config_sha256"]]
+        lines.append("| " + " | ".join(_md_cell(c or MISSING) for c in cells) + " |")
+    return lines
+
+
+def _markdown(df, title, notes, labels, signed_columns, empty_note, provenance) -> str:
     lines: list[str] = []
     if title:
         lines += [f"## {title}", ""]
     if len(df.columns):
-        headers = [_format_cell(str(c), False, labels) for c in df.columns]
+        headers = [_md_cell(_format_cell(str(c), False, labels)) for c in df.columns]
         numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
         lines.append("| " + " | ".join(headers) + " |")
         lines.append("|" + "|".join("---:" if n else ":---" for n in numeric) + "|")
-        for row in df.itertuples(index=False, name=None):
-            cells = [
-                _format_cell(v, c in signed_columns, labels) for c, v in zip(df.columns, row)
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["| " + " | ".join(map(_md_cell, cells)) + " |" for cells in _rows(df, labels, signed_columns)]
     if df.empty:
         lines += ["", f"_{empty_note}_"]
     if notes:
         lines += ["", "Notes:", ""]
         lines += [f"- {note}" for note in notes]
+    if provenance:
+        lines += ["", "Provenance (full commits and digests in the CSV; per split in results/metrics/):", ""]
+        lines += _provenance_lines(provenance)
     return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    MISSING: "--", "−": "$-$", "≤": r"$\le$", "≥": r"$\ge$", "∞": r"$\infty$", "±": r"$\pm$",
+}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(char, char) for char in text)
+
+
+def _latex(df, title, notes, labels, signed_columns, empty_note, provenance) -> str:
+    """A booktabs tabular to \\input into a paper; title, notes and provenance as % comments."""
+    def comment(text: str) -> str:
+        return "% " + text.replace("\n", " ")
+
+    lines = [comment(title or "table"), "% Needs \\usepackage{booktabs}."]
+    lines += [comment(f"Note: {note}") for note in notes]
+    for label, row in (provenance or {}).items():
+        lines.append(comment(f"Provenance of {label}: " + "; ".join(f"{k}={v}" for k, v in row.items() if v)))
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
+    lines.append("\\begin{tabular}{" + "".join("r" if n else "l" for n in numeric) + "}")
+    lines.append("\\toprule")
+    lines.append(" & ".join(latex_escape(_format_cell(str(c), False, labels)) for c in df.columns) + " \\\\")
+    lines.append("\\midrule")
+    for cells in _rows(df, labels, signed_columns):
+        lines.append(" & ".join(map(latex_escape, cells)) + " \\\\")
+    if df.empty:
+        lines.append(f"\\multicolumn{{{max(1, len(df.columns))}}}{{l}}{{{latex_escape(empty_note)}}} \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _csv_frame(df: pd.DataFrame, provenance: Mapping[str, Mapping[str, str]] | None) -> pd.DataFrame:
+    """The table with each row's full provenance appended (joined on its "model" label); the
+    columns are there even when empty, so every table of a kind has one CSV schema."""
+    if "model" not in df.columns:
+        return df
+    out = df.copy()
+    for name in prov.FIELDS:
+        out[name] = [provenance.get(str(label), {}).get(name, "") for label in df["model"]]
+    return out
 
 
 def write_table(
     df: pd.DataFrame,
     out_prefix: Path,
-    formats: Sequence[str] = ("csv", "md"),
+    formats: Sequence[str] = FORMATS,
     title: str | None = None,
     notes: Sequence[str] | None = None,
     labels: Mapping[str, str] | None = None,
     signed_columns: Sequence[str] = ("diff",),
     empty_note: str | None = None,
 ) -> list[Path]:
-    """Write `{out_prefix}.csv` (full precision, missing as empty) and/or `{out_prefix}.md`.
+    """Write `{out_prefix}.csv` (full precision, missing as empty), `.md` and `.tex` (LaTeX).
 
-    In the Markdown only, column headers and string cells found in `labels` (default: split
-    ids to paper labels) are relabelled, numbers get one decimal (`signed_columns` with a
-    sign), and missing values show as "–". `notes` and `empty_note` default to those that
-    refcoco_table / paper_comparison store in `df.attrs`. Returns the paths written.
+    In the Markdown and LaTeX, column headers and string cells found in `labels` (default: split
+    ids to paper labels) are relabelled, numbers get one decimal (`signed_columns` with a sign),
+    and missing values show as "–". `notes`, `empty_note` and the rows' provenance (label ->
+    egm.provenance fields) come from `df.attrs` where the table builders put them; provenance
+    becomes extra CSV columns, a Markdown section and LaTeX comments. Returns the paths written.
     """
     labels = SPLIT_LABELS if labels is None else labels
     notes = list(df.attrs.get("notes", [])) if notes is None else list(notes)
     if empty_note is None:
         empty_note = df.attrs.get("empty_note", "No rows.")
-    unknown = set(formats) - {"csv", "md"}
+    provenance = df.attrs.get("provenance") or {}
+    unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown table formats: {sorted(unknown)}")
     out_prefix = Path(out_prefix)
@@ -317,9 +474,11 @@ def write_table(
         # newline="" so the csv writer's own line endings are not translated.
         with atomic_write(path, "w", encoding="utf-8", newline="") as handle:
             if fmt == "csv":
-                df.to_csv(handle, index=False, lineterminator="\n")
+                _csv_frame(df, provenance).to_csv(handle, index=False, lineterminator="\n")
+            elif fmt == "md":
+                handle.write(_markdown(df, title, notes, labels, signed_columns, empty_note, provenance))
             else:
-                handle.write(_markdown(df, title, notes, labels, signed_columns, empty_note))
+                handle.write(_latex(df, title, notes, labels, signed_columns, empty_note, provenance))
         written.append(path)
     return written
 
@@ -347,57 +506,29 @@ def refcoco_notes(splits: Sequence[str]) -> list[str]:
     return notes
 
 
-def comparison_notes(df: pd.DataFrame, tolerance: float) -> list[str]:
-    if df.empty:
-        return [f"Paper values: {paper.TABLE_SOURCE}."]  # the empty note already says why
-    counts = df["verdict"].value_counts()
-    compared = int(counts.get("match", 0) + counts.get("differs", 0))
-    notes = [
-        f"Paper values: {paper.TABLE_SOURCE}.",
-        f"diff = reproduced − paper, in points; match: |diff| ≤ {tolerance:g} (our unrounded "
-        "value against the paper's one-decimal value); not run: we have no number for it.",
-        "Our Avg is over the paper's 8 splits and is missing unless all 8 were run.",
-        f"{int(counts.get('match', 0))} of {compared} compared value(s) match; "
-        f"{int(counts.get('not run', 0))} not run.",
-    ]
-    if (df["source"] != "table").any():
+def comparison_notes(df: pd.DataFrame, tolerance: float, not_configured: Sequence[str] = ()) -> list[str]:
+    """What the comparison shows, and plainly what it could not: paper rows with no model in
+    this config, cells without a number, and the amodal tables (data not public)."""
+    notes = [f"Paper values: {paper.TABLE_SOURCE}."]
+    if not df.empty:
+        counts = df["verdict"].value_counts()
+        compared = int(counts.get("match", 0) + counts.get("differs", 0))
+        notes += [
+            f"diff = reproduced − paper, in points; match: |diff| ≤ {tolerance:g} (our unrounded "
+            "value against the paper's one-decimal value); not run: we have no number for it.",
+            "Our Avg is over the paper's 8 splits and is missing unless all 8 were run.",
+            f"{int(counts.get('match', 0))} of {compared} compared value(s) match; "
+            f"{int(counts.get('not run', 0))} not run.",
+        ]
+        if (df["source"] != "table").any():
+            notes.append(
+                "Rows with source 'figure (approx.)' compare against an Avg read off the paper's "
+                "accuracy/latency plot, so they are approximate."
+            )
+    if not_configured:
         notes.append(
-            "Rows with source 'figure (approx.)' compare against an Avg read off the paper's "
-            "accuracy/latency plot, so they are approximate."
+            "Not run (no model of this config stands for them; the paper's models need GPUs, "
+            "config/config.yaml lists them): " + ", ".join(not_configured) + "."
         )
+    notes.append(AMODAL_NOTE)
     return notes
-
-
-def write_refcoco_table(
-    metrics: list[dict],
-    models: dict,
-    splits: list[str],
-    out_prefix: Path,
-    formats: Sequence[str] = ("csv", "md"),
-) -> pd.DataFrame:
-    df = refcoco_table(metrics, models, splits)
-    write_table(
-        df,
-        out_prefix,
-        formats,
-        title="RefCOCO / RefCOCO+ / RefCOCOg Acc@0.5 (%), this run",
-    )
-    return df
-
-
-def write_paper_comparison(
-    metrics: list[dict],
-    models: dict,
-    splits: list[str],
-    out_prefix: Path,
-    tolerance: float = 0.5,
-    formats: Sequence[str] = ("csv", "md"),
-) -> pd.DataFrame:
-    df = paper_comparison(metrics, models, splits, tolerance)
-    write_table(
-        df,
-        out_prefix,
-        formats,
-        title="Acc@0.5 (%): this run against the paper",
-    )
-    return df

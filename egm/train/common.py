@@ -278,8 +278,12 @@ def finish_stage(trainer, work_dir: Path, start_dir: str | os.PathLike, out_dir:
             "log_history": state.log_history,
         }
         files = write_model_dir(saved, Path(start_dir), Path(out_dir), training)
+        from egm.provenance import job_record
+
         manifest = {
             **{k: v for k, v in meta.items() if k != "options"},
+            # Config keys stay out: `options` is in the model directory's training.json.
+            "provenance": job_record("trl"),
             "dest": str(out_dir),
             "global_step": state.global_step,
             "log": log_history_summary(state.log_history),

@@ -149,6 +149,16 @@ if USE_APPTAINER:
             "module (or install it: containers/README.md), or run without --use-apptainer."
         )
     _require_images({"cpu", *map(model_image_key, MODELS)})
+    from pathlib import Path
+
+    from egm.provenance import IMAGE_DIGESTS_ENV, image_sha256
+
+    # Results name the image they were made in by its digest (egm.provenance.image_record). The
+    # host reads every image file; a job inside one may not see its own (a symlinked image's
+    # target is outside the job's binds). Jobs and their Apptainer inherit this environment.
+    os.environ[IMAGE_DIGESTS_ENV] = json.dumps(
+        {os.path.basename(ref): image_sha256(Path(ref)) for ref in IMAGES.values() if "://" not in ref}
+    )
 
 
 def image_for(key):

@@ -3,7 +3,8 @@
 
 rule score:
     input:
-        "results/predictions/{model}/{split}.jsonl",
+        predictions="results/predictions/{model}/{split}.jsonl",
+        run="results/predictions/{model}/run.json",
     output:
         "results/metrics/{model}/{split}.json",
     container:
@@ -13,4 +14,5 @@ rule score:
     log:
         "logs/score/{model}/{split}.log",
     shell:
-        "python -m egm score {input} {output} --model {wildcards.model} --split {wildcards.split} > {log} 2>&1"
+        "python -m egm score {input.predictions} {output} --model {wildcards.model} --split {wildcards.split}"
+        " --run-record {input.run} > {log} 2>&1"

@@ -19,8 +19,11 @@ rule predict:
         model=lambda wc: model_manifest(wc.model),
         splits=split_files(),
         images="resources/manifests/images-coco.json",
+        data="resources/manifests/dataset.json",
     output:
-        expand("results/predictions/{{model}}/{split}.jsonl", split=SPLITS),
+        splits=expand("results/predictions/{{model}}/{split}.jsonl", split=SPLITS),
+        # Provenance (egm.provenance): what produced these answers, copied into every metrics file.
+        run="results/predictions/{model}/run.json",
     params:
         options=lambda wc: predict_options(wc.model),
         model_dir=lambda wc: model_dir(wc.model),
@@ -33,4 +36,5 @@ rule predict:
     shell:
         "python -m egm predict --model-dir {params.model_dir} --model-manifest {input.model}"
         " --splits {input.splits} --image-root {IMAGE_ROOT} --out-dir results/predictions/{wildcards.model}"
-        " --options {params.options} > {log} 2>&1"
+        " --options {params.options} --model {wildcards.model} --data-manifest {input.data} --run-record {output.run}"
+        " > {log} 2>&1"

@@ -42,6 +42,7 @@ if LATENCY:
             model=lambda wc: model_manifest(wc.model),
             split=f"{DATASET_DIR}/metadata/eval/{LATENCY['split']}.jsonl",
             images="resources/manifests/images-coco.json",
+            data="resources/manifests/dataset.json",
         output:
             "results/latency/{model}.json",
         params:
@@ -55,4 +56,5 @@ if LATENCY:
             "logs/latency/{model}.log",
         shell:
             "python -m egm latency --model {wildcards.model} --model-dir {params.model_dir}"
-            " --split {input.split} --image-root {IMAGE_ROOT} --options {params.options} --out {output} > {log} 2>&1"
+            " --split {input.split} --image-root {IMAGE_ROOT} --options {params.options} --out {output}"
+            " --model-manifest {input.model} --data-manifest {input.data} > {log} 2>&1"

@@ -48,6 +48,7 @@ rule scaling:
         model=lambda wc: model_manifest(wc.model),
         splits=split_files(),
         images="resources/manifests/images-coco.json",
+        data="resources/manifests/dataset.json",
     output:
         _scaling_outputs(SCALING_BUDGETS),
     wildcard_constraints:
@@ -64,7 +65,8 @@ rule scaling:
     shell:
         "python -m egm scaling --model {wildcards.model} --model-dir {params.model_dir} --model-manifest {input.model}"
         " --splits {input.splits} --image-root {IMAGE_ROOT} --out-dir results/scaling/{wildcards.model}"
-        " --work-dir results/scaling/.work/{wildcards.model} --options {params.options} > {log} 2>&1"
+        " --work-dir results/scaling/.work/{wildcards.model} --options {params.options}"
+        " --data-manifest {input.data} > {log} 2>&1"
 
 
 use rule scaling as scaling_single_point with:
@@ -82,7 +84,7 @@ rule table_scaling:
         SCALING_METRICS,
     output:
         report(
-            multiext("results/tables/scaling", ".csv", ".md"),
+            multiext("results/tables/scaling", *TABLE),
             caption="../report/scaling_table.rst",
             category="Tables",
         ),

@@ -1,0 +1,187 @@
+"""The paper's "longer" axis: accuracy against how many tokens each model generates per sample.
+
+The paper's own numbers here are few and loose: EGM-8B's ≈101 tokens (text) at its table Avg, and
+≈42 tokens for "the 8B and 235B models without EGM", a variant the text does not name. That one
+has no accuracy we could honestly pair with it, so it is drawn as a vertical reference line.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from egm.report import paper
+from egm.report.figures import (
+    OUR_LEGEND,
+    PAPER_COLOUR,
+    _axis_limits,
+    _Label,
+    _place_labels,
+    _radius,
+    marker_area,
+    save_figure,
+)
+from egm.report.tables import _mean, order_splits, summarise
+
+
+@dataclass(frozen=True)
+class TokenPoint:
+    name: str
+    tokens: float  # mean generated tokens per sample
+    accuracy: float  # Avg Acc@0.5, percent
+    params_b: float
+
+
+@dataclass(frozen=True)
+class TokenLine:
+    """A paper token count without an accuracy to pair it with."""
+
+    names: tuple[str, ...]
+    tokens: float
+
+
+def token_points(
+    metrics: Sequence[Mapping[str, Any]], models: Mapping[str, Mapping[str, Any]], splits: Sequence[str]
+) -> tuple[list[TokenPoint], list[str]]:
+    """(our placeable models, "display (reason)" for each model that cannot be placed).
+
+    Accuracy is the Avg over every configured split (NaN unless all are scored, as in the table);
+    tokens are the mean over the splits the model has, like the table's tokens column.
+    """
+    configured = order_splits(splits)
+    points: list[TokenPoint] = []
+    skipped: list[str] = []
+    for summary in summarise(metrics, models, configured):
+        accuracy = summary.average(configured)
+        tokens = _mean(summary.tokens.values())
+        if math.isnan(accuracy):
+            skipped.append(f"{summary.display} (no Avg accuracy)")
+        elif math.isnan(tokens) or tokens <= 0:  # the x axis is logarithmic
+            skipped.append(f"{summary.display} (no token count)")
+        else:
+            points.append(TokenPoint(summary.display, tokens, accuracy, summary.params_b))
+    return points, skipped
+
+
+def paper_references() -> tuple[list[TokenPoint], list[TokenLine]]:
+    """The paper's token counts: points where it gives the model's Avg, lines where it cannot."""
+    points: list[TokenPoint] = []
+    unpaired: dict[float, list[str]] = {}
+    for name, tokens in paper.MEAN_COMPLETION_TOKENS.items():
+        reference = paper.paper_acc(name, paper.AVG)
+        if reference is None:
+            unpaired.setdefault(tokens, []).append(name)
+            continue
+        point = paper.tradeoff_point(name)
+        points.append(TokenPoint(name, tokens, reference[0], point.params_b if point else math.nan))
+    lines = [TokenLine(tuple(names), tokens) for tokens, names in unpaired.items()]
+    return points, lines
+
+
+# The default cycle without its grey (C7), which would read as one of the paper's markers.
+OUR_COLOURS = tuple(f"C{i}" for i in range(10) if i != 7)
+
+
+def _join_names(names: Sequence[str]) -> str:
+    """Names joined with "and", a qualifier they all end with ("A (x)", "B (x)") given once: "A and B (x)"."""
+    qualifiers = {name[name.find(" ("):] if name.endswith(")") and " (" in name else "" for name in names}
+    if len(names) > 1 and len(qualifiers) == 1 and "" not in qualifiers:
+        qualifier = qualifiers.pop()
+        return " and ".join(name.removesuffix(qualifier) for name in names) + qualifier
+    return " and ".join(names)
+
+
+def _tokens_label(value: float, _pos: object = None) -> str:
+    return f"{value:g}"
+
+
+def tokens_figure(
+    metrics: Sequence[Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    out_prefix: Path,
+    splits: Sequence[str],
+) -> list[Path]:
+    """Avg Acc@0.5 (%) against mean generated tokens per sample (log x) -> `{out_prefix}.png`, `.pdf`."""
+    configured = order_splits(splits)
+    ours, skipped = token_points(metrics, models, configured)
+    references, lines = paper_references()
+
+    fig = Figure(figsize=(8.0, 5.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+
+    xs = [p.tokens for p in (*ours, *references)] + [line.tokens for line in lines]
+    ys = [p.accuracy for p in (*ours, *references)]
+    x_lo, x_hi = _axis_limits(xs, log=True)
+
+    labels: list[_Label] = []
+    for i, point in enumerate(ours):
+        colour = OUR_COLOURS[i % len(OUR_COLOURS)]
+        area = marker_area(point.params_b)
+        ax.scatter([point.tokens], [point.accuracy], s=[area], color=colour, edgecolors="black",
+                   linewidths=0.6, zorder=4, clip_on=False)  # whole even at 0 %
+        annotation = ax.annotate(point.name, (point.tokens, point.accuracy), xytext=(0, 0),
+                                 textcoords="offset points", fontsize=8, color=colour, fontweight="bold", zorder=5)
+        labels.append(_Label(annotation, _radius(area), "below"))
+    for point in references:
+        area = marker_area(point.params_b)
+        ax.scatter([point.tokens], [point.accuracy], s=[area], facecolors="none", edgecolors=PAPER_COLOUR,
+                   linewidths=1.0, zorder=2)
+        annotation = ax.annotate(f"{point.name} (paper)", (point.tokens, point.accuracy), xytext=(0, 0),
+                                 textcoords="offset points", fontsize=7, color=PAPER_COLOUR, zorder=2)
+        labels.append(_Label(annotation, _radius(area), "right"))
+    for line in lines:
+        ax.axvline(line.tokens, color=PAPER_COLOUR, linestyle="--", linewidth=1.0, zorder=1)
+        ax.annotate(f"≈{line.tokens:g} tokens (paper)", (line.tokens, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(-3, -4), textcoords="offset points", rotation=90, ha="right", va="top",
+                    fontsize=6.5, color=PAPER_COLOUR)
+
+    ax.set_xscale("log")
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(*_axis_limits(ys or [0.0, 100.0], log=False))
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_tokens_label))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("mean generated tokens per sample (log scale)")
+    ax.set_ylabel("Avg Acc@0.5 (%)")
+    ax.grid(True, which="major", alpha=0.3)
+
+    handles = [
+        Line2D([], [], marker="o", linestyle="none", markersize=7, markerfacecolor="C0",
+               markeredgecolor="black", label=OUR_LEGEND),
+    ]
+    if references:
+        handles.append(Line2D([], [], marker="o", linestyle="none", markersize=7, markerfacecolor="none",
+                              markeredgecolor=PAPER_COLOUR, label="paper: table Avg at the text's token count (approx.)"))
+    for line in lines:
+        handles.append(Line2D([], [], color=PAPER_COLOUR, linestyle="--",
+                              label=f"paper: {_join_names(line.names)}, ≈{line.tokens:g} tokens"
+                                    " (approx.; variant and accuracy not stated)"))
+    ax.legend(handles=handles, loc="best", fontsize=7)
+
+    differs = configured != list(paper.SPLITS)
+    subtitle = [
+        f"Avg over {len(configured)} configured split(s)"
+        + (f" (the paper averages its {len(paper.SPLITS)})" if differs else "")
+        + "; tokens: mean generated tokens per sample (reasoning and answer), averaged over the model's splits;"
+        " marker area grows with parameter count.",
+        ("Paper token counts are approximate, from its text; the text does not say which variant its models"
+         " without EGM are, so their count is a line rather than a point."),
+    ]
+    if not ours:
+        subtitle.append("No model of this run could be plotted.")
+    if skipped:
+        subtitle.append("Not plotted: " + ", ".join(skipped) + ".")
+    ax.set_title("\n".join(textwrap.fill(line, 120) for line in subtitle), fontsize=7.5, loc="left")
+    fig.suptitle("Bigger or longer? Accuracy vs generated tokens", fontsize=11)
+    _place_labels(fig, ax, labels)  # last, once titles have fixed the layout
+    return save_figure(fig, out_prefix)
