@@ -321,3 +321,30 @@ def test_tradeoff_figure_demo_like_single_split(tmp_path):
     metrics = [metric("tiny", "refcoco_val", 0.05, latency_s=0.02)]
     tradeoff_figure(metrics, models, tmp_path / "demo", ["refcoco_val"])
     _check_figure(tmp_path / "demo")
+
+
+def test_crowded_labels_do_not_overlap_and_far_ones_get_a_leader():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from egm.report.figures import _Label, _place_labels
+
+    fig = Figure(figsize=(4, 3))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 10)
+    labels = []
+    for i in range(6):  # six markers almost on one spot: the first ring cannot hold every label
+        xy = (5.0 + 0.05 * i, 5.0)
+        ax.scatter([xy[0]], [xy[1]], s=[40])
+        labels.append(_Label(ax.annotate(f"model number {i}", xy, xytext=(0, 0), textcoords="offset points",
+                                         fontsize=7), 3.0, "right"))
+    before = len(ax.texts)
+    _place_labels(fig, ax, labels)
+    renderer = fig.canvas.get_renderer()
+    boxes = [label.annotation.get_window_extent(renderer) for label in labels]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b)
+    assert len(ax.texts) > before  # leaders (empty annotations) for the labels moved further out

@@ -57,6 +57,7 @@ def _radius(area: float) -> float:
 
 
 LABEL_GAP_PT = 2.0
+SIDES = 8  # placements per ring around a marker
 
 
 @dataclass
@@ -66,31 +67,41 @@ class _Label:
     prefer: str  # a key of the sides in `placements`
 
     def placements(self) -> list[tuple[tuple[float, float], str, str]]:
-        """(offset in points, ha, va) for each side of the marker, preferred side first."""
-        gap = self.radius_pt + LABEL_GAP_PT
-        diagonal = gap * 0.75
-        far = gap + 9.0  # one 6-8 pt text line further out, for crowded clusters
-        sides = {
-            "right": ((gap, 0.0), "left", "center"),
-            "left": ((-gap, 0.0), "right", "center"),
-            "above": ((0.0, gap), "center", "bottom"),
-            "below": ((0.0, -gap), "center", "top"),
-            "upper right": ((diagonal, diagonal), "left", "bottom"),
-            "lower right": ((diagonal, -diagonal), "left", "top"),
-            "upper left": ((-diagonal, diagonal), "right", "bottom"),
-            "lower left": ((-diagonal, -diagonal), "right", "top"),
-            "far above": ((0.0, far), "center", "bottom"),
-            "far below": ((0.0, -far), "center", "top"),
-        }
-        order = [self.prefer] + [side for side in sides if side != self.prefer]
-        return [sides[side] for side in order]
+        """(offset in points, ha, va) around the marker, preferred side first, then the other
+        sides, then the same sides a text line or two further out (for crowded clusters)."""
+        out = []
+        for extra in (0.0, 9.0, 18.0):
+            gap = self.radius_pt + LABEL_GAP_PT + extra
+            diagonal = gap * 0.75
+            sides = {
+                "right": ((gap, 0.0), "left", "center"),
+                "left": ((-gap, 0.0), "right", "center"),
+                "above": ((0.0, gap), "center", "bottom"),
+                "below": ((0.0, -gap), "center", "top"),
+                "upper right": ((diagonal, diagonal), "left", "bottom"),
+                "lower right": ((diagonal, -diagonal), "left", "top"),
+                "upper left": ((-diagonal, diagonal), "right", "bottom"),
+                "lower left": ((-diagonal, -diagonal), "right", "top"),
+            }
+            out += [sides[self.prefer]] + [place for side, place in sides.items() if side != self.prefer]
+        return out
+
+
+def _overlap(box: Bbox, others: list[Bbox]) -> float:
+    """Area (pixels^2) `box` shares with `others`."""
+    total = 0.0
+    for other in others:
+        width = min(box.x1, other.x1) - max(box.x0, other.x0)
+        height = min(box.y1, other.y1) - max(box.y0, other.y0)
+        if width > 0 and height > 0:
+            total += width * height
+    return total
 
 
 def _place_labels(fig: Figure, ax: Axes, labels: list[_Label]) -> None:
-    """Greedily put each label on the first side of its marker that is free and inside the axes.
-
-    Where no side is free (a crowded cluster) the preferred side is kept: an overlap is better
-    than a missing label.
+    """Greedily put each label on the first place around its marker that is free and inside the
+    axes; where none is (a crowded cluster), on the inside place that overlaps least, so that a
+    label may touch another but is never dropped.
     """
     for label in labels:
         label.annotation.set_in_layout(False)  # moving a label must not move the axes under it
@@ -104,21 +115,32 @@ def _place_labels(fig: Figure, ax: Axes, labels: list[_Label]) -> None:
         x, y = ax.transData.transform(label.annotation.xy)
         half = label.radius_pt * pixels_per_point
         taken.append(Bbox.from_extents(x - half, y - half, x + half, y + half))
+
+    def place(annotation: Annotation, offset: tuple[float, float], ha: str, va: str) -> Bbox:
+        annotation.set_position(offset)
+        annotation.set_horizontalalignment(ha)
+        annotation.set_verticalalignment(va)
+        return annotation.get_window_extent(renderer)
+
     for label in labels:
         annotation = label.annotation
         candidates = label.placements()
-        for offset, ha, va in [*candidates, candidates[0]]:
-            annotation.set_position(offset)
-            annotation.set_horizontalalignment(ha)
-            annotation.set_verticalalignment(va)
-            box = annotation.get_window_extent(renderer)
-            inside = (
-                box.x0 >= frame.x0 and box.x1 <= frame.x1
-                and box.y0 >= frame.y0 and box.y1 <= frame.y1
-            )
-            if inside and not any(box.overlaps(other) for other in taken):
+        best, best_cost = 0, None
+        for index, candidate in enumerate(candidates):
+            box = place(annotation, *candidate)
+            inside = box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1
+            # Leaving the axes costs more than any overlap; nearer places win ties (they come first).
+            cost = _overlap(box, taken) + (0.0 if inside else 1e12)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = index, cost
+            if cost == 0:
                 break
-        taken.append(annotation.get_window_extent(renderer))
+        offset, ha, va = candidates[best]
+        taken.append(place(annotation, offset, ha, va))
+        if best >= SIDES:  # moved out past the first ring: a thin leader says which marker it names
+            ax.annotate("", xy=annotation.xy, xytext=offset, textcoords="offset points", zorder=1,
+                        arrowprops={"arrowstyle": "-", "color": annotation.get_color(), "linewidth": 0.5,
+                                    "shrinkA": 0, "shrinkB": label.radius_pt})
 
 
 def _latency_label(ms: float, _pos: object = None) -> str:
