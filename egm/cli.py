@@ -205,10 +205,10 @@ def cmd_latency(args: argparse.Namespace) -> None:
     from egm.infer.engine import Request, load_engine
     from egm.infer.latency import measure_latency, sample_records
     from egm.io import write_json
-    from egm.provenance import describe_device
 
     options = args.options
     _require_gpus(options, f"latency {args.model_dir}")
+    provenance = _provenance(args, options)
     inference, settings = options["inference"], options["latency"]
     sampling = _sampling(inference)
     split = load_split(Path(args.split), args.image_root)
@@ -232,13 +232,13 @@ def cmd_latency(args: argparse.Namespace) -> None:
         "backend": options["backend"],
         "engine_options": options.get("engine_options", {}),
         "data_parallel_size": data_parallel,
-        "device": describe_device(),
+        "device": provenance["job"]["device"],
         "split": Path(args.split).name.removesuffix(".jsonl"),
         "sample": {"n": len(requests), "seed": settings["seed"], "bad_records_in_split": len(split.bad)},
         "max_tokens": sampling.max_tokens,
         "mean_latency_ms": summary["mean_ms"],
         **result,
-        "provenance": _provenance(args, options),
+        "provenance": provenance,
     })
     log.info("protocol: mean %.1f ms, p90 %.1f ms, %.1f tokens/s", summary["mean_ms"], summary["p90_ms"], summary["tokens_per_s"])
 
