@@ -157,6 +157,45 @@ def _axis_limits(values: Sequence[float], log: bool) -> tuple[float, float]:
     return max(0.0, lo - pad), min(102.0, hi + pad)
 
 
+def accuracy_axes(ax: Axes, x_limits: tuple[float, float], ys: Sequence[float], x_label: str,
+                  x_formatter, x_locator=None) -> None:
+    """Avg Acc@0.5 (%) over a log x axis: the frame the trade-off and tokens figures share."""
+    ax.set_xscale("log")
+    ax.set_xlim(*x_limits)
+    ax.set_ylim(*_axis_limits(ys, log=False))
+    if x_locator is not None:
+        ax.xaxis.set_major_locator(x_locator)
+    ax.xaxis.set_major_formatter(FuncFormatter(x_formatter))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("Avg Acc@0.5 (%)")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def marker_handle(label: str, ours: bool) -> Line2D:
+    """A legend entry for our (filled) or the paper's (hollow, grey) markers."""
+    if ours:
+        return Line2D([], [], marker="o", linestyle="none", markersize=7, markerfacecolor="C0",
+                      markeredgecolor="black", label=label)
+    return Line2D([], [], marker="o", linestyle="none", markersize=7, markerfacecolor="none",
+                  markeredgecolor=PAPER_COLOUR, label=label)
+
+
+def average_note(configured: Sequence[str]) -> str:
+    """What the Avg on the y axis averages, and whether that is the paper's Avg."""
+    differs = list(configured) != list(paper.SPLITS)
+    return f"Avg over {len(configured)} configured split(s)" + (
+        f" (the paper averages its {len(paper.SPLITS)})" if differs else "")
+
+
+def placement_notes(ours: Sequence, skipped: Sequence[str]) -> list[str]:
+    """Subtitle lines naming what could not be plotted."""
+    notes = [] if ours else ["No model of this run could be plotted."]
+    if skipped:
+        notes.append("Not plotted: " + ", ".join(skipped) + ".")
+    return notes
+
+
 def latency_by_model(files: list[dict]) -> dict[str, float]:
     """Mean latency (ms) per model key from results/latency/{model}.json contents."""
     out = {}
@@ -229,36 +268,16 @@ def tradeoff_figure(
         prefer = "left" if near_right else "right"
         labels.append(_Label(annotation, _radius(marker_area(p.params_b)), prefer))
 
-    ax.set_xscale("log")
-    ax.set_xlim(x_lo, x_hi)
-    ax.set_ylim(*_axis_limits(ys, log=False))
-    ax.xaxis.set_major_formatter(FuncFormatter(_latency_label))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("mean latency per sample (log scale)")
-    ax.set_ylabel("Avg Acc@0.5 (%)")
-    ax.grid(True, which="major", alpha=0.3)
-
-    handles = [
-        Line2D([], [], marker="o", linestyle="none", markersize=7, markerfacecolor="C0",
-               markeredgecolor="black", label=OUR_LEGEND),
-        Line2D([], [], marker="o", linestyle="none", markersize=7, markerfacecolor="none",
-               markeredgecolor=PAPER_COLOUR, label=PAPER_LEGEND),
-    ]
+    accuracy_axes(ax, (x_lo, x_hi), ys, "mean latency per sample (log scale)", _latency_label)
+    handles = [marker_handle(OUR_LEGEND, ours=True), marker_handle(PAPER_LEGEND, ours=False)]
     ax.legend(handles=handles, loc="lower right", fontsize=8)
 
-    n = len(configured)
-    differs = configured != list(paper.SPLITS)
     subtitle = [
-        f"Avg over {n} configured split(s)"
-        + (f" (the paper averages its {len(paper.SPLITS)})" if differs else "")
-        + "; marker area grows with parameter count.",
+        average_note(configured) + "; marker area grows with parameter count.",
         "Latency: ours measured on this run's hardware; the paper does not state its hardware."
         + (" Ours from the latency protocol run (results/latency/) where present." if latency else ""),
+        *placement_notes(ours, skipped),
     ]
-    if not ours:
-        subtitle.append("No model of this run could be plotted.")
-    if skipped:
-        subtitle.append("Not plotted: " + ", ".join(skipped) + ".")
     wrapped = "\n".join(textwrap.fill(line, 120) for line in subtitle)
     ax.set_title(wrapped, fontsize=7.5, loc="left")
     fig.suptitle("Accuracy vs latency on RefCOCO / RefCOCO+ / RefCOCOg", fontsize=11)

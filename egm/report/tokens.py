@@ -17,7 +17,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import LogLocator
 
 from egm.report import paper
 from egm.report.figures import (
@@ -27,7 +27,11 @@ from egm.report.figures import (
     _Label,
     _place_labels,
     _radius,
+    accuracy_axes,
+    average_note,
     marker_area,
+    marker_handle,
+    placement_notes,
     save_figure,
 )
 from egm.report.tables import _mean, order_splits, summarise
@@ -145,42 +149,26 @@ def tokens_figure(
                     xytext=(-3, -4), textcoords="offset points", rotation=90, ha="right", va="top",
                     fontsize=6.5, color=PAPER_COLOUR)
 
-    ax.set_xscale("log")
-    ax.set_xlim(x_lo, x_hi)
-    ax.set_ylim(*_axis_limits(ys or [0.0, 100.0], log=False))
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(_tokens_label))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("mean generated tokens per sample (log scale)")
-    ax.set_ylabel("Avg Acc@0.5 (%)")
-    ax.grid(True, which="major", alpha=0.3)
+    accuracy_axes(ax, (x_lo, x_hi), ys or [0.0, 100.0], "mean generated tokens per sample (log scale)",
+                  _tokens_label, LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
 
-    handles = [
-        Line2D([], [], marker="o", linestyle="none", markersize=7, markerfacecolor="C0",
-               markeredgecolor="black", label=OUR_LEGEND),
-    ]
+    handles = [marker_handle(OUR_LEGEND, ours=True)]
     if references:
-        handles.append(Line2D([], [], marker="o", linestyle="none", markersize=7, markerfacecolor="none",
-                              markeredgecolor=PAPER_COLOUR, label="paper: table Avg at the text's token count (approx.)"))
+        handles.append(marker_handle("paper: table Avg at the text's token count (approx.)", ours=False))
     for line in lines:
         handles.append(Line2D([], [], color=PAPER_COLOUR, linestyle="--",
                               label=f"paper: {_join_names(line.names)}, ≈{line.tokens:g} tokens"
                                     " (approx.; variant and accuracy not stated)"))
     ax.legend(handles=handles, loc="best", fontsize=7)
 
-    differs = configured != list(paper.SPLITS)
     subtitle = [
-        f"Avg over {len(configured)} configured split(s)"
-        + (f" (the paper averages its {len(paper.SPLITS)})" if differs else "")
+        average_note(configured)
         + "; tokens: mean generated tokens per sample (reasoning and answer), averaged over the model's splits;"
         " marker area grows with parameter count.",
         ("Paper token counts are approximate, from its text; the text does not say which variant its models"
          " without EGM are, so their count is a line rather than a point."),
+        *placement_notes(ours, skipped),
     ]
-    if not ours:
-        subtitle.append("No model of this run could be plotted.")
-    if skipped:
-        subtitle.append("Not plotted: " + ", ".join(skipped) + ".")
     ax.set_title("\n".join(textwrap.fill(line, 120) for line in subtitle), fontsize=7.5, loc="left")
     fig.suptitle("Bigger or longer? Accuracy vs generated tokens", fontsize=11)
     _place_labels(fig, ax, labels)  # last, once titles have fixed the layout

@@ -92,15 +92,27 @@ def _empty(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
-def _sft_loss(ax: Axes, log: StageLog | None, missing: list[str]) -> None:
+def _logged(ax: Axes, log: StageLog | None, key: str, missing: list[str],
+            no_stage: str) -> tuple[list[float], list[float]] | None:
+    """The panel's main series, or None after marking the panel empty (and naming the key in
+    `missing` when the stage exists but did not log it)."""
     if log is None:
-        _empty(ax, "no SFT stage in this run (its RL starts from a released checkpoint)")
-        return
-    steps, values = log.series("loss")
+        _empty(ax, no_stage)
+        return None
+    steps, values = log.series(key)
     if not steps:
-        _empty(ax, "no 'loss' in the SFT log history")
-        missing.append(f"{log.run}/sft: loss")
+        # A renamed key (another TRL version) must not pass for a run that learned nothing.
+        _empty(ax, f"no '{key}' in the {log.stage.upper()} log history")
+        missing.append(f"{log.run}/{log.stage}: {key}")
+        return None
+    return steps, values
+
+
+def _sft_loss(ax: Axes, log: StageLog | None, missing: list[str]) -> None:
+    logged = _logged(ax, log, "loss", missing, "no SFT stage in this run (its RL starts from a released checkpoint)")
+    if logged is None:
         return
+    steps, values = logged
     _curve(ax, steps, values, color="C0", label="train loss")
     eval_steps, eval_values = log.series("eval_loss")
     if eval_steps:
@@ -119,15 +131,10 @@ def _sft_loss(ax: Axes, log: StageLog | None, missing: list[str]) -> None:
 
 
 def _rl_reward(ax: Axes, log: StageLog | None, missing: list[str]) -> None:
-    if log is None:
-        _empty(ax, "no RL stage")
+    logged = _logged(ax, log, "reward", missing, "no RL stage")
+    if logged is None:
         return
-    steps, values = log.series("reward")
-    if not steps:
-        # A renamed key (another TRL version) must not pass for a run that learned nothing.
-        _empty(ax, "no 'reward' in the RL log history")
-        missing.append(f"{log.run}/rl: reward")
-        return
+    steps, values = logged
     _curve(ax, steps, values, color="C1", label="mean reward")
     std_steps, stds = log.series("reward_std")
     if std_steps == steps:
@@ -146,14 +153,10 @@ def _rl_reward(ax: Axes, log: StageLog | None, missing: list[str]) -> None:
 
 
 def _rl_loss(ax: Axes, log: StageLog | None, missing: list[str]) -> None:
-    if log is None:
-        _empty(ax, "no RL stage")
+    logged = _logged(ax, log, "loss", missing, "no RL stage")
+    if logged is None:
         return
-    steps, values = log.series("loss")
-    if not steps:
-        _empty(ax, "no 'loss' in the RL log history")
-        missing.append(f"{log.run}/rl: loss")
-        return
+    steps, values = logged
     _curve(ax, steps, values, color="C2")
     ax.axhline(0.0, color="0.6", linewidth=0.8, zorder=0)
     ax.set_ylabel("loss")
