@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 RUN     := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean-demo containers
+.PHONY: setup demo test clean-demo containers gpu-smoke-mirror
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,18 @@ test: $(STAMP)
 IMAGES ?= cpu gpu-vllm gpu-sglang
 containers: $(STAMP)
 	PYTHON="$(CURDIR)/$(PYTHON)" containers/build.sh $(IMAGES)
+
+# The offline mirror of config/gpu-smoke.yaml (docs/inference.md): the demo data set with 64 eval
+# records per split, the demo's trained SFT model (`make demo` first) and the Qwen3-VL-8B
+# architecture without weights. Any machine; the GPU machine only reads it.
+SMOKE := resources/gpu_smoke_mirror
+gpu-smoke-mirror: $(STAMP)
+	test -f results/checkpoints/tiny/sft.json || $(MAKE) demo
+	rm -rf $(SMOKE)
+	$(RUN) python -m egm make-demo --mirror $(SMOKE) --dataset-repo egm-demo/EGM_Datasets \
+	  --model-repo egm-demo/tiny-qwen3-vl --train-images 64 --eval-per-split 64 --summary $(SMOKE)/demo.json
+	cp -r results/checkpoints/tiny/sft $(SMOKE)/egm-demo/tiny-qwen3-vl-sft
+	$(RUN) python -m egm write-architecture --arch qwen3-vl-8b --out $(SMOKE)/egm-gpu-smoke/qwen3-vl-8b-architecture
 
 clean-demo:
 	rm -rf results resources logs .snakemake

@@ -31,20 +31,11 @@ import sys
 import time
 from pathlib import Path
 
-# EGM.md section 6. Vocabulary 151936, rope theta 5e6, mrope [24, 20, 20] interleaved; vision
-# patch 16, merge 2, temporal patch 2, 2304 position embeddings; merger output = text hidden.
-ARCHS = {
-    "qwen3-vl-2b": dict(hidden=2048, mlp=6144, layers=28, heads=16, kv=8, tied=True,
-                        v_depth=24, v_hidden=1024, v_mlp=4096, v_heads=16, deepstack=[5, 11, 17]),
-    "qwen3-vl-4b": dict(hidden=2560, mlp=9728, layers=36, heads=32, kv=8, tied=True,
-                        v_depth=24, v_hidden=1024, v_mlp=4096, v_heads=16, deepstack=[5, 11, 17]),
-    "qwen3-vl-8b": dict(hidden=4096, mlp=12288, layers=36, heads=32, kv=8, tied=False,
-                        v_depth=27, v_hidden=1152, v_mlp=4304, v_heads=16, deepstack=[8, 16, 24]),
-    # CPU smoke test of this script only.
-    "tiny": dict(hidden=128, mlp=256, layers=2, heads=4, kv=2, tied=False, head_dim=32, vocab=1000,
-                 mrope=[8, 4, 4], v_depth=2, v_hidden=64, v_mlp=128, v_heads=4, deepstack=[1], positions=144),
-}
-VOCAB = 151936
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from egm.models.architectures import ARCHS  # noqa: E402  (after the path above)
+
 # Qwen3-VL's special token ids.
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151655, 151656
@@ -59,19 +50,19 @@ def build_config(name: str):
     ids = TINY_IDS if tiny else dict(im_end=IM_END, endoftext=ENDOFTEXT, vision_start=VISION_START,
                                      vision_end=VISION_END, image_pad=IMAGE_PAD, video_pad=VIDEO_PAD)
     text = dict(
-        vocab_size=a.get("vocab", VOCAB), hidden_size=a["hidden"], intermediate_size=a["mlp"],
+        vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["mlp"],
         num_hidden_layers=a["layers"], num_attention_heads=a["heads"], num_key_value_heads=a["kv"],
-        head_dim=a.get("head_dim", 128), hidden_act="silu", rms_norm_eps=1e-6,
+        head_dim=a["head_dim"], hidden_act="silu", rms_norm_eps=1e-6,
         max_position_embeddings=4096 if tiny else 262144,
         rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                         "mrope_section": a.get("mrope", [24, 20, 20]), "mrope_interleaved": True},
+                         "mrope_section": a["mrope"], "mrope_interleaved": True},
         tie_word_embeddings=a["tied"], bos_token_id=ids["endoftext"], eos_token_id=ids["im_end"],
         pad_token_id=ids["endoftext"],
     )
     vision = dict(
         depth=a["v_depth"], hidden_size=a["v_hidden"], intermediate_size=a["v_mlp"], num_heads=a["v_heads"],
         patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=a["hidden"],
-        num_position_embeddings=a.get("positions", 2304), deepstack_visual_indexes=a["deepstack"],
+        num_position_embeddings=a["positions"], deepstack_visual_indexes=a["deepstack"],
         hidden_act="gelu_pytorch_tanh", in_channels=3,
     )
     return Qwen3VLConfig(
@@ -389,7 +380,6 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from egm.infer.fast import GraphDecoder
 
     t_start = time.perf_counter()

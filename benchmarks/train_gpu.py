@@ -33,62 +33,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ARCHS = {
-    # EGM.md section 6.
-    "qwen3-vl-2b": dict(hidden=2048, mlp=6144, layers=28, heads=16, kv=8, head_dim=128, tied=True, vocab=151936,
-                        mrope=[24, 20, 20], v_depth=24, v_hidden=1024, v_mlp=4096, v_heads=16,
-                        deepstack=[5, 11, 17], positions=2304),
-    # CPU smoke run of this script only.
-    "tiny": dict(hidden=128, mlp=256, layers=2, heads=4, kv=2, head_dim=32, tied=False, vocab=1000,
-                 mrope=[8, 4, 4], v_depth=2, v_hidden=64, v_mlp=128, v_heads=4, deepstack=[1], positions=144),
-}
-
-
 def build_model_dir(out: Path, arch: str, device: str) -> int:
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    """The architecture with random bf16 weights, saved like the released checkpoints."""
+    from egm.models.architectures import write_architecture_model
 
-    from egm.models import tiny
-
-    a = ARCHS[arch]
-    tokenizer = tiny.build_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
-    text = dict(
-        vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["mlp"], num_hidden_layers=a["layers"],
-        num_attention_heads=a["heads"], num_key_value_heads=a["kv"], head_dim=a["head_dim"], hidden_act="silu",
-        rms_norm_eps=1e-6, max_position_embeddings=262144,
-        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": a["mrope"],
-                         "mrope_interleaved": True},
-        tie_word_embeddings=a["tied"], bos_token_id=ids[tiny.ENDOFTEXT], eos_token_id=ids[tiny.IM_END],
-        pad_token_id=ids[tiny.ENDOFTEXT],
-    )
-    vision = dict(
-        depth=a["v_depth"], hidden_size=a["v_hidden"], intermediate_size=a["v_mlp"], num_heads=a["v_heads"],
-        patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=a["hidden"],
-        num_position_embeddings=a["positions"], deepstack_visual_indexes=a["deepstack"],
-        hidden_act="gelu_pytorch_tanh", in_channels=3,
-    )
-    config = Qwen3VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids[tiny.IMAGE_PAD],
-        video_token_id=ids[tiny.VIDEO_PAD], vision_start_token_id=ids[tiny.VISION_START],
-        vision_end_token_id=ids[tiny.VISION_END], tie_word_embeddings=a["tied"],
-    )
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # saved in bf16 like the released checkpoints
-    try:
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = Qwen3VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config = tiny.build_generation_config(tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(out)
-    del model
-    tokenizer.save_pretrained(out)
-    tiny._portable_tokenizer_config(out)
-    tiny.build_image_processor().save_pretrained(out)
-    return n_params
+    return write_architecture_model(out, arch, weights=True, device=device)
 
 
 def build_data(root: Path, side: tuple[int, int], n_images: int) -> None:

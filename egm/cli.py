@@ -66,6 +66,13 @@ def cmd_make_demo(args: argparse.Namespace) -> None:
     write_json(args.summary, {"seed": args.seed, "dataset_repo": args.dataset_repo, "model_repo": args.model_repo, "dataset": dataset})
 
 
+def cmd_write_architecture(args: argparse.Namespace) -> None:
+    from egm.models.architectures import write_architecture_model
+
+    n = write_architecture_model(Path(args.out), args.arch)
+    log.info("wrote %s (%.3g parameters, no weights) to %s", args.arch, n, args.out)
+
+
 def cmd_fetch(args: argparse.Namespace) -> None:
     from egm.data.hub import fetch_snapshot
     from egm.io import write_json
@@ -326,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-per-split", type=int, default=16)
     p.add_argument("--summary", required=True, help="JSON written last, the rule's output")
     p.set_defaults(func=cmd_make_demo)
+
+    p = sub.add_parser("write-architecture",
+                       help="write a paper architecture as a weightless model directory (load_format: dummy)")
+    p.add_argument("--arch", required=True, help="qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b (EGM.md section 6)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_write_architecture)
 
     p = sub.add_parser("fetch", help="download a hub repo at a revision (or copy it from an offline mirror)")
     p.add_argument("--repo-id", required=True)

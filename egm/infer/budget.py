@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from egm.infer.engine import Engine, Request
+from egm.io import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +216,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def sweep_model(
     model: str,
     split_files: Sequence[Path],
@@ -294,7 +290,7 @@ def sweep_model(
         for budget in order:
             label = budget_label(budget)
             work = work_dir / f"budget-{label}.jsonl" if work_dir else None
-            rows = _read_jsonl(work) if work and work.exists() else []
+            rows = read_jsonl(work) if work and work.exists() else []
             if len(rows) == len(requests):
                 log.info("%s budget %s: from the resume cache %s", model, label, work)
             else:

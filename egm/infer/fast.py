@@ -444,6 +444,7 @@ class FastHFEngine(HFEngine):
         dtype: str = "auto",
         device: str = "auto",
         trust_remote_code: bool = False,
+        load_format: str = "auto",
         compile_layers: bool = True,
         length_bucket: int = 128,
         sync_every: int = 16,
@@ -456,7 +457,7 @@ class FastHFEngine(HFEngine):
                 "use the default decode for sampling"
             )
         super().__init__(model_dir, sampling, batch_size=batch_size, dtype=dtype, device=device,
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, load_format=load_format)
         on_cuda = self.device.startswith("cuda")
         self.decoder = GraphDecoder(
             self.model,

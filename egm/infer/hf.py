@@ -53,6 +53,37 @@ def _presence_penalty_processor(penalty: float, prompt_len: int):
     return PresencePenalty()
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def load_model(model_dir: str, dtype, device: str, load_format: str = "auto", trust_remote_code: bool = False):
+    """The checkpoint's model on `device`; `load_format: dummy` builds the architecture from the
+    directory's config with seeded random weights instead (vLLM's option of the same name), so a
+    weightless directory of a real-size architecture can be timed and smoke-run."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unknown load_format {load_format!r}; use one of {', '.join(LOAD_FORMATS)}")
+    # Remote code stays off unless asked: Qwen3-VL is native to transformers, and a checkpoint
+    # directory should not be able to run code just by being loaded.
+    if load_format == "auto":
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model.to(device)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    previous = torch.get_default_dtype()
+    # Built on the device in its dtype: an fp32 CPU build of an 8B is slow and twice the memory.
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
 class HFEngine:
     name = "hf"
 
@@ -64,9 +95,9 @@ class HFEngine:
         dtype: str = "auto",
         device: str = "auto",
         trust_remote_code: bool = False,
+        load_format: str = "auto",
     ):
         import torch
-        from transformers import AutoModelForImageTextToText
 
         from egm.models.inputs import load_processor_parts
 
@@ -78,12 +109,7 @@ class HFEngine:
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.tokenizer, self.image_processor = load_processor_parts(self.model_dir)
-        # Remote code stays off unless asked: Qwen3-VL is native to transformers, and a checkpoint
-        # directory should not be able to run code just by being loaded.
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            self.model_dir, dtype=self.dtype, trust_remote_code=trust_remote_code
-        )
-        self.model.to(self.device)
+        self.model = load_model(self.model_dir, self.dtype, self.device, load_format, trust_remote_code)
         self.model.eval()
         self._eos_ids = self._eos_token_ids()
         self._pad_id = self._pad_token_id()

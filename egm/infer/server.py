@@ -12,7 +12,8 @@ Engine options:
   model_name: name to send                (default: the first id of /v1/models)
   concurrency: requests in flight         (default: inference.batch_size, 64 in the paper)
   tensor_parallel_size, data_parallel_size ("auto": all GPUs / tp), dtype, max_model_len,
-  gpu_memory_utilization, engine_args (a list of extra command-line arguments),
+  gpu_memory_utilization, load_format (`dummy`: random weights), enforce_eager (no CUDA graphs),
+  engine_args (a list of extra command-line arguments),
   host, port (0/None: a free one), ready_timeout_s, request_timeout_s, log_dir,
   trust_remote_code (off; only for self-made test models), device (transformers only)
 """
@@ -55,6 +56,8 @@ class ServerSpec:
     dtype: str = "auto"
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
+    load_format: str | None = None
+    enforce_eager: bool = False
     engine_args: list[str] = field(default_factory=list)
     trust_remote_code: bool = False
     device: str | None = None
@@ -82,6 +85,10 @@ def server_command(spec: ServerSpec) -> list[str]:
             cmd += ["--max-model-len", str(spec.max_model_len)]
         if spec.gpu_memory_utilization:
             cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
+        if spec.load_format:
+            cmd += ["--load-format", spec.load_format]
+        if spec.enforce_eager:
+            cmd.append("--enforce-eager")
     elif spec.kind == "sglang":
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", spec.model_dir, "--host", spec.host,
                "--port", str(spec.port), "--served-model-name", spec.served_name,
@@ -91,8 +98,14 @@ def server_command(spec: ServerSpec) -> list[str]:
             cmd += ["--context-length", str(spec.max_model_len)]
         if spec.gpu_memory_utilization:
             cmd += ["--mem-fraction-static", str(spec.gpu_memory_utilization)]
+        if spec.load_format:
+            cmd += ["--load-format", spec.load_format]
+        if spec.enforce_eager:
+            cmd.append("--disable-cuda-graph")
     else:
         # Serves one model, named by its path; one request at a time (no batching for Qwen3-VL).
+        if spec.load_format not in (None, "auto"):
+            raise ValueError(f"transformers serve has no load_format {spec.load_format!r}")
         cmd = [_executable("transformers"), "serve", spec.model_dir, "--host", spec.host, "--port", str(spec.port),
                "--dtype", spec.dtype, "--device", spec.device or "auto"]
     if spec.trust_remote_code:
@@ -225,6 +238,8 @@ class ServerEngine:
         dtype: str = "auto",
         max_model_len: int | None = None,
         gpu_memory_utilization: float | None = None,
+        load_format: str | None = None,
+        enforce_eager: bool = False,
         engine_args: list | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
@@ -252,7 +267,7 @@ class ServerEngine:
                 tensor_parallel_size=tp,
                 data_parallel_size=1 if server == "transformers" else resolve_data_parallel(data_parallel_size, tp),
                 dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                engine_args=list(engine_args or []), trust_remote_code=bool(trust_remote_code), device=device,
+                load_format=load_format, enforce_eager=bool(enforce_eager), engine_args=list(engine_args or []), trust_remote_code=bool(trust_remote_code), device=device,
             )
             log_path = Path(log_dir) / f"{Path(model_dir).name}.{server}.{spec.port}.log"
             self.server = ManagedServer(spec, log_path)

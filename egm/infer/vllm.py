@@ -6,7 +6,8 @@ image's visual tokens itself. Everything that does not need vLLM (prompt, sampli
 options) is a plain function here, tested without vLLM installed.
 
 Engine options (a model's `engine_options` in the config): tensor_parallel_size, dtype,
-max_model_len, gpu_memory_utilization, max_num_seqs, seed, enforce_eager, and `engine_args`
+max_model_len, gpu_memory_utilization, max_num_seqs, seed, enforce_eager, load_format (`dummy`:
+random weights, for a weightless architecture directory), and `engine_args`
 (a dict passed to `vllm.LLM` as is). data_parallel_size is handled by load_engine (one replica
 per GPU group); the 235B models use tensor_parallel_size 8 on one node.
 """
@@ -18,7 +19,7 @@ import time
 from egm.infer.engine import CONTAINERS, Completion, Request, SamplingOptions, require_module
 
 ENGINE_KEYS = ("tensor_parallel_size", "dtype", "max_model_len", "gpu_memory_utilization", "max_num_seqs", "seed",
-               "enforce_eager", "pipeline_parallel_size", "distributed_executor_backend")
+               "enforce_eager", "pipeline_parallel_size", "distributed_executor_backend", "load_format")
 
 
 def vllm_sampling_kwargs(sampling: SamplingOptions) -> dict:

@@ -279,7 +279,7 @@ def build_generation_config(tokenizer):
     )
 
 
-def _portable_tokenizer_config(model_dir: Path) -> None:
+def portable_tokenizer_config(model_dir: Path) -> None:
     # transformers 5 records its internal class name (TokenizersBackend), which 4.x stacks (as
     # pinned by some engines) do not know; PreTrainedTokenizerFast names the same thing in both.
     # The template also goes into the JSON because 4.x before chat_template.jinja reads it there.
@@ -318,5 +318,5 @@ def write_tiny_model(out_dir: Path, seed: int = 0) -> None:
         # transformers 5 always writes safetensors.
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _portable_tokenizer_config(tmp)
+        portable_tokenizer_config(tmp)
         build_image_processor().save_pretrained(tmp)

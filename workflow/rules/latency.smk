@@ -3,9 +3,14 @@
 # Only with a `latency:` section in the config; the trade-off figure then takes its latency from here.
 
 LATENCY = config.get("latency")
-LATENCY_FILES = expand("results/latency/{model}.json", model=MODELS) if LATENCY else []
+LATENCY_MODELS = (MODELS if LATENCY["models"] is None else LATENCY["models"]) if LATENCY else []
+for _model in LATENCY_MODELS:
+    if _model not in MODELS:
+        raise ValueError(f"latency.models: {_model!r} is not an evaluated model: {sorted(MODELS)}")
+LATENCY_FILES = expand("results/latency/{model}.json", model=LATENCY_MODELS)
 # Model settings that still apply when the latency jobs use another backend than predict.
-CARRIED_OVER = ("tensor_parallel_size", "dtype", "max_model_len", "gpu_memory_utilization")
+CARRIED_OVER = ("tensor_parallel_size", "dtype", "max_model_len", "gpu_memory_utilization", "load_format",
+                "enforce_eager")
 
 
 def latency_entry(model):

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU smoke run (config/gpu-smoke.yaml) through Snakemake itself, on a GPU machine that has
+# torch and transformers but none of the pipeline's other packages and no network.
+#
+#   benchmarks/gpu_pipeline.sh install WHEELS...   # pip-install wheel files into $EGM_SITE (once)
+#   benchmarks/gpu_pipeline.sh run TARGETS...      # snakemake those targets, then write the record
+#
+# The record (benchmarks/gpu_pipeline.py) goes to $OUT/gpu-pipeline-h200.json where OUT is set,
+# else to results/gpu-pipeline.json; the run's logs and small outputs are packed beside it.
+# Every GPU job runs alone (--resources gpu=1), so each job's wall time is its own.
+set -uo pipefail
+site=${EGM_SITE:-/tmp/egm-site}
+out=${OUT:-results}
+cmd=${1:?usage: gpu_pipeline.sh install WHEELS... | run TARGETS...}
+shift
+
+if [ "$cmd" = install ]; then
+  [ -f "$site/.installed" ] && exit 0
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$@" || exit
+  touch "$site/.installed"
+  exit 0
+fi
+
+# Rules call `python -m egm`; console scripts (vllm serve, snakemake) live in the site's bin.
+mkdir -p /tmp/egm-bin && ln -sf "$(command -v python3)" /tmp/egm-bin/python
+export PATH="$site/bin:/tmp/egm-bin:$PATH" PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# Targets first: --resources and --configfile take every word after them.
+python3 -m snakemake "$@" --cores "$(nproc)" --keep-going --scheduler greedy --resources gpu=1 \
+  --configfile config/gpu-smoke.yaml
+status=$?
+python3 benchmarks/gpu_pipeline.py --config config/gpu-smoke.yaml --out "$out/gpu-pipeline-h200.json"
+tar -czf "$out/gpu-run.tar.gz" logs results/metrics results/latency results/tables results/figures \
+  results/predictions/*/run.json results/predictions/*/*.jsonl 2>/dev/null
+exit $status

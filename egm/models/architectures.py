@@ -1,0 +1,109 @@
+"""The paper's Qwen3-VL architectures as model directories, with the demo's tokenizer.
+
+The real checkpoints cannot be downloaded where the GPU benchmarks and the GPU smoke run happen,
+so those build the architecture itself (EGM.md section 6): the same layer shapes, vocabulary and
+vision tower, and the demo's tokenizer, whose special tokens the config points at. Only the token
+ids of ordinary text differ from the real model, which costs nothing in time.
+
+A directory written with `weights=False` holds the config, tokenizer and image processor only:
+vLLM builds it with `load_format: dummy`, the hf backend with `load_format: dummy` (seeded random
+init), and neither needs 17 GB of random numbers on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# EGM.md section 6. Every architecture: rope theta 5e6, interleaved mrope; vision patch 16,
+# spatial merge 2, temporal patch 2; merger output = text hidden.
+ARCHS = {
+    "qwen3-vl-2b": dict(hidden=2048, mlp=6144, layers=28, heads=16, kv=8, head_dim=128, tied=True, vocab=151936,
+                        mrope=[24, 20, 20], v_depth=24, v_hidden=1024, v_mlp=4096, v_heads=16,
+                        deepstack=[5, 11, 17], positions=2304),
+    "qwen3-vl-4b": dict(hidden=2560, mlp=9728, layers=36, heads=32, kv=8, head_dim=128, tied=True, vocab=151936,
+                        mrope=[24, 20, 20], v_depth=24, v_hidden=1024, v_mlp=4096, v_heads=16,
+                        deepstack=[5, 11, 17], positions=2304),
+    # Untied: its 1.245 GB input embedding table is separate from lm_head (8.767e9 parameters).
+    "qwen3-vl-8b": dict(hidden=4096, mlp=12288, layers=36, heads=32, kv=8, head_dim=128, tied=False, vocab=151936,
+                        mrope=[24, 20, 20], v_depth=27, v_hidden=1152, v_mlp=4304, v_heads=16,
+                        deepstack=[8, 16, 24], positions=2304),
+    # The GPU scripts' CPU smoke runs: the shapes above, shrunk until a step takes milliseconds.
+    "tiny": dict(hidden=128, mlp=256, layers=2, heads=4, kv=2, head_dim=32, tied=False, vocab=1000,
+                 mrope=[8, 4, 4], v_depth=2, v_hidden=64, v_mlp=128, v_heads=4, deepstack=[1], positions=144),
+}
+
+
+def architecture_config(arch: str, tokenizer):
+    """A Qwen3VLConfig of `arch` whose special-token ids are `tokenizer`'s (the demo tokenizer)."""
+    from transformers import Qwen3VLConfig
+
+    from egm.models import tiny
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+    a = ARCHS[arch]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
+    if a["vocab"] < len(tokenizer):
+        raise ValueError(f"{arch}: vocabulary {a['vocab']} is smaller than the tokenizer's {len(tokenizer)}")
+    text = dict(
+        vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["mlp"], num_hidden_layers=a["layers"],
+        num_attention_heads=a["heads"], num_key_value_heads=a["kv"], head_dim=a["head_dim"], hidden_act="silu",
+        rms_norm_eps=1e-6, max_position_embeddings=262144,
+        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": a["mrope"],
+                         "mrope_interleaved": True},
+        tie_word_embeddings=a["tied"], bos_token_id=ids[tiny.ENDOFTEXT], eos_token_id=ids[tiny.IM_END],
+        pad_token_id=ids[tiny.ENDOFTEXT],
+    )
+    vision = dict(
+        depth=a["v_depth"], hidden_size=a["v_hidden"], intermediate_size=a["v_mlp"], num_heads=a["v_heads"],
+        patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=a["hidden"],
+        num_position_embeddings=a["positions"], deepstack_visual_indexes=a["deepstack"],
+        hidden_act="gelu_pytorch_tanh", in_channels=3,
+    )
+    return Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids[tiny.IMAGE_PAD],
+        video_token_id=ids[tiny.VIDEO_PAD], vision_start_token_id=ids[tiny.VISION_START],
+        vision_end_token_id=ids[tiny.VISION_END], tie_word_embeddings=a["tied"],
+        # The released checkpoints are bf16; engines that read `dtype: auto` take it from here.
+        dtype="bfloat16",
+    )
+
+
+def write_architecture_model(out_dir: Path, arch: str, weights: bool = False, device: str = "cpu", seed: int = 0) -> int:
+    """Write `arch` as a model directory (atomically); returns its parameter count.
+
+    With `weights`, random bf16 weights (seeded) are built on `device` and saved; without, the
+    directory has no weights and the count comes from a model built on the meta device.
+    """
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from egm.io import atomic_dir
+    from egm.models import tiny
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny.build_tokenizer()
+    config = architecture_config(arch, tokenizer)
+    previous = torch.get_default_dtype()
+    # Built in bf16 directly: an fp32 build of the 8B is twice the memory.
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        torch.manual_seed(seed)
+        with torch.device(device if weights else "meta"):
+            model = Qwen3VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    n_params = sum(p.numel() for p in model.parameters())
+    with atomic_dir(out_dir) as tmp:
+        if weights:
+            model.generation_config = tiny.build_generation_config(tokenizer)
+            model.save_pretrained(tmp)
+        else:
+            config.save_pretrained(tmp)
+            tiny.build_generation_config(tokenizer).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tiny.portable_tokenizer_config(tmp)
+        tiny.build_image_processor().save_pretrained(tmp)
+    del model
+    return n_params
