@@ -39,6 +39,8 @@ gpu-smoke-mirror: $(STAMP)
 	rm -rf $(SMOKE)
 	$(RUN) python -m egm make-demo --mirror $(SMOKE) --dataset-repo egm-demo/EGM_Datasets \
 	  --model-repo egm-demo/tiny-qwen3-vl --train-images 64 --eval-per-split 64 --summary $(SMOKE)/demo.json
+	# The random tiny model make-demo writes is not one of the smoke models.
+	rm -rf $(SMOKE)/egm-demo/tiny-qwen3-vl
 	cp -r results/checkpoints/tiny/sft $(SMOKE)/egm-demo/tiny-qwen3-vl-sft
 	$(RUN) python -m egm write-architecture --arch qwen3-vl-8b --out $(SMOKE)/egm-gpu-smoke/qwen3-vl-8b-architecture
 

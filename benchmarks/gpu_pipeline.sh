@@ -26,11 +26,14 @@ mkdir -p /tmp/egm-bin && ln -sf "$(command -v python3)" /tmp/egm-bin/python
 export PATH="$site/bin:/tmp/egm-bin:$PATH" PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# A run cut short (EGM_RUN_TIMEOUT seconds, SIGINT: Snakemake marks what it stopped as incomplete)
+# still gets its record written; the next run unlocks the directory and answers what is missing.
+python3 -m snakemake --unlock --configfile config/gpu-smoke.yaml >/dev/null 2>&1
 # Targets first: --resources and --configfile take every word after them.
-python3 -m snakemake "$@" --cores "$(nproc)" --keep-going --scheduler greedy --resources gpu=1 \
-  --configfile config/gpu-smoke.yaml
+timeout -s INT "${EGM_RUN_TIMEOUT:-0}" python3 -m snakemake "$@" --cores "$(nproc)" --keep-going \
+  --rerun-incomplete --scheduler greedy --resources gpu=1 --configfile config/gpu-smoke.yaml
 status=$?
 python3 benchmarks/gpu_pipeline.py --config config/gpu-smoke.yaml --out "$out/gpu-pipeline-h200.json"
 tar -czf "$out/gpu-run.tar.gz" logs results/metrics results/latency results/tables results/figures \
-  results/predictions/*/run.json results/predictions/*/*.jsonl 2>/dev/null
+  results/scaling results/predictions/*/run.json results/predictions/*/*.jsonl 2>/dev/null
 exit $status
