@@ -3,6 +3,7 @@ inside the real CPU image under real Apptainer (built here, cached under ~/.cach
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from tests.container_helpers import (
     lean_demo_config,
     record_timing,
     snakemake,
+    unavailable,
 )
 from tests.workflow_helpers import REPO, copy_workflow, small_demo_config, write_config
 
@@ -250,8 +252,9 @@ def test_demo_runs_every_job_inside_the_cpu_image(tmp_path):
 
 @pytest.mark.parametrize("profile", ["slurm", "local-gpu"])
 def test_profiles_plan_the_demo_in_its_image(profile, tmp_path):
-    if profile == "slurm":
-        pytest.importorskip("snakemake_executor_plugin_slurm")
+    if profile == "slurm" and importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        # Skipped on a developer machine without the `cluster` extra, failed in CI (not skipped).
+        unavailable("the SLURM executor plugin is not installed (pip install -e '.[cluster]')")
     workdir = _with_definitions(tmp_path / "wf")
     shutil.copytree(REPO / "profiles", workdir / "profiles")
     (workdir / "containers" / "images").mkdir()

@@ -3,10 +3,10 @@ it, and a CPU smoke run of benchmarks/latency.py."""
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -156,4 +156,58 @@ def test_benchmark_script_smoke(tmp_path):
     runs = data["models"]["tiny"]["runs"]
     assert [(r["method"], r["batch"], r["new_tokens"]) for r in runs] == [("generate", 1, 3), ("graph", 1, 3)]
     assert runs[1]["agreement_with_generate"] == 1.0
-    assert Path(REPO / "benchmarks" / "results" / "latency-h100.json").exists()
+    check_latency_record(data, methods=("generate", "graph"))
+
+
+def _is_ratio(ratio, ms, denominator_s):
+    """ratio == ms / 1000 / denominator_s up to the record's rounding (ms to 0.01, ratios to 0.001)."""
+    return (ms - 0.005) / 1000 / denominator_s - 5e-4 <= ratio <= (ms + 0.005) / 1000 / denominator_s + 5e-4
+
+
+def check_latency_record(data, methods):
+    """What a benchmarks/latency.py record says must follow from its own fields: every method at every
+    batch size and length it names (unless listed as skipped), and each derived number recomputed."""
+    assert data["benchmark"] == "benchmarks/latency.py" and data["device"]
+    bandwidth = [b for b in data["bandwidth_Bps"] if not math.isnan(b)]
+    assert data["bandwidth_best_Bps"] == (max(bandwidth) if bandwidth else None)
+    flops = data.get("matmul_flops")
+    assert data["models"]
+    for name, entry in data["models"].items():
+        grid = {(m, b, n) for m in methods for b in data["batches"] for n in data["new_tokens"]}
+        got = [(r["method"], r["batch"], r["new_tokens"]) for r in entry["runs"]]
+        assert len(got) == len(set(got)), name
+        missing = grid - set(got)
+        assert all(any(name in s and m in s for s in data["skipped"]) for m, _, _ in missing), (name, missing)
+        assert set(got) <= grid, (name, set(got) - grid)
+        for run in entry["runs"]:
+            what = (name, run["method"], run["batch"], run["new_tokens"])
+            batch, ms = run["batch"], run["ms_per_request"]
+            assert ms > 0 and run["all_ms"], what
+            assert ms == pytest.approx(statistics.median(run["all_ms"]), abs=0.011), what  # of the repetitions
+            assert run["ms_per_request_amortized"] == pytest.approx(ms / batch, abs=0.011), what
+            # Derived from the unrounded median: within what rounding ms to 0.01 and the rate to 0.1 allows.
+            tokens = batch * run["new_tokens"]
+            low, high = tokens / (ms + 0.005) * 1000 - 0.05, tokens / (ms - 0.005) * 1000 + 0.05
+            assert low <= run["tokens_per_s"] <= high, what
+            if run["method"] != "generate":
+                assert 0.0 <= run["agreement_with_generate"] <= 1.0, what
+            if not bandwidth:
+                assert "floor_ms" not in run and "ratio_to_floor" not in run, what
+                continue
+            floor_s = entry["llm_weight_bytes"] * run["new_tokens"] / max(bandwidth)
+            assert run["floor_ms"] == pytest.approx(1000 * floor_s, abs=0.006), what
+            assert _is_ratio(run["ratio_to_floor"], ms, floor_s), what
+            if flops and not math.isnan(flops):
+                prefill_s = 2 * batch * (entry["llm_parameters"] * entry["prompt_tokens"]
+                                         + entry["vision_parameters"] * 4 * entry["visual_tokens"]) / flops
+                assert run["floor_with_prefill_ms"] == pytest.approx(1000 * (floor_s + prefill_s), abs=0.006), what
+                assert _is_ratio(run["ratio_to_floor_with_prefill"], ms, floor_s + prefill_s), what
+
+
+def test_checked_in_latency_benchmark_is_consistent():
+    data = json.loads((REPO / "benchmarks" / "results" / "latency-h100.json").read_text())
+    # The script's default methods: the H100 record was run with all of them.
+    check_latency_record(data, methods=("generate", "graph", "graph_compiled"))
+    assert "H100" in data["device"] and data["cuda"]
+    assert set(data["models"]) == {"qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b"}
+    assert all("floor_ms" in r for entry in data["models"].values() for r in entry["runs"])

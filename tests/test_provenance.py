@@ -85,12 +85,36 @@ def test_manifest_records_of_a_fetched_and_a_trained_model(tmp_path):
     assert row["model_commit"] == "manifest:" + record["manifest_sha256"]
 
 
-def test_engine_record_names_the_package_that_answered():
+def _fake_distribution(site, name, version):
+    """An installed-looking distribution (just its metadata) that importlib.metadata will find."""
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_engine_record_names_the_package_that_answered(tmp_path, monkeypatch):
+    # Versions no real release has, on a path searched first: the record must read the package's
+    # own metadata, whatever is (or is not) installed here.
+    site = tmp_path / "site"
+    _fake_distribution(site, "vllm", "0.0.0.post77")
+    _fake_distribution(site, "sglang", "0.0.0.post78")
+    _fake_distribution(site, "transformers", "0.0.0.post79")
+    _fake_distribution(site, "torch", "0.0.0.post80")
+    monkeypatch.syspath_prepend(str(site))
+
+    assert prov.engine_record("vllm") == {"backend": "vllm", "package": "vllm", "version": "0.0.0.post77",
+                                          "torch": "0.0.0.post80"}
     assert prov.engine_record("hf")["package"] == "transformers"
-    assert prov.engine_record("hf")["version"]  # installed here
-    assert prov.engine_record("server", {"server": "sglang"})["package"] == "sglang"
-    assert prov.engine_record("server", {"url": "http://127.0.0.1:1"})["package"] == "external"
-    assert prov.engine_record("vllm")["version"] in (None, *[prov._version("vllm")])
+    assert prov.engine_record("hf")["version"] == "0.0.0.post79"
+    assert prov.engine_record("fast")["version"] == "0.0.0.post79"
+    server = prov.engine_record("server", {"server": "sglang"})
+    assert (server["package"], server["version"]) == ("sglang", "0.0.0.post78")
+    assert prov.engine_record("server")["version"] == "0.0.0.post77"  # vLLM is the default server
+    assert prov.engine_record("server", {"url": "http://127.0.0.1:1"}) == {
+        "backend": "server", "package": "external", "version": None}
+    # A package that is not installed has no version, rather than an error or a guess.
+    missing = prov.engine_record("server", {"server": "egm-no-such-engine"})
+    assert (missing["package"], missing["version"]) == ("egm-no-such-engine", None)
 
 
 def test_merge_and_short():

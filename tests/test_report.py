@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import zlib
 
 import pandas as pd
 import pytest
@@ -21,7 +23,6 @@ from egm.report.tables import (
 )
 
 SPLITS = list(paper.SPLITS)
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def metric(model, split, acc, latency_s=0.5, tokens=100.0, iou=0.8, bad=0, unparseable=0):
@@ -296,11 +297,82 @@ def test_expected_comparison_verdicts():
 # ---------------------------------------------------------------- figure
 
 
-def _check_figure(prefix):
-    png = prefix.with_name(prefix.name + ".png").read_bytes()
+def _pdf_literals(array: bytes) -> bytes:
+    """The bytes of the `(...)` string literals in a PDF text array, escapes resolved, joined."""
+    escapes = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"f": b"\f"}
+    out, i = bytearray(), 0
+    while i < len(array):
+        if array[i:i + 1] != b"(":
+            i += 1
+            continue
+        depth, i = 1, i + 1
+        while i < len(array):
+            char = array[i:i + 1]
+            if char == b"\\":
+                octal = re.match(rb"[0-7]{1,3}", array[i + 1:i + 4])
+                if octal:
+                    out.append(int(octal.group(), 8))
+                    i += 1 + len(octal.group())
+                else:
+                    out += escapes.get(array[i + 1:i + 2], array[i + 1:i + 2])
+                    i += 2
+                continue
+            depth += char == b"("
+            depth -= char == b")"
+            i += 1
+            if depth == 0:
+                break
+            out += char
+    return bytes(out)
+
+
+def pdf_text_runs(pdf: bytes) -> list[str]:
+    """Each text-showing operation (`[...] TJ`, `(...) Tj`) of the PDF's content streams, as text.
+
+    matplotlib compresses its content streams and kerns text into arrays of single glyphs, so the
+    title is not a byte string of the file: the streams are inflated and each array joined.
+    """
+    runs = []
+    for stream in re.findall(rb"stream\r?\n(.*?)\r?\nendstream", pdf, re.S):
+        try:
+            content = zlib.decompress(stream)
+        except zlib.error:
+            continue  # not a Flate stream (fonts, images): no text operators to read
+        for array in re.findall(rb"(\[.*?\]\s*TJ|\(.*?\)\s*Tj)", content, re.S):
+            runs.append(_pdf_literals(array).decode("latin-1"))
+    return runs
+
+
+def check_figure_files(prefix, size_inches, title):
+    """`prefix`.png decodes to the figure's size in pixels and is not blank; `prefix`.pdf is a PDF
+    whose text carries the figure's title."""
+    from PIL import Image, ImageChops
+
+    from egm.report.figures import DPI
+
+    png = prefix.with_name(prefix.name + ".png")
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        assert image.size == (round(size_inches[0] * DPI), round(size_inches[1] * DPI))
+        rgb = image.convert("RGB")
+    drawn = ImageChops.difference(rgb, Image.new("RGB", rgb.size, "white")).convert("L").point(lambda v: v > 0)
+    ink = sum(drawn.histogram()[1:]) / (rgb.size[0] * rgb.size[1])
+    box = drawn.getbbox()
+    assert box and 0.01 < ink < 0.9, ink  # some of the canvas drawn, not all of it one colour
+    assert box[2] - box[0] > rgb.size[0] // 2 and box[3] - box[1] > rgb.size[1] // 2, box  # not a corner
+    assert len(rgb.getcolors(1 << 24)) > 16  # text and markers anti-aliased, not a flat fill
+
     pdf = prefix.with_name(prefix.name + ".pdf").read_bytes()
-    assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
-    assert pdf.startswith(b"%PDF") and len(pdf) > 1000
+    assert pdf.startswith(b"%PDF") and pdf.rstrip().endswith(b"%%EOF")
+    assert title in pdf_text_runs(pdf)
+
+
+TRADEOFF_SIZE = (8.0, 5.6)  # inches, as egm.report.figures draws it
+TRADEOFF_TITLE = "Accuracy vs latency on RefCOCO / RefCOCO+ / RefCOCOg"
+
+
+def _check_figure(prefix):
+    check_figure_files(prefix, TRADEOFF_SIZE, TRADEOFF_TITLE)
 
 
 def test_tradeoff_figure_normal(tmp_path):

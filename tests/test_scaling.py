@@ -8,9 +8,12 @@ import sys
 import pytest
 
 from egm.report.scaling import collect_points, pareto_front, scaling_figure, scaling_table, write_scaling_table
+from tests.test_report import check_figure_files
 from tests.workflow_helpers import copy_workflow, plan, run_snakemake, small_demo_config, write_config
 
 MODELS = {"small": {"display": "Small-8B"}, "big": {"display": "Big-235B"}}
+SCALING_SIZE = (12.0, 5.4)  # inches, as egm.report.scaling draws it
+SCALING_TITLE = "Bigger or longer? Accuracy vs latency per reasoning budget"
 
 
 def metric(model, budget, acc, latency_s, iou=None, closed=0.5, tokens=50.0):
@@ -61,12 +64,12 @@ def test_table_columns_and_markdown(tmp_path):
 def test_figure_with_curves_single_points_and_missing_values(tmp_path):
     broken = metric("small", "64", None, 0.5)  # no accuracy: left out, named in the subtitle
     scaling_figure(SWEEP + [broken], MODELS, tmp_path / "scaling")
-    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "scaling.pdf").read_bytes()[:4] == b"%PDF"
+    check_figure_files(tmp_path / "scaling", SCALING_SIZE, SCALING_TITLE)
     png = (tmp_path / "scaling.png").read_bytes()
     scaling_figure(SWEEP + [broken], MODELS, tmp_path / "again")
     assert (tmp_path / "again.png").read_bytes() == png  # no dates: identical inputs, identical file
     scaling_figure([], MODELS, tmp_path / "empty")  # nothing to plot still makes a figure
+    check_figure_files(tmp_path / "empty", SCALING_SIZE, SCALING_TITLE)
     assert math.isnan(collect_points([broken], MODELS)[0].acc)
 
 
@@ -78,7 +81,8 @@ def test_report_scaling_command(tmp_path):
     report = json.dumps({"models": MODELS, "order": ["small", "big"]})
     subprocess.run([sys.executable, "-m", "egm", "report-scaling", "--metrics", *map(str, paths), "--report", report,
                     "--table-prefix", str(tmp_path / "t"), "--figure-prefix", str(tmp_path / "f")], check=True)
-    assert (tmp_path / "t.md").exists() and (tmp_path / "f.png").exists() and (tmp_path / "f.pdf").exists()
+    assert "| Small-8B | 128 |" in (tmp_path / "t.md").read_text()
+    check_figure_files(tmp_path / "f", SCALING_SIZE, SCALING_TITLE)
 
 
 def test_paper_plan_sweeps_each_model_and_answers_the_big_ones_once(tmp_path):

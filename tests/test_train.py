@@ -2,6 +2,7 @@
 one GRPO step, and resuming a killed run from its checkpoint."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -162,12 +163,35 @@ def test_paper_rl_recipes_map_to_grpoconfig(name):
     GRPOConfig(output_dir="unused", **cpu)
 
 
-def test_every_shipped_recipe_is_valid():
-    for path in RECIPES.glob("*.yaml"):
-        recipe = recipes.load_recipe(path)
-        stage = recipe["stage"]
-        recipes.check_keys(recipe, stage)
-        (recipes.sft_args if stage == "sft" else recipes.rl_args)(recipe)
+def test_every_shipped_recipe_is_valid(tmp_path):
+    from trl import GRPOConfig, SFTConfig
+
+    shipped = {path.name: recipes.load_recipe(path) for path in sorted(RECIPES.glob("*.yaml"))}
+    # Every recipe a shipped config trains with is among those checked here.
+    named = set()
+    for config in (REPO / "config").glob("*.yaml"):
+        named |= {Path(m).name for m in re.findall(r"^\s*recipe:\s*(\S+)", config.read_text(), re.M)}
+    assert named and named <= set(shipped), (sorted(named), sorted(shipped))
+    assert {recipe.get("stage") for recipe in shipped.values()} == {"sft", "rl"}
+
+    for name, recipe in shipped.items():
+        # TRL's own config class takes the arguments and holds what the recipe says.
+        if recipe["stage"] == "sft":
+            config = SFTConfig(output_dir=str(tmp_path / name), **recipes.sft_args(recipe))
+            batch = recipe["global_batch_size"]
+        else:
+            config = GRPOConfig(output_dir=str(tmp_path / name), **recipes.rl_args(recipe))
+            batch = recipe["prompts_per_step"] * recipe["group_size"]
+            assert config.num_generations == recipe["group_size"], name
+            assert config.max_completion_length == recipe["max_new_tokens"], name
+            assert (config.temperature, config.top_p, config.top_k) == (
+                recipe["temperature"], recipe["top_p"], recipe["top_k"]), name
+        assert config.per_device_train_batch_size * config.gradient_accumulation_steps == batch, name
+        assert config.learning_rate == recipe["learning_rate"], name
+        for key, field in (("epochs", "num_train_epochs"), ("weight_decay", "weight_decay"),
+                           ("max_grad_norm", "max_grad_norm"), ("seed", "seed")):
+            if key in recipe:
+                assert getattr(config, field) == recipe[key], (name, key)
 
 
 def test_recipe_errors():
@@ -319,3 +343,83 @@ def test_grpo_uses_the_grounding_reward_by_default(tiny_dir, demo_data, tmp_path
     last = manifest["log"]["last"]
     assert "rewards/grounding_reward/mean" in last  # logged under the reward's name
     assert "eval_rewards/grounding_reward/mean" in last  # the val parquet ("test" split) evaluated
+
+
+def test_grpo_learns_from_the_grounding_reward_on_boxes(tiny_dir, demo_data, tmp_path, monkeypatch):
+    """GRPO with the pipeline's own reward (none passed in): every logged reward is
+    `grounding_reward` of the logged completion against its row's box, and it varies in a group."""
+    import pandas as pd
+    import trl
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from egm.train import rl
+    from egm.train.rewards import extract_box, grounding_reward
+
+    # The random model never writes a box unaided. Sampling only digits, commas and spaces makes it
+    # write numbers, whose last four are a box to the reward (brackets are left out: a random last
+    # group mostly holds fewer than four numbers, which scores 0 for every sample alike).
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    box_tokens = {i for i in range(len(tokenizer)) if (t := tokenizer.decode([i])) and set(t) <= set("0123456789 ,")}
+    assert {tokenizer.convert_tokens_to_ids(d) for d in "0123456789"} <= box_tokens
+    suppressed = sorted(set(range(len(tokenizer))) - box_tokens)
+    real_config = trl.GRPOConfig
+
+    def config_logging_completions(**kwargs):
+        return real_config(**kwargs, log_completions=True, num_completions_to_print=1,
+                           generation_kwargs={"suppress_tokens": suppressed})
+
+    monkeypatch.setattr(trl, "GRPOConfig", config_logging_completions)
+
+    logged = tmp_path / "completions"
+
+    class KeepCompletions(TrainerCallback):
+        # TRL writes them under the work dir, which the stage deletes once the model is written.
+        def on_train_end(self, args, state, control, **kwargs):
+            import shutil
+
+            shutil.copytree(Path(args.output_dir) / "completions", logged)
+
+    steps = 3
+    manifest = rl.train_rl(
+        tiny_dir, demo_data / "rl" / "train.parquet", None, tmp_path / "rl", tmp_path / "rl.json",
+        tmp_path / ".work" / "rl",
+        {"run": "t", "recipe": tiny_rl_recipe(group_size=4, prompts_per_step=2, micro_batch_size=8, max_new_tokens=24),
+         "max_steps": steps, "limit": 2},
+        callbacks=[KeepCompletions()],
+    )
+    assert manifest["global_step"] == steps
+
+    # Two rows of different prompts, so a logged prompt names its row (and its box).
+    train_rows = rl_rows(demo_data / "rl" / "train.parquet", RowCounter("rl"), 2)
+    rows = {row["prompt"][-1]["content"]: row for row in train_rows}
+    assert len(rows) == 2
+
+    history = json.loads((tmp_path / "rl" / "training.json").read_text())["log_history"]
+    by_step = {entry["step"]: entry for entry in history if "rewards/grounding_reward/mean" in entry}
+    assert sorted(by_step) == list(range(1, steps + 1))
+    varied_groups = boxes = 0
+    for step in range(1, steps + 1):
+        table = pd.read_parquet(logged / f"completions_{step:05d}.parquet")
+        assert len(table) == 8 and "grounding_reward" in table
+        recomputed = []
+        for prompt, completion, reward in zip(table["prompt"], table["completion"], table["grounding_reward"]):
+            row = rows[_last_text(prompt)]
+            text = _last_text(completion)
+            expected = grounding_reward(text, list(row["ground_truth"]), row["width"], row["height"], row["split"])
+            # TRL holds rewards as float32: the logged value is exactly the reward in that precision.
+            assert reward == float(torch.tensor(expected, dtype=torch.float32)), (step, text, row["ground_truth"])
+            recomputed.append(expected)
+            boxes += extract_box(text) is not None
+        groups = pd.Series(recomputed).groupby(table["prompt"].map(_last_text))
+        assert len(groups) == 2 and all(len(g) == 4 for _, g in groups)
+        varied_groups += sum(g.nunique() > 1 for _, g in groups)
+        assert by_step[step]["rewards/grounding_reward/mean"] == pytest.approx(sum(recomputed) / len(recomputed))
+    assert boxes > 0 and varied_groups > 0, (boxes, varied_groups)  # a learning signal from boxes
+
+
+def _last_text(messages):
+    """The text of the last message of a logged conversation (content as a string or as parts)."""
+    content = list(messages)[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content if part.get("type") == "text")

@@ -4,6 +4,8 @@ Differences from evaluation (egm.grounding / egm.metrics), all on purpose, all t
 
 - the box is looked for inside `<answer>...</answer>` when the text has one (else the whole
   text), and it is the LAST `[...]` group, not the first `"bbox_2d"`/`[a, b, c, d]`;
+- numbers are the matches of `[-+]?\\d*\\.?\\d+`, not the evaluation parser's pattern: there is no
+  exponent, so `6e2` is the two numbers 6 and 2, and `1.2.3` is 1.2 and .3;
 - the box is reordered so that x1 <= x2 and y1 <= y2;
 - both the prediction and the ground truth (0-1000 grid) are scaled to pixels WITHOUT the
   [0, 1000] pre-clamp (`scale_box(..., clamp_grid=False)`), still clamped to the image;
@@ -11,12 +13,21 @@ Differences from evaluation (egm.grounding / egm.metrics), all on purpose, all t
   `>=` here where Acc@0.5 uses `>`;
 - no format reward: a text without a box scores 0.
 
-What counts as a "[...] group" is not spelled out by the release notes, so this module fixes it:
-a bracket pair with no bracket inside (`\\[[^\\[\\]]*\\]`), i.e. the innermost groups, so that in
-the SFT answer format `[{"bbox_2d": [x1, y1, x2, y2], ...}]` the last group is the box. If the
-last group holds fewer than four numbers, the last four numbers of the searched text are used;
-fewer than four numbers anywhere -> no box (reward 0). A group with more than four numbers gives
-its first four.
+Why two number patterns: the authors' evaluation script and their AReaL reward were written
+separately and read numbers differently (the evaluation one accepts `1.5e2`, the reward one does
+not). Evaluation must match the paper's table and RL must optimise the signal the authors' runs
+optimised, so egm.grounding keeps the evaluation pattern and this module has its own; a shared
+pattern would silently change one of the two on every answer written with an exponent.
+
+The rule, made precise where the release notes leave room:
+
+- a "[...] group" is a bracket pair with no bracket inside (`\\[[^\\[\\]]*\\]`), i.e. an innermost
+  group, so that in the SFT answer format `[{"bbox_2d": [x1, y1, x2, y2], ...}]` the last group is
+  the box; `[]` is a group too (with no numbers);
+- when the searched text has a group, only the LAST group counts: its first four numbers are the
+  box, and with fewer than four there is no box (numbers outside it are NOT used as a fallback);
+- when it has no group, the last four numbers of the searched text are the box (fewer: no box);
+- a number whose float is not finite (a digit string too long for a double) means no box.
 """
 
 from __future__ import annotations
@@ -24,13 +35,14 @@ from __future__ import annotations
 import math
 import re
 
-from egm.grounding import _NUM, scale_box
+from egm.grounding import scale_box
 from egm.metrics import iou
 
 SPLITS = ("train", "test")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _GROUP = re.compile(r"\[([^\[\]]*)\]")
-_NUMBER = re.compile(_NUM)
+# The authors' reward pattern; deliberately not egm.grounding's (see the module docstring).
+_NUMBER = re.compile(r"[-+]?\d*\.?\d+")
 
 
 def answer_region(completion: str) -> str:
@@ -46,24 +58,24 @@ def extract_box(completion: str) -> list[float] | None:
     region = answer_region(completion)
     groups = _GROUP.findall(region)
     if groups:
-        numbers = _NUMBER.findall(groups[-1])
-        if len(numbers) >= 4:
-            return [float(v) for v in numbers[:4]]
-    numbers = _NUMBER.findall(region)
-    if len(numbers) >= 4:
-        return [float(v) for v in numbers[-4:]]
-    return None
+        numbers = _NUMBER.findall(groups[-1])[:4]
+    else:
+        numbers = _NUMBER.findall(region)[-4:]
+    if len(numbers) < 4:
+        return None
+    box = [float(v) for v in numbers]
+    if not all(math.isfinite(v) for v in box):
+        return None
+    return box
 
 
-# Without the [0, 1000] pre-clamp, `v * size` can overflow to inf for a huge finite v (1e308), and
-# round(inf) raises. Any |v| beyond this bound lands outside every image and is clamped to its
-# edge anyway, so bounding it first changes no result that the unbounded formula can compute.
+# Without the [0, 1000] pre-clamp, `v * size` can overflow to inf for a huge finite v (a few
+# hundred digits), and round(inf) raises. Any |v| beyond this bound lands outside every image and
+# is clamped to its edge anyway, so bounding it first changes no result the formula can compute.
 _BOUND = 1e12
 
 
 def _bounded(value: float) -> float:
-    if not math.isfinite(value):
-        return value  # scale_box maps non-finite values to 0
     return min(max(value, -_BOUND), _BOUND)
 
 
