@@ -63,6 +63,11 @@ def tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def tree_with_hidden(root: Path) -> dict[str, bytes | None]:
+    """Every entry under `root`, hidden ones included: folders map to None."""
+    return {p.relative_to(root).as_posix(): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
 def assert_no_leftovers(dest: Path, tar_size: int | None = None):
     for path in dest.rglob("*"):
         assert not path.name.endswith((".partial", ".tmp", ".tar")), path
@@ -255,14 +260,15 @@ def test_unsafe_members_refused(tmp_path, member, why):
     name = member.name
     archive = _evil_tar(tmp_path, member, b"evil" if member.isreg() else b"")
     dest = tmp_path / "out"
+    (dest / "coco").mkdir(parents=True)
+    (dest / "coco/earlier.jpg").write_bytes(b"from an earlier extraction")
     with pytest.raises(UnsafeMemberError, match=why) as err:
         extract_archive([archive], dest)
     assert "evil.tar" in str(err.value) and repr(name) in str(err.value)
     assert err.value.member == name and err.value.part == "evil.tar"
-    # Members before it were extracted; nothing of it or after it.
-    assert (dest / "coco/ok.jpg").read_bytes() == b"abc"
-    assert not (dest / "coco/after.jpg").exists()
-    assert {p.relative_to(dest).as_posix() for p in dest.rglob("*")} == {"coco", "coco/ok.jpg"}
+    # Nothing of the refused archive lands, not even the members before the refused one, and
+    # what was there stays (no staging folder left either).
+    assert tree_with_hidden(dest) == {"coco": None, "coco/earlier.jpg": b"from an earlier extraction"}
     assert not (tmp_path / "egm_evil.jpg").exists()
     assert not Path("/tmp/egm_abs_evil.jpg").exists()
 
@@ -284,3 +290,64 @@ def test_reextraction_overwrites_in_place(tmp_path):
     (dest / "coco/train2014/a.jpg").write_bytes(b"stale and longer")
     extract_archive([archive], dest)
     assert (dest / "coco/train2014/a.jpg").read_bytes() == b"a" * 10
+
+
+def test_refused_archive_leaves_dest_as_it_was(tmp_path):
+    """Issue 18 point 6: a truncated or corrupt archive, found out only near its end, leaves
+    none of the members extracted before the problem showed."""
+    dest = tmp_path / "out"
+    (dest / "coco/train2014").mkdir(parents=True)
+    (dest / "coco/train2014/old.jpg").write_bytes(b"old")
+    (dest / "coco_flip").mkdir()
+    before = tree_with_hidden(dest)
+
+    files = sample_files()
+    written = split_bytes(make_tar(files), tmp_path / "parts", 4)
+    written[-1].write_bytes(written[-1].read_bytes()[: -(1024 + 20000)])
+    with pytest.raises(TruncatedArchiveError, match="big.jpg"):
+        extract_archive(written, dest)
+    assert tree_with_hidden(dest) == before
+
+    # Garbage after the last member: every member was written before the end check failed.
+    good = make_tar(files)
+    corrupt = tmp_path / "corrupt" / "coco.tar"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(good[: len(good) - 1024] + b"garbage!" + bytes(1016))
+    with pytest.raises(CorruptArchiveError):
+        extract_archive([corrupt], dest)
+    assert tree_with_hidden(dest) == before
+
+    # A wrong sha256 is only known once every byte was read.
+    written = split_bytes(good, tmp_path / "good", 3)
+    expected = [{"path": p.name, "bytes": p.stat().st_size, "sha256": "0" * 64} for p in written]
+    with pytest.raises(PartChecksumError, match="part_aa"):
+        extract_archive(written, dest, expected_parts=expected)
+    assert tree_with_hidden(dest) == before
+
+
+def test_reextraction_replaces_the_archives_tree_only(tmp_path):
+    dest = tmp_path / "out"
+    (dest / "coco/train2014").mkdir(parents=True)
+    (dest / "coco/train2014/stale.jpg").write_bytes(b"from the previous revision")
+    (dest / "coco_flip").mkdir()
+    (dest / "coco_flip/flip.jpg").write_bytes(b"another archive's")
+    archive = tmp_path / "coco.tar"
+    archive.write_bytes(make_tar({"a.jpg": b"a"}))
+    manifest = extract_archive([archive], dest)
+    assert manifest["dest"] == str(dest) and manifest["n_files"] == 1
+    assert tree_with_hidden(dest) == {
+        "coco": None, "coco/train2014": None, "coco/train2014/a.jpg": b"a",
+        "coco_flip": None, "coco_flip/flip.jpg": b"another archive's",
+    }
+
+
+def test_leftovers_of_a_killed_extraction_are_removed(tmp_path):
+    dest = tmp_path / "out"
+    for name in (".coco.tar.abc123.extracting", ".coco.tar.def456.replaced"):
+        (dest / name / "coco").mkdir(parents=True)
+        (dest / name / "coco/half.jpg").write_bytes(b"half")
+    (dest / ".coco_flip.tar.zzz.extracting").mkdir()  # another archive's: its job may be running
+    archive = tmp_path / "coco.tar"
+    archive.write_bytes(make_tar({"a.jpg": b"a"}))
+    extract_archive([archive], dest)
+    assert sorted(p.name for p in dest.iterdir()) == [".coco_flip.tar.zzz.extracting", "coco"]

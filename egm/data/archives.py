@@ -10,13 +10,16 @@ Safety policy, applied to each member before anything of it is written:
   files and directories, so any link means the archive is not the one we expect, and a link
   that stays inside `dest` can still be a stepping stone for a later member to escape it;
 - device files, fifos and any other special member type are refused;
-- as a last guard, the resolved target must lie inside `dest` (catches a symlink that was
-  already in `dest` before the extraction).
+- as a last guard, the resolved target must lie inside the (fresh) staging folder below.
 A refused member stops the extraction with UnsafeMemberError.
 
-Files are written under a temporary name and renamed when complete, so an interrupted run
-never leaves a truncated image under its final name. Tar permission bits and owners are not
-applied: files get the usual 0o666/0o777 less the umask.
+The archive is extracted into a hidden staging folder inside `dest` and its top-level entries
+are moved into place only once the whole archive has passed every check (members, end of
+archive, part checksums): a refused, truncated or corrupt archive leaves `dest` as it was, and an
+interrupted run leaves at most the staging folder, which the next extraction of that archive
+removes. An archive's top-level entries replace those of the same name in `dest` (a re-extraction
+leaves no stale file of the previous one); other entries of `dest` are not touched. Tar
+permission bits and owners are not applied: files get the usual 0o666/0o777 less the umask.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _DIGITS = "0123456789"
 _PART_RE = re.compile(r"^(?P<stem>.+)\.part_(?P<suffix>[^.]+)$")
+# Suffixes of the hidden folders an extraction works in, inside `dest`.
+_STAGING = ".extracting"
+_REPLACED = ".replaced"
 
 
 class ArchiveError(ValueError):
@@ -415,8 +421,53 @@ def extract_archive(
     dest = Path(dest)
     sizes = _check_parts(parts, expected_parts)
     layout = _Layout(parts, sizes)
-    compressed = _is_compressed(parts)
     dest.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(dest, layout.archive)
+    staging = Path(tempfile.mkdtemp(prefix=f".{layout.archive}.", suffix=_STAGING, dir=dest))
+    try:
+        manifest = _extract_into(parts, layout, staging, expected_parts)
+        _move_into_place(staging, dest, layout.archive)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest["dest"] = str(dest)
+    return manifest
+
+
+def _remove_leftovers(dest: Path, archive: str) -> None:
+    """Staging and replaced trees of an earlier extraction of `archive` that was killed."""
+    for path in dest.glob(f".{archive}.*"):
+        if path.is_dir() and not path.is_symlink() and path.name.endswith((_STAGING, _REPLACED)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, dest: Path, archive: str) -> None:
+    """Rename each top-level entry of `staging` into `dest`, replacing an entry of that name.
+
+    rename() cannot replace a non-empty directory, so a previous tree is first moved aside (into
+    a folder removed at the end); every step is a rename within one file system.
+    """
+    entries = sorted(staging.iterdir())
+    if not entries:
+        return
+    replaced = Path(tempfile.mkdtemp(prefix=f".{archive}.", suffix=_REPLACED, dir=dest))
+    try:
+        for entry in entries:
+            target = dest / entry.name
+            if target.exists() or target.is_symlink():
+                os.replace(target, replaced / entry.name)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _extract_into(
+    parts: list[Path],
+    layout: _Layout,
+    dest: Path,
+    expected_parts: Sequence[str | Mapping[str, Any]] | None,
+) -> dict:
+    """extract_archive's work, into `dest` (the staging folder): raises on the first problem."""
+    compressed = _is_compressed(parts)
     dest_real = os.path.realpath(dest)
     umask = _umask()
     file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
