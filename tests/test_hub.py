@@ -209,3 +209,70 @@ def test_hub_fetch_resolves_revision_and_downloads_by_sha(tmp_path, monkeypatch)
     assert manifest["commit"] == sha and manifest["revision"] == "v1" and manifest["source"] == "hub"
     assert [f["path"] for f in manifest["files"]] == ["metadata/eval/refcoco_testA.jsonl",
                                                       "metadata/eval/refcoco_val.jsonl"]
+
+
+def test_missing_required_files_fail_before_anything_is_placed(tmp_path):
+    """Issue 18 point 3: a mirror without files the DAG needs fails naming them and the patterns,
+    instead of 'fetched N files' and a MissingOutputException later."""
+    mirror = _mirror(tmp_path)
+    dest = tmp_path / "dest"
+    patterns = ["metadata/eval/*.jsonl", "coco.tar.part_*", "README.md"]
+    required = ["metadata/eval/refcoco_val.jsonl", "metadata/eval/refcocog_test.jsonl",
+                "processed_rl_data/train_grounding.parquet", "coco_flip.tar", "coco.tar.part_*"]
+    with pytest.raises(hub.MissingRequiredFilesError) as err:
+        fetch_snapshot(REPO, dest, repo_type="dataset", allow_patterns=patterns, mirror=mirror, required=required)
+    message = str(err.value)
+    assert "3 file(s)" in message and str(mirror / REPO) in message
+    assert "not in the repository: metadata/eval/refcocog_test.jsonl, coco_flip.tar" in message
+    assert "selected by no allow pattern: processed_rl_data/train_grounding.parquet" in message
+    assert str(patterns) in message
+    assert not dest.exists() or not any(dest.rglob("*"))
+    # Present, a pattern matching at least one file: fine.
+    manifest = fetch_snapshot(REPO, dest, repo_type="dataset", allow_patterns=patterns, mirror=mirror,
+                              required=["metadata/eval/refcoco_val.jsonl", "coco.tar.part_*"])
+    assert len(manifest["files"]) == 5
+
+
+def test_hub_fetch_checks_required_files_before_downloading(tmp_path, monkeypatch):
+    class FakeApi:
+        def repo_info(self, repo_id, **kwargs):
+            return SimpleNamespace(sha="a" * 40, siblings=_siblings())
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded although a required file is missing")
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hub, "snapshot_download", no_download)
+    with pytest.raises(hub.MissingRequiredFilesError, match=r"on the hub.*not in the repository: coco_flip\.tar"):
+        fetch_snapshot(REPO, tmp_path / "d", repo_type="dataset", required=["coco_flip.tar"])
+
+
+def test_mirror_may_be_a_list_of_folders_or_a_mapping(tmp_path, monkeypatch):
+    """Issue 18 point 5: the data set and the models in folders of their own."""
+    datasets = _mirror(tmp_path)  # holds REPO
+    models = tmp_path / "models"
+    (models / "org/model").mkdir(parents=True)
+    (models / "org/model/config.json").write_text("{}")
+    # A list: searched in order, the first folder holding the repo wins.
+    got = fetch_snapshot("org/model", tmp_path / "m1", mirror=[datasets, models])
+    assert got["source"] == "mirror" and [f["path"] for f in got["files"]] == ["config.json"]
+    got = fetch_snapshot(REPO, tmp_path / "d1", repo_type="dataset", mirror=[models, datasets], allow_patterns=["README.md"])
+    assert [f["path"] for f in got["files"]] == ["README.md"]
+    with pytest.raises(MirrorNotFoundError, match=r"org/none.*" + str(models / "org/none")):
+        fetch_snapshot("org/none", tmp_path / "x", mirror=[datasets, models])
+    # A mapping: repo id -> the folder of that repo's own files, any name.
+    flat = tmp_path / "qwen-8b-local"
+    flat.mkdir()
+    (flat / "weights.bin").write_bytes(b"w")
+    mapping = {"org/model": str(flat), REPO: str(datasets / REPO)}
+    got = fetch_snapshot("org/model", tmp_path / "m2", mirror=mapping)
+    assert [f["path"] for f in got["files"]] == ["weights.bin"]
+    assert hub.mirror_repo_dir(REPO, mapping) == datasets / REPO
+    with pytest.raises(MirrorNotFoundError, match="not a folder"):
+        hub.mirror_repo_dir("org/model", {"org/model": str(tmp_path / "gone")})
+    # A repo the mapping does not name comes from the hub.
+    assert hub.mirror_repo_dir("org/unnamed", mapping) is None
+    monkeypatch.setattr(hub, "HfApi", lambda: SimpleNamespace(
+        repo_info=lambda *a, **k: SimpleNamespace(sha="b" * 40, siblings=[])))
+    with pytest.raises(FetchError, match="the hub"):
+        fetch_snapshot("org/unnamed", tmp_path / "h", mirror=mapping)

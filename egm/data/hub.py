@@ -16,8 +16,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Union
 
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.utils import filter_repo_objects
@@ -39,6 +40,74 @@ class FetchError(RuntimeError):
 
 class MirrorNotFoundError(FetchError, FileNotFoundError):
     """The offline mirror has no folder for the requested repository."""
+
+
+class MissingRequiredFilesError(FetchError):
+    """The repository (as selected by the allow patterns) lacks files the workflow needs."""
+
+
+# `hub.mirror` of the config: one folder or a list of folders laid out as <folder>/<repo_id>/...
+# (searched in order), or a mapping repo_id -> the folder holding that repository's own files.
+MirrorSpec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], Mapping[str, Union[str, os.PathLike]], None]
+
+
+def mirror_repo_dir(repo_id: str, mirror: MirrorSpec) -> Path | None:
+    """The folder holding `repo_id`'s files in `mirror`, or None when it comes from the hub.
+
+    A mapping names each repository's folder; a repository it does not name is fetched from the
+    hub, so a site can mirror only its big repositories. A folder (or list of folders) must hold
+    the repository as `<folder>/<repo_id>/`; the first that does wins, and none is an error that
+    lists every folder searched.
+    """
+    if mirror is None:
+        return None
+    if isinstance(mirror, Mapping):
+        if repo_id not in mirror:
+            return None
+        root = Path(mirror[repo_id])
+        if not root.is_dir():
+            raise MirrorNotFoundError(f"hub.mirror maps {repo_id!r} to {root}, which is not a folder")
+        return root
+    folders = [mirror] if isinstance(mirror, (str, os.PathLike)) else list(mirror)
+    if not folders:
+        raise ValueError("hub.mirror: an empty list of folders")
+    for folder in folders:
+        root = Path(folder) / repo_id
+        if root.is_dir():
+            return root
+    searched = ", ".join(str(Path(folder) / repo_id) for folder in folders)
+    raise MirrorNotFoundError(
+        f"offline mirror {', '.join(map(str, folders))} has no repository {repo_id!r} (looked for the folder(s) {searched})"
+    )
+
+
+def missing_required(available: Sequence[str], required: Sequence[str]) -> list[str]:
+    """The entries of `required` that `available` lacks: a path must be there, and a glob pattern
+    (matched like allow_patterns) must match at least one file."""
+    return [rel for rel in required if not list(filter_repo_objects(list(available), allow_patterns=[rel]))]
+
+
+def _require(required: Sequence[str], repo_files: Sequence[str], selected: Sequence[str],
+             allow_patterns: list[str] | None, what: str) -> None:
+    """Fail, before anything is downloaded, when the selection lacks a file the workflow needs.
+
+    Each missing file is named with why: no allow pattern selects it (the config's fault), or the
+    repository itself does not have it (the mirror's or the revision's).
+    """
+    missing = missing_required(selected, required)
+    if not missing:
+        return
+    absent = missing_required(repo_files, missing)
+    unselected = [rel for rel in missing if rel not in absent]
+    reasons = []
+    if absent:
+        reasons.append(f"not in the repository: {', '.join(absent)}")
+    if unselected:
+        reasons.append(f"in the repository but selected by no allow pattern: {', '.join(unselected)}")
+    raise MissingRequiredFilesError(
+        f"{what}: {len(missing)} file(s) the workflow needs are missing ({'; '.join(reasons)}); "
+        f"asked for allow_patterns={allow_patterns}"
+    )
 
 
 def _is_content(rel: str) -> bool:
@@ -144,27 +213,28 @@ def _hub_digests(siblings, selected: list[str]) -> dict[str, tuple[str, str]]:
     return digests
 
 
-def _from_mirror(repo_id: str, dest: Path, allow_patterns: list[str] | None, mirror: Path) -> list[str]:
-    root = Path(mirror) / repo_id
-    if not root.is_dir():
-        raise MirrorNotFoundError(
-            f"offline mirror {mirror} has no repository {repo_id!r} (expected a folder {root})"
-        )
-    selected = _select(_mirror_files(root), allow_patterns)
+def _from_mirror(repo_id: str, dest: Path, allow_patterns: list[str] | None, root: Path,
+                 required: Sequence[str]) -> list[str]:
+    files = _mirror_files(root)
+    selected = _select(files, allow_patterns)
+    _require(required, [p for p in files if _is_content(p)], selected, allow_patterns, f"{repo_id} from mirror {root}")
     for rel in selected:
         _place((root / rel).resolve(), dest / rel)
     return selected
 
 
 def _from_hub(repo_id: str, dest: Path, repo_type: str, revision: str,
-              allow_patterns: list[str] | None, checksums: dict[str, str]) -> tuple[str, list[str]]:
+              allow_patterns: list[str] | None, checksums: dict[str, str],
+              required: Sequence[str]) -> tuple[str, list[str]]:
     # Resolve first and download by sha: a branch that moves during the download would
     # otherwise mix files of two commits, and the manifest must name the commit actually used.
     info = HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision, files_metadata=True)
     commit = info.sha
     if not commit:
         raise FetchError(f"{repo_type} {repo_id}@{revision}: the hub did not report a commit sha")
-    selected = _select([s.rfilename for s in (info.siblings or [])], allow_patterns)
+    files = [s.rfilename for s in (info.siblings or [])]
+    selected = _select(files, allow_patterns)
+    _require(required, files, selected, allow_patterns, f"{repo_type} {repo_id}@{commit} on the hub")
     if not selected:
         return commit, selected
     expected = _hub_digests(info.siblings, selected)
@@ -195,15 +265,21 @@ def fetch_snapshot(
     repo_type: str = "model",
     revision: str = "main",
     allow_patterns: list[str] | None = None,
-    mirror: Path | None = None,
+    mirror: MirrorSpec = None,
     checksums: dict[str, str] | None = None,
+    required: Sequence[str] = (),
 ) -> dict:
     """Fetch `repo_id` (files matching `allow_patterns`, all if None) into `dest`.
 
-    With `mirror`, files come from `<mirror>/<repo_id>/` (no revisions there: `commit` is None)
-    and `revision` is only recorded. Returns the manifest; writing it is the caller's job.
-    Raises FetchError when nothing matches `allow_patterns`, since an empty fetch is always a
-    misconfigured pattern or repository rather than something to carry on with.
+    With `mirror` (see mirror_repo_dir), files come from the mirror's folder of the repository
+    (no revisions there: `commit` is None) and `revision` is only recorded. Returns the manifest;
+    writing it is the caller's job. Raises FetchError when nothing matches `allow_patterns`,
+    since an empty fetch is always a misconfigured pattern or repository rather than something
+    to carry on with.
+
+    `required` lists what the caller cannot do without (paths, or patterns that must match at
+    least one file): one missing fails the fetch before any file is placed or downloaded,
+    naming it and the allow patterns asked for (MissingRequiredFilesError).
 
     Every hub download is checked against the hub's digests (LFS sha256, else the git blob id)
     and files that fail are downloaded once more. `checksums` ({path: sha256}, e.g. from the
@@ -217,16 +293,19 @@ def fetch_snapshot(
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
 
-    if mirror is not None:
+    root = mirror_repo_dir(repo_id, mirror)
+    if root is not None:
         if revision != "main":
             log.warning("%s: a mirror holds one snapshot; revision %r is recorded, not checked", repo_id, revision)
-        commit, selected, source = None, _from_mirror(repo_id, dest, allow_patterns, Path(mirror)), "mirror"
-        where = f"mirror {mirror}"
+        commit, selected, source = None, _from_mirror(repo_id, dest, allow_patterns, root, required), "mirror"
+        where = f"mirror {root}"
         bad = verify_digests(dest, {rel: ("sha256", d) for rel, d in checksums.items() if rel in selected})
         if bad:
-            raise FetchError(f"{repo_id} from mirror {mirror}: file(s) do not match the configured checksums: {bad}")
+            raise FetchError(f"{repo_id} from mirror {root}: file(s) do not match the configured checksums: {bad}")
     else:
-        commit, selected = _from_hub(repo_id, dest, repo_type, revision, allow_patterns, checksums)
+        if mirror is not None:
+            log.info("%s: not named in the mirror mapping, fetched from the hub", repo_id)
+        commit, selected = _from_hub(repo_id, dest, repo_type, revision, allow_patterns, checksums, required)
         source, where = "hub", f"the hub (revision {revision})"
     if not selected:
         raise FetchError(f"{repo_type} {repo_id} from {where}: no file matches allow_patterns={allow_patterns}")
