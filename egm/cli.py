@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 log = logging.getLogger("egm")
@@ -465,5 +466,35 @@ def main(argv: list[str] | None = None) -> int:
 
     # EGM_IMAGE is set only inside our Apptainer images: the log shows where each job ran.
     log.info("egm %s %s (image: %s)", __version__, args.command, os.environ.get("EGM_IMAGE", "none"))
-    args.func(args)
+    try:
+        args.func(args)
+    except Exception as err:
+        # The reason goes on the log's last line, the one a user reads (Snakemake's
+        # show-failed-logs prints the log): one line, and no traceback for bad data or missing
+        # files, which are the user's to fix, not the code's.
+        if not _expected(err):
+            traceback.print_exc()
+        log.error("%s failed: %s", args.command, one_line(err))
+        return 1
     return 0
+
+
+def _expected(err: BaseException) -> bool:
+    """Failures caused by the data, files or hub access rather than by the code."""
+    from egm.data.archives import ArchiveError
+    from egm.data.hub import FetchError
+    from egm.data.parquet import ParquetRewriteError
+    from egm.data.splits import SplitError
+
+    if isinstance(err, (ArchiveError, FetchError, ParquetRewriteError, SplitError, FileNotFoundError)):
+        return True
+    # The hub client's own errors (unknown repo, gated, offline, HTTP): their messages say it all.
+    return type(err).__module__.split(".")[0] == "huggingface_hub"
+
+
+def one_line(err: BaseException) -> str:
+    """The exception as one line: its message's lines joined, its type where the message is bare."""
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if not text:
+        return type(err).__name__
+    return text if _expected(err) else f"{type(err).__name__}: {text}"
