@@ -78,14 +78,17 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     from egm.data.hub import fetch_snapshot
     from egm.io import write_json
 
+    if args.mirror and args.mirror_map is not None:
+        raise ValueError("give --mirror or --mirror-map, not both")
     manifest = fetch_snapshot(
         args.repo_id,
         Path(args.dest),
         repo_type=args.repo_type,
         revision=args.revision,
         allow_patterns=args.allow or None,
-        mirror=Path(args.mirror) if args.mirror else None,
+        mirror=args.mirror_map if args.mirror_map is not None else (args.mirror or None),
         checksums=args.checksums,
+        required=args.require,
     )
     manifest["dest"] = args.dest
     write_json(args.manifest, manifest)
@@ -346,7 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-type", choices=["model", "dataset"], default="model")
     p.add_argument("--revision", default="main")
     p.add_argument("--allow", nargs="*", default=[], help="allow patterns")
-    p.add_argument("--mirror", default=None, help="offline mirror laid out as <mirror>/<repo_id>/...")
+    p.add_argument("--mirror", nargs="+", default=None,
+                   help="offline mirror folder(s) laid out as <mirror>/<repo_id>/..., searched in order")
+    p.add_argument("--mirror-map", type=_json_arg, default=None,
+                   help='JSON {"repo_id": "folder of its files"}; a repo not named comes from the hub')
+    p.add_argument("--require", nargs="*", default=[],
+                   help="files (or patterns matching at least one) that must be fetched; checked before fetching")
     p.add_argument("--checksums", type=_json_arg, default={}, help='JSON {"path": "sha256"} to verify')
     p.add_argument("--dest", required=True)
     p.add_argument("--manifest", required=True)

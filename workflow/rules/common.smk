@@ -50,7 +50,7 @@ def model_manifest(model):
 
 DATASET_DIR = f"resources/hub/{config['dataset']['repo_id']}"
 IMAGE_ROOT = "resources/images"
-MIRROR = config["hub"]["mirror"]
+MIRROR = config["hub"]["mirror"]  # a folder, a list of folders, or {repo_id: folder} (README.md)
 
 
 wildcard_constraints:
@@ -70,12 +70,52 @@ def mirror_ready():
     return ["resources/demo_mirror.json"] if "demo" in config else []
 
 
-def mirror_arg():
-    return f"--mirror {shlex.quote(MIRROR)}" if MIRROR else ""
+def mirror_arg(repo_id=None):
+    """`egm fetch`'s options for hub.mirror. With `repo_id`, a mapping is narrowed to that repo,
+    so editing another repo's entry does not change (and rerun) this fetch."""
+    if MIRROR is None:
+        return ""
+    if isinstance(MIRROR, dict):
+        mapping = MIRROR if repo_id is None else {k: v for k, v in MIRROR.items() if k == repo_id}
+        return f"--mirror-map {json_arg(mapping)}"
+    folders = [MIRROR] if isinstance(MIRROR, str) else MIRROR
+    return "--mirror " + " ".join(map(shlex.quote, folders))
+
+
+def demo_mirror_dir():
+    """Where `egm make-demo` writes the demo's mirror: the folder, or the first of the list."""
+    if isinstance(MIRROR, str):
+        return MIRROR
+    if isinstance(MIRROR, list):
+        return MIRROR[0]
+    raise WorkflowError("the demo writes its own offline mirror: set hub.mirror to a folder (or a list of folders)")
+
+
+# The data set repo's files the workflow reads, repo-relative; fetch_dataset declares them as outputs.
+DATASET_FILES = {
+    "splits": [f"metadata/eval/{split}.jsonl" for split in SPLITS],
+    "rl": [f"processed_rl_data/{part}_grounding.parquet" for part in RL_PARTS],
+    "flip": "coco_flip.tar",
+}
 
 
 def split_files():
-    return expand(f"{DATASET_DIR}/metadata/eval/{{split}}.jsonl", split=SPLITS)
+    return [f"{DATASET_DIR}/{rel}" for rel in DATASET_FILES["splits"]]
+
+
+def dataset_required():
+    """What fetch_dataset must find (a pattern: at least one match), from the config: the
+    outputs, the archive parts, and the SFT data of each run that trains an SFT stage. Checked
+    before anything is fetched, so a mirror that lacks one fails naming it. Quoted for the shell."""
+    required = [*DATASET_FILES["splits"], *DATASET_FILES["rl"], DATASET_FILES["flip"], "coco.tar.part_*"]
+    required += sorted(
+        {f"vanilla_grounding_reasoning_training_dataset_{spec['sft']['data']}.jsonl"
+         for spec in RUNS.values() if spec["rl"]["from"] == "sft"}
+    )
+    return " ".join(map(shlex.quote, required))
+
+
+DATASET_REQUIRED = dataset_required()
 
 
 # Containers and cluster resources. Every rule names its image through image_for() and what it

@@ -14,12 +14,13 @@ if "demo" in config:
         params:
             demo=config["demo"],
             dataset_repo=config["dataset"]["repo_id"],
+            mirror=demo_mirror_dir(),
         container:
             image_for("cpu")
         log:
             "logs/demo_mirror.log",
         shell:
-            "python -m egm make-demo --mirror {MIRROR} --dataset-repo {params.dataset_repo}"
+            "python -m egm make-demo --mirror {params.mirror:q} --dataset-repo {params.dataset_repo}"
             " --model-repo {params.demo[model_repo]} --seed {params.demo[seed]}"
             " --train-images {params.demo[n_train_images]} --eval-per-split {params.demo[n_eval_per_split]}"
             " --summary {output} > {log} 2>&1"
@@ -31,20 +32,22 @@ rule fetch_dataset:
     output:
         manifest="resources/manifests/dataset.json",
         splits=split_files(),
-        rl=expand(f"{DATASET_DIR}/processed_rl_data/{{part}}_grounding.parquet", part=RL_PARTS),
-        flip=f"{DATASET_DIR}/coco_flip.tar",
+        rl=[f"{DATASET_DIR}/{rel}" for rel in DATASET_FILES["rl"]],
+        flip=f"{DATASET_DIR}/{DATASET_FILES['flip']}",
     params:
         dataset=config["dataset"],
         checksums=json_arg(config["dataset"]["checksums"]),
-        mirror=mirror_arg(),
+        mirror=mirror_arg(config["dataset"]["repo_id"]),
     container:
         image_for("cpu")
     log:
         "logs/fetch_dataset.log",
+    # DATASET_REQUIRED is neither a param nor spelled out here on purpose: it is a check, not
+    # what the fetch produces, so adding a split or a training run does not fetch the data again.
     shell:
         "python -m egm fetch --repo-type dataset --repo-id {params.dataset[repo_id]}"
         " --revision {params.dataset[revision]} --allow {params.dataset[allow_patterns]:q}"
-        " --checksums {params.checksums} {params.mirror} --dest {DATASET_DIR} --manifest {output.manifest} > {log} 2>&1"
+        " --require {DATASET_REQUIRED} --checksums {params.checksums} {params.mirror} --dest {DATASET_DIR} --manifest {output.manifest} > {log} 2>&1"
 
 
 rule extract_images:
