@@ -151,6 +151,40 @@ def cmd_predict(args: argparse.Namespace) -> None:
         log.info("done: %s", summary)
     if args.run_record:
         write_json(args.run_record, provenance)
+    unanswered = [s["split"] for s in summaries if s["problem"]]
+    if unanswered:
+        # Last, where a user reads first: the job succeeded, but not for every split.
+        log.warning("%d split(s) with no valid record, not answered (their metrics say why): %s",
+                    len(unanswered), ", ".join(unanswered))
+
+
+def cmd_validate_split(args: argparse.Namespace) -> None:
+    from egm.data.validation import validate_split
+    from egm.io import write_json
+
+    report = validate_split(args.split, args.image_root)
+    for bad in report["bad_records"]:
+        log.warning("%s: bad record: %s", bad["where"], bad["reason"])
+    write_json(args.out, report)
+    if report["error"]:
+        log.warning("%s: NO VALID RECORD, it will have no score (the other splits go on): %s",
+                    report["name"], report["error"])
+    else:
+        log.info("%s: %d valid record(s), %d bad", report["name"], report["valid"], report["bad"])
+
+
+def cmd_validate_parquet(args: argparse.Namespace) -> None:
+    from egm.data.validation import ValidationError, validate_rl_parquet
+    from egm.io import write_json
+
+    report = validate_rl_parquet(args.parquet, args.image_root)
+    for bad in report["bad_records"]:
+        log.warning("%s: bad row: %s", bad["where"], bad["reason"])
+    if report["error"]:
+        raise ValidationError(report["error"])
+    write_json(args.out, report)
+    log.info("%s: %d usable row(s) of %d, %d bad (left out by training)", args.parquet, report["valid"],
+             report["rows"], report["bad"])
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -158,7 +192,10 @@ def cmd_score(args: argparse.Namespace) -> None:
     from egm.metrics import read_prediction_rows, summarize_predictions
     from egm.provenance import code_record, image_record
 
+    from egm.data.validation import unscored
+
     metrics = summarize_predictions(read_prediction_rows(args.predictions), args.model, args.split)
+    metrics.update(unscored(metrics, read_json(args.validation) if args.validation else None))
     if args.run_record:
         metrics["provenance"] = {
             **read_json(args.run_record),
@@ -166,7 +203,10 @@ def cmd_score(args: argparse.Namespace) -> None:
             "scored_by": {"egm": code_record(), "image": image_record()},
         }
     write_json(args.out, metrics)
-    log.info("%s %s: Acc@0.5 %s over %d", args.model, args.split, metrics["acc_at_0.5"], metrics["n_scored"])
+    if "no_score" in metrics:
+        log.warning("%s %s: no score: %s", args.model, args.split, metrics["no_score_reason"])
+    else:
+        log.info("%s %s: Acc@0.5 %s over %d", args.model, args.split, metrics["acc_at_0.5"], metrics["n_scored"])
 
 
 def _load_metrics(paths: list[str]) -> list[dict]:
@@ -368,6 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
     p.set_defaults(func=cmd_extract)
 
+    p = sub.add_parser("validate-split", help="check one eval split before predict; write its report")
+    p.add_argument("split", help="eval split JSONL")
+    p.add_argument("--image-root", required=True)
+    p.add_argument("--out", required=True, help="JSON report: valid and bad records (file:line, reason)")
+    p.set_defaults(func=cmd_validate_split)
+
+    p = sub.add_parser("validate-parquet", help="check one RL parquet before training; fail when no row is usable")
+    p.add_argument("parquet", help="RL parquet as fetched (image paths are relocated as the rewrite does)")
+    p.add_argument("--image-root", required=True)
+    p.add_argument("--out", required=True, help="JSON report: usable and bad rows (file: row N, reason)")
+    p.set_defaults(func=cmd_validate_parquet)
+
     p = sub.add_parser("rewrite-parquet", help="point the RL parquet's image paths at the extracted images")
     p.add_argument("src")
     p.add_argument("dst")
@@ -392,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--split", required=True)
     p.add_argument("--run-record", default=None, help="predict's provenance record: copied into the metrics")
+    p.add_argument("--validation", default=None, help="the split's validation report: why a split has no score")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("report-table", help="the RefCOCO table and the paper comparison")
@@ -493,8 +546,9 @@ def _expected(err: BaseException) -> bool:
     from egm.data.hub import FetchError
     from egm.data.parquet import ParquetRewriteError
     from egm.data.splits import SplitError
+    from egm.data.validation import ValidationError
 
-    if isinstance(err, (ArchiveError, FetchError, ParquetRewriteError, SplitError, FileNotFoundError)):
+    if isinstance(err, (ArchiveError, FetchError, ParquetRewriteError, SplitError, ValidationError, FileNotFoundError)):
         return True
     # The hub client's own errors (unknown repo, gated, offline, HTTP): their messages say it all.
     return type(err).__module__.split(".")[0] == "huggingface_hub"

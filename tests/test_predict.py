@@ -105,3 +105,44 @@ def test_bad_record_is_kept_as_a_row_and_named_in_the_log(tiny_dir, tmp_path):
     assert [r["line"] for r in rows] == [1, 2, 3, 4]
     assert rows[2]["status"] == "bad_record" and rows[2]["error"]
     assert all(r["status"] == "ok" for i, r in enumerate(rows) if i != 2)
+
+
+def test_split_with_no_valid_record_costs_only_itself(tiny_dir, tmp_path):
+    """Issue 18 point 1: an empty split and an all-bad split are not answered and say so; the job
+    succeeds and every other split's predictions are written."""
+    split, manifest = make_split(tmp_path, n=3)
+    empty = tmp_path / "refcocog_test.jsonl"
+    empty.write_text("")
+    all_bad = tmp_path / "refcocog_val.jsonl"
+    all_bad.write_text('{"id": 1, "image": "/data/coco/train2014/none.jpg", "sent": "x", "bbox": [1, 1, 5, 5], '
+                       '"width": 96, "height": 96}\n')
+    out = tmp_path / "pred"
+    cmd = predict_cmd(tiny_dir, split, manifest, out, tmp_path)
+    cmd[cmd.index("--splits") + 1: cmd.index("--splits") + 2] = [str(empty), str(split), str(all_bad)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["status"] for r in read_rows(out / "refcoco_val.jsonl")] == ["ok"] * 3
+    assert (out / "refcocog_test.jsonl").read_text() == ""
+    [row] = read_rows(out / "refcocog_val.jsonl")
+    assert row["status"] == "bad_record" and "file not found" in row["error"]
+    assert f"{empty}: no valid record" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "2 split(s) with no valid record, not answered" in last and "refcocog_test, refcocog_val" in last
+
+
+def test_cached_answer_is_reused_only_for_the_same_record(tiny_dir, tmp_path):
+    """A split fixed in place: lines whose record changed are answered again, the rest reused."""
+    split, manifest = make_split(tmp_path, n=3)
+    out = tmp_path / "pred"
+    cmd = predict_cmd(tiny_dir, split, manifest, out, tmp_path)
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    lines = split.read_text().splitlines()
+    lines[1] = lines[1].replace('"the shape 1"', '"the other shape"')
+    split.write_text("\n".join(lines) + "\n")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "line 2: the record changed since it was answered" in result.stderr
+    assert "3 records, 2 already answered" in result.stderr
+    rows = read_rows(out / "refcoco_val.jsonl")
+    assert [r["sent"] for r in rows] == ["the shape 0", "the other shape", "the shape 2"]
+    assert "the other shape" in rows[1]["prompt"]

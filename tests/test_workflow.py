@@ -115,7 +115,8 @@ def test_demo_end_to_end_then_incremental(tmp_path):
     assert stages_after(lambda c: c["inference"].update(max_tokens=12)) == {"predict", "score", "scaling", "report"}
     assert stages_after(lambda c: c["report"].update(tolerance=1.0)) == {"report"}
     assert stages_after(lambda c: c["dataset"].update(revision="v2")) == {
-        "fetch_dataset", "extract_images", "rewrite_rl_parquet", "train", "predict", "score", "scaling", "report"}
+        "fetch_dataset", "extract_images", "validate", "rewrite_rl_parquet", "train", "predict", "score", "scaling",
+        "report"}
     assert stages_after(lambda c: c["models"]["tiny-base"].update(revision="v2")) == {
         "fetch_model", "train", "predict", "score", "scaling", "report"}  # the training run starts from tiny-base
     assert stages_after(lambda c: c["scaling"].update(answer_max_tokens=6)) == {"scaling", "report"}

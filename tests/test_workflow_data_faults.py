@@ -1,7 +1,11 @@
 """Issue 18 through real Snakemake, as a new user meets it: an offline mirror with the faults of
-real downloads (files missing), and mirrors kept in folders of their own."""
+real downloads (files missing, an empty split), and mirrors kept in folders of their own."""
 
+import json
 import re
+import shutil
+
+import pytest
 
 from egm.data.demo import write_demo_dataset
 from tests.workflow_helpers import copy_workflow, run_snakemake, small_demo_config, write_config
@@ -59,3 +63,58 @@ def test_mirror_as_list_or_mapping_in_the_schema(tmp_path):
     for bad in ([], {}, "", [1]):
         rc, out = planned_fetches(bad)
         assert rc != 0 and "mirror" in out, bad
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_one_empty_split_costs_only_itself_then_rerun_answers_only_it(tmp_path):
+    """Points 1 and 2: with refcocog_test empty, the validation rule reports it before predict
+    starts; the other splits are predicted, scored and tabled; the empty one's metrics say why it
+    has no score and the table marks it. Fixing the split answers only that split."""
+    copy_workflow(tmp_path)
+    config = small_demo_config()
+    config["train"]["runs"] = {}
+    config["report"]["expected"] = {"tiny-base": {"acc": [0, 100]}}
+    configfile = write_config(tmp_path, config)
+    result = run_snakemake(tmp_path, configfile, "--show-failed-logs", "resources/demo_mirror.json")
+    assert result.returncode == 0, result.stderr[-4000:]
+    split_in_mirror = tmp_path / "resources/demo_mirror" / DATASET / "metadata/eval/refcocog_test.jsonl"
+    original = split_in_mirror.read_text()
+    split_in_mirror.write_text("")
+
+    result = run_snakemake(tmp_path, configfile, "--show-failed-logs", "table_refcoco")
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = result.stderr
+    validated = log.index("wildcards: split=refcocog_test")
+    assert log.rindex("rule validate_split:", 0, validated) < log.index("rule predict:")
+    report = json.loads((tmp_path / "results/validation/refcocog_test.json").read_text())
+    assert report["valid"] == 0 and "no valid record (0 bad: the file has no records)" in report["error"]
+    assert "NO VALID RECORD" in (tmp_path / "logs/validate/refcocog_test.log").read_text().strip().splitlines()[-1]
+
+    predictions, metrics = tmp_path / "results/predictions/tiny-base", tmp_path / "results/metrics/tiny-base"
+    for split in config["splits"]:
+        scores = json.loads((metrics / f"{split}.json").read_text())
+        if split == "refcocog_test":
+            assert (predictions / f"{split}.jsonl").read_text() == ""
+            assert scores["acc_at_0.5"] is None and scores["n_scored"] == 0
+            assert scores["no_score"] == "no valid record" and scores["no_score_reason"] == report["error"]
+        else:
+            assert len(_rows(predictions / f"{split}.jsonl")) == 4 and scores["n_scored"] == 4
+    table = (tmp_path / "results/tables/refcoco.md").read_text()
+    assert "n/a (no valid record)" in table and report["error"] in table
+
+    # The fix: the split file put right where the workflow reads it; only it is answered.
+    (tmp_path / "resources/hub" / DATASET / "metadata/eval/refcocog_test.jsonl").write_text(original)
+    result = run_snakemake(tmp_path, configfile, "--show-failed-logs", "table_refcoco")
+    assert result.returncode == 0, result.stderr[-4000:]
+    predict_log = (tmp_path / "logs/predict/tiny-base.log").read_text()
+    for split in config["splits"]:
+        answered = "0 already answered" if split == "refcocog_test" else "4 already answered"
+        assert f"{split}: 4 records, {answered}" in predict_log, split
+    assert predict_log.count("loading ") == 1  # one engine load, for the one split left
+    assert json.loads((metrics / "refcocog_test.json").read_text())["n_scored"] == 4
+    assert "n/a" not in (tmp_path / "results/tables/refcoco.md").read_text()
+    shutil.rmtree(tmp_path / "resources/demo_mirror", ignore_errors=True)

@@ -21,6 +21,7 @@ STAGES = [
     ("resources/manifests/dataset", "fetch_dataset"),
     ("resources/hub/", "fetch_dataset"),
     ("resources/manifests/images-", "extract_images"),
+    ("results/validation/", "validate"),
     ("resources/rl/", "rewrite_rl_parquet"),
     ("resources/manifests/model-", "fetch_model"),
     ("resources/manifests/start-", "fetch_model"),

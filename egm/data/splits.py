@@ -1,8 +1,9 @@
 """Load and validate an eval split (`metadata/eval/{split}.jsonl`).
 
 A bad line never takes the split down: it becomes a BadRecord with the reason, is reported,
-and is scored as such downstream, so the denominator of every metric stays visible. Only a
-missing file or a split with no valid record at all raises.
+and is scored as such downstream, so the denominator of every metric stays visible. A split with
+no valid record at all is `read_split`'s to report (SplitData.problem) and `load_split`'s to
+raise; a missing file raises in both.
 
 Decisions:
 - bbox is [x1, y1, x2, y2] with strict x1 < x2 and y1 < y2: a zero-area box has IoU 0 with any
@@ -80,6 +81,14 @@ class SplitData:
             "bad": len(self.bad),
             "first_bad": [str(b) for b in self.bad[:max_bad]],
         }
+
+    @property
+    def problem(self) -> str | None:
+        """Why the split cannot be scored (no valid record), naming the file; None if it can."""
+        if self.records:
+            return None
+        detail = "; ".join(str(b) for b in self.bad[:3]) or "the file has no records"
+        return f"{self.path}: no valid record ({len(self.bad)} bad: {detail})"
 
 
 class _Bad(Exception):
@@ -161,10 +170,19 @@ def _image_size(path: str, cache: dict[str, tuple[int, int] | str]) -> tuple[int
 
 
 def load_split(path: Path, image_root: str, check_images: bool = True, limit: int | None = None) -> SplitData:
+    """read_split, raising SplitError when the split has no valid record."""
+    split = read_split(path, image_root, check_images=check_images, limit=limit)
+    if split.problem:
+        raise SplitError(split.problem)
+    return split
+
+
+def read_split(path: Path, image_root: str, check_images: bool = True, limit: int | None = None) -> SplitData:
     """Read `path`, keeping valid records (up to `limit`) and reporting the others as bad.
 
     With `check_images`, each record's image must exist and have the record's width/height.
-    With `limit`, reading stops after that many valid records (smoke and demo runs).
+    With `limit`, reading stops after that many valid records (smoke and demo runs). A split
+    with no valid record is returned as it is (its `problem` says so); a missing file raises.
     """
     path = Path(path)
     if limit is not None and limit < 1:
@@ -197,8 +215,4 @@ def load_split(path: Path, image_root: str, check_images: bool = True, limit: in
             split.records.append(EvalRecord(number, rid, image, image_path, sent, box, width, height))
             if limit is not None and len(split.records) >= limit:
                 break
-
-    if not split.records:
-        detail = "; ".join(str(b) for b in split.bad[:3]) or "the file has no records"
-        raise SplitError(f"{path}: no valid record ({len(split.bad)} bad: {detail})")
     return split

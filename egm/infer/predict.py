@@ -5,7 +5,12 @@ Resumable: finished records are appended (and fsynced) to a work file under
 decoding options). A rerun after a kill skips them; the final per-split file is written
 atomically, in the split's line order, only once the split is complete. Because the work file
 outlives the final file, Snakemake deleting outputs before a rerun (for example when a split is
-added) costs no inference for splits already answered under the same settings.
+added) costs no inference for splits already answered under the same settings. A cached answer
+is reused only for the record it answered (same id, image, expression, box and size on that
+line), so a split file fixed in place is answered again where its records changed.
+
+A split with no valid record costs only itself: its prediction file holds its bad records (or
+nothing), its metrics say why it has no score, and the other splits are answered as usual.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from egm.data.splits import SplitData, load_split
+from egm.data.splits import SplitData, read_split
 from egm.grounding import build_prompt, evaluate_answer
 from egm.infer.engine import Engine, Request
 from egm.io import atomic_write
@@ -76,6 +81,11 @@ def predict_split(
     batch_size: int,
 ) -> dict:
     done = read_work_file(work_path)
+    for rec in split.records:
+        cached = done.get(rec.line)
+        if cached is not None and any(cached.get(k) != v for k, v in _record_base(split_name, rec).items()):
+            log.info("%s line %d: the record changed since it was answered; answering it again", split_name, rec.line)
+            del done[rec.line]
     pending = [rec for rec in split.records if rec.line not in done]
     total = len(split.records)
     newly_answered = len(pending)
@@ -125,7 +135,8 @@ def predict_split(
     with atomic_write(out_path, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return {"split": split_name, "records": total, "bad_records": len(split.bad), "newly_answered": newly_answered}
+    return {"split": split_name, "records": total, "bad_records": len(split.bad), "newly_answered": newly_answered,
+            "problem": split.problem}
 
 
 def split_name_of(path: Path) -> str:
@@ -154,9 +165,11 @@ def predict_model(
     try:
         for path in split_files:
             name = split_name_of(path)
-            split = load_split(Path(path), image_root, limit=limit)
+            split = read_split(Path(path), image_root, limit=limit)
             for bad in split.bad:
                 log.warning("%s:%d: bad record skipped: %s", path, bad.line, bad.reason)
+            if split.problem:
+                log.warning("%s: not answered, %s; its metrics will say so, the other splits go on", name, split.problem)
             summaries.append(
                 predict_split(
                     split,

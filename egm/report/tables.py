@@ -77,6 +77,8 @@ class ModelSummary:
     unparseable: int = 0
     scored: int = 0
     provenance: list[dict[str, str]] = field(default_factory=list)  # egm.provenance.flatten, per split
+    # Splits whose metrics say they have no score (e.g. no valid record): split -> (label, reason).
+    no_score: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def average(self, splits: Sequence[str]) -> float:
         """Unweighted mean over `splits`, NaN unless every one of them has a score.
@@ -141,6 +143,8 @@ def summarise(
             summary.unparseable += _count(entry.get("n_unparseable"))
             summary.scored += _count(entry.get("n_scored"))
             summary.provenance.append(prov.flatten(entry.get("provenance"), key))
+            if entry.get("no_score"):
+                summary.no_score[split] = (str(entry["no_score"]), str(entry.get("no_score_reason") or ""))
         summaries.append(summary)
     return summaries
 
@@ -175,7 +179,13 @@ def refcoco_table(
     df[float_columns] = df[float_columns].astype("float64")
     df[["bad records", "unparseable"]] = df[["bad records", "unparseable"]].astype("int64")
     # Notes ride with the frame so any caller of write_table gets them without extra arguments.
-    df.attrs["notes"] = refcoco_notes(configured)
+    df.attrs["notes"] = refcoco_notes(configured) + no_score_notes(summaries)
+    df.attrs["cell_labels"] = {
+        (position, split): no_score_label(label)
+        for position, m in enumerate(summaries)
+        for split, (label, _) in m.no_score.items()
+        if split in present
+    }
     df.attrs["empty_note"] = "No metrics for any configured model and split."
     df.attrs["provenance"] = row_provenance(summaries)
     return df
@@ -195,6 +205,7 @@ def paper_comparison(
     summaries = {m.key: m for m in summarise(metrics, models, configured)}
     known = set(paper.paper_models())
     rows = []
+    labels: dict[tuple[int, str], str] = {}
     for key, spec in models.items():
         paper_model = (spec or {}).get("paper")
         if not paper_model:
@@ -218,6 +229,9 @@ def paper_comparison(
             else:
                 reproduced = summary.acc.get(split, math.nan) if split in configured else math.nan
             diff = reproduced - paper_value
+            unscored = summary.no_score.get(split) if summary is not None else None
+            if unscored:
+                labels[(len(rows), "reproduced")] = no_score_label(unscored[0])
             rows.append(
                 {
                     "model": display,
@@ -227,13 +241,16 @@ def paper_comparison(
                     "paper": paper_value,
                     "reproduced": reproduced,
                     "diff": diff,
-                    "verdict": verdict(reproduced, paper_value - tolerance, paper_value + tolerance),
+                    "verdict": no_score_label(unscored[0]) if unscored
+                    else verdict(reproduced, paper_value - tolerance, paper_value + tolerance),
                 }
             )
     df = pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
+    df.attrs["cell_labels"] = labels
     df[["paper", "reproduced", "diff"]] = df[["paper", "reproduced", "diff"]].astype("float64")
     compared = {spec.get("paper") for spec in models.values() if spec}
-    df.attrs["notes"] = comparison_notes(df, tolerance, [m for m in paper.REFCOCO_ACC if m not in compared])
+    df.attrs["notes"] = comparison_notes(df, tolerance, [m for m in paper.REFCOCO_ACC if m not in compared]) + \
+        no_score_notes(s for k, s in summaries.items() if (models.get(k) or {}).get("paper"))
     df.attrs["empty_note"] = NO_COUNTERPART_NOTE
     df.attrs["provenance"] = row_provenance(s for k, s in summaries.items() if (models.get(k) or {}).get("paper"))
     return df
@@ -345,9 +362,11 @@ def _format_cell(value: Any, signed: bool, labels: Mapping[str, str]) -> str:
 
 
 def _rows(df: pd.DataFrame, labels: Mapping[str, str], signed_columns: Sequence[str]) -> list[list[str]]:
+    # A gap with a known cause (a split without a score) says so instead of the bare MISSING.
+    cell_labels = df.attrs.get("cell_labels") or {}
     return [
-        [_format_cell(v, c in signed_columns, labels) for c, v in zip(df.columns, row)]
-        for row in df.itertuples(index=False, name=None)
+        [cell_labels.get((position, c)) or _format_cell(v, c in signed_columns, labels) for c, v in zip(df.columns, row)]
+        for position, row in enumerate(df.itertuples(index=False, name=None))
     ]
 
 
@@ -455,7 +474,9 @@ def write_table(
 
     In the Markdown and LaTeX, column headers and string cells found in `labels` (default: split
     ids to paper labels) are relabelled, numbers get one decimal (`signed_columns` with a sign),
-    and missing values show as "–". `notes`, `empty_note` and the rows' provenance (label ->
+    and missing values show as "–", or as the text `df.attrs["cell_labels"]` gives for that cell
+    ({(row position, column): text}: a split without a score says why). `notes`, `empty_note` and
+    the rows' provenance (label ->
     egm.provenance fields) come from `df.attrs` where the table builders put them; provenance
     becomes extra CSV columns, a Markdown section and LaTeX comments. Returns the paths written.
     """
@@ -503,6 +524,21 @@ def refcoco_notes(splits: Sequence[str]) -> list[str]:
             "The configured splits differ from the paper's 8, so Avg is not comparable with "
             "the paper's Avg."
         )
+    return notes
+
+
+def no_score_label(label: str) -> str:
+    return f"n/a ({label})"
+
+
+def no_score_notes(summaries: Iterable[ModelSummary]) -> list[str]:
+    """One note per split without a score, with the reason its metrics give; Avg stays empty."""
+    notes = []
+    for m in summaries:
+        for split, (label, reason) in m.no_score.items():
+            notes.append(f"{no_score_label(label)}: {m.display}, {SPLIT_LABELS.get(split, split)} has no score "
+                         f"({reason or label}); its Avg is left empty, since a mean over fewer splits is not the "
+                         "paper's Avg.")
     return notes
 
 

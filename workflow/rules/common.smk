@@ -118,6 +118,11 @@ def dataset_required():
 DATASET_REQUIRED = dataset_required()
 
 
+def validation_reports():
+    """The eval splits' validation reports (validate_split), which predict waits for."""
+    return expand("results/validation/{split}.json", split=SPLITS)
+
+
 # Containers and cluster resources. Every rule names its image through image_for() and what it
 # asks a scheduler for through cpu_job() / model_job(); without --use-apptainer (or a profile
 # that sets it) and without a cluster executor, neither changes how a rule runs.

@@ -66,10 +66,48 @@ rule extract_images:
         " --fetch-manifest {input} --dest {IMAGE_ROOT} --manifest {output} > {log} 2>&1"
 
 
+# Validation: every configured split and RL parquet, on the CPU, before any GPU job reads them
+# (egm/data/validation.py). A split with no valid record is reported, not fatal: it costs only its
+# own score. An RL parquet with no usable row fails here rather than in a training job.
+
+
+rule validate_split:
+    input:
+        split=f"{DATASET_DIR}/metadata/eval/{{split}}.jsonl",
+        images="resources/manifests/images-coco.json",
+    output:
+        "results/validation/{split}.json",
+    container:
+        image_for("cpu")
+    resources:
+        **cpu_job(),
+    log:
+        "logs/validate/{split}.log",
+    shell:
+        "python -m egm validate-split {input.split} --image-root {IMAGE_ROOT} --out {output} > {log} 2>&1"
+
+
+rule validate_rl_parquet:
+    input:
+        parquet=f"{DATASET_DIR}/processed_rl_data/{{part}}_grounding.parquet",
+        images=expand("resources/manifests/images-{archive}.json", archive=["coco", "coco_flip"]),
+    output:
+        "results/validation/rl_{part}.json",
+    container:
+        image_for("cpu")
+    resources:
+        **cpu_job(),
+    log:
+        "logs/validate/rl_{part}.log",
+    shell:
+        "python -m egm validate-parquet {input.parquet} --image-root {IMAGE_ROOT} --out {output} > {log} 2>&1"
+
+
 rule rewrite_rl_parquet:
     input:
         parquet=f"{DATASET_DIR}/processed_rl_data/{{part}}_grounding.parquet",
         images=expand("resources/manifests/images-{archive}.json", archive=["coco", "coco_flip"]),
+        validation="results/validation/rl_{part}.json",
     output:
         "resources/rl/{part}.parquet",
     container:

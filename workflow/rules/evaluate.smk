@@ -5,6 +5,8 @@ rule score:
     input:
         predictions="results/predictions/{model}/{split}.jsonl",
         run="results/predictions/{model}/run.json",
+        # Why a split has no score, when it has none (no valid record).
+        validation="results/validation/{split}.json",
     output:
         "results/metrics/{model}/{split}.json",
     container:
@@ -15,4 +17,4 @@ rule score:
         "logs/score/{model}/{split}.log",
     shell:
         "python -m egm score {input.predictions} {output} --model {wildcards.model} --split {wildcards.split}"
-        " --run-record {input.run} > {log} 2>&1"
+        " --run-record {input.run} --validation {input.validation} > {log} 2>&1"

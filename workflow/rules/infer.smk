@@ -20,6 +20,8 @@ rule predict:
         splits=split_files(),
         images="resources/manifests/images-coco.json",
         data="resources/manifests/dataset.json",
+        # Every split checked on the CPU first: a broken split is reported before a GPU is asked for.
+        validation=validation_reports(),
     output:
         splits=expand("results/predictions/{{model}}/{split}.jsonl", split=SPLITS),
         # Provenance (egm.provenance): what produced these answers, copied into every metrics file.
