@@ -6,7 +6,7 @@
 #   benchmarks/gpu_pipeline.sh run TARGETS...      # snakemake those targets, then write the record
 #
 # The record (benchmarks/gpu_pipeline.py) goes to $OUT/gpu-pipeline-h200.json where OUT is set,
-# else to results/gpu-pipeline.json; the run's logs and small outputs are packed beside it.
+# else under results/; the run's logs and small outputs are packed beside it.
 # Every GPU job runs alone (--resources gpu=1), so each job's wall time is its own.
 set -uo pipefail
 site=${EGM_SITE:-/tmp/egm-site}
@@ -21,19 +21,35 @@ if [ "$cmd" = install ]; then
   exit 0
 fi
 
+# Every step is time-boxed and logs, with a timestamp, to $out/gpu-run.log as it goes: on the
+# GPU machine a call that outlives its limit returns nothing under $OUT, so the command must end
+# on its own, well inside that limit (EGM_RUN_TIMEOUT: seconds for Snakemake, the rest ~2 min).
+mkdir -p "$out"
+runlog="$out/gpu-run.log"
+step() { echo "== $(date +%T) $*" | tee -a "$runlog"; }
+
 # Rules call `python -m egm`; console scripts (vllm serve, snakemake) live in the site's bin.
-mkdir -p /tmp/egm-bin && ln -sf "$(command -v python3)" /tmp/egm-bin/python
+# A wrapper, not a symlink: a venv's python reached through a symlink elsewhere loses the venv.
+mkdir -p /tmp/egm-bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" >/tmp/egm-bin/python &&
+  chmod +x /tmp/egm-bin/python
 export PATH="$site/bin:/tmp/egm-bin:$PATH" PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-# A run cut short (EGM_RUN_TIMEOUT seconds, SIGINT: Snakemake marks what it stopped as incomplete)
-# still gets its record written; the next run unlocks the directory and answers what is missing.
-python3 -m snakemake --unlock --configfile config/gpu-smoke.yaml >/dev/null 2>&1
+step "device"; timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$runlog" 2>&1
+step "python -m egm starts"; timeout 60 python -m egm --help >/dev/null 2>>"$runlog"
+# A run cut short (SIGINT: Snakemake marks what it stopped as incomplete) still gets its record
+# written; the next run unlocks the directory and answers what is missing.
+step "unlock"; timeout 60 python3 -m snakemake --unlock --configfile config/gpu-smoke.yaml >/dev/null 2>&1
+step "snakemake $*"
 # Targets first: --resources and --configfile take every word after them.
-timeout -s INT "${EGM_RUN_TIMEOUT:-0}" python3 -m snakemake "$@" --cores "$(nproc)" --keep-going \
-  --rerun-incomplete --scheduler greedy --resources gpu=1 --configfile config/gpu-smoke.yaml
+timeout -s INT -k 60 "${EGM_RUN_TIMEOUT:-0}" python3 -m snakemake "$@" --cores "$(nproc)" --keep-going \
+  --rerun-incomplete --scheduler greedy --resources gpu=1 --configfile config/gpu-smoke.yaml >>"$runlog" 2>&1
 status=$?
-python3 benchmarks/gpu_pipeline.py --config config/gpu-smoke.yaml --out "$out/gpu-pipeline-h200.json"
-tar -czf "$out/gpu-run.tar.gz" logs results/metrics results/latency results/tables results/figures \
+step "snakemake exit $status; record"
+timeout 60 python3 benchmarks/gpu_pipeline.py --config config/gpu-smoke.yaml --out "$out/gpu-pipeline-h200.json" \
+  >>"$runlog" 2>&1
+step "pack"
+timeout 30 tar -czf "$out/gpu-run.tar.gz" logs results/metrics results/latency results/tables results/figures \
   results/scaling results/predictions/*/run.json results/predictions/*/*.jsonl 2>/dev/null
+step "done"
+tail -n 40 "$runlog"
 exit $status
