@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from egm.models.architectures import ARCHS  # noqa: E402  (after the path above)
+from egm.models.architectures import architecture_config  # noqa: E402  (after the path above)
 
 # Qwen3-VL's special token ids.
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
@@ -43,33 +43,10 @@ TINY_IDS = dict(im_end=990, endoftext=991, vision_start=992, vision_end=993, ima
 
 
 def build_config(name: str):
-    from transformers import Qwen3VLConfig
-
-    a = ARCHS[name]
-    tiny = name == "tiny"
-    ids = TINY_IDS if tiny else dict(im_end=IM_END, endoftext=ENDOFTEXT, vision_start=VISION_START,
-                                     vision_end=VISION_END, image_pad=IMAGE_PAD, video_pad=VIDEO_PAD)
-    text = dict(
-        vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["mlp"],
-        num_hidden_layers=a["layers"], num_attention_heads=a["heads"], num_key_value_heads=a["kv"],
-        head_dim=a["head_dim"], hidden_act="silu", rms_norm_eps=1e-6,
-        max_position_embeddings=4096 if tiny else 262144,
-        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                         "mrope_section": a["mrope"], "mrope_interleaved": True},
-        tie_word_embeddings=a["tied"], bos_token_id=ids["endoftext"], eos_token_id=ids["im_end"],
-        pad_token_id=ids["endoftext"],
-    )
-    vision = dict(
-        depth=a["v_depth"], hidden_size=a["v_hidden"], intermediate_size=a["v_mlp"], num_heads=a["v_heads"],
-        patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=a["hidden"],
-        num_position_embeddings=a["positions"], deepstack_visual_indexes=a["deepstack"],
-        hidden_act="gelu_pytorch_tanh", in_channels=3,
-    )
-    return Qwen3VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
-        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
-        tie_word_embeddings=a["tied"],
-    ), ids
+    """The architecture with Qwen3-VL's own special-token ids (inputs here are built from ids)."""
+    ids = TINY_IDS if name == "tiny" else dict(im_end=IM_END, endoftext=ENDOFTEXT, vision_start=VISION_START,
+                                               vision_end=VISION_END, image_pad=IMAGE_PAD, video_pad=VIDEO_PAD)
+    return architecture_config(name, ids), ids
 
 
 def build_model(name: str, device: str, dtype):

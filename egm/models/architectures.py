@@ -33,26 +33,32 @@ ARCHS = {
 }
 
 
-def architecture_config(arch: str, tokenizer):
-    """A Qwen3VLConfig of `arch` whose special-token ids are `tokenizer`'s (the demo tokenizer)."""
-    from transformers import Qwen3VLConfig
-
+def tokenizer_ids(tokenizer) -> dict:
+    """The special-token ids `architecture_config` needs, as `tokenizer` numbers them."""
     from egm.models import tiny
+
+    names = {"im_end": tiny.IM_END, "endoftext": tiny.ENDOFTEXT, "vision_start": tiny.VISION_START,
+             "vision_end": tiny.VISION_END, "image_pad": tiny.IMAGE_PAD, "video_pad": tiny.VIDEO_PAD}
+    return {key: tokenizer.convert_tokens_to_ids(token) for key, token in names.items()}
+
+
+def architecture_config(arch: str, ids: dict):
+    """A Qwen3VLConfig of `arch` with the special-token ids `ids` (keys as `tokenizer_ids` gives)."""
+    from transformers import Qwen3VLConfig
 
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
     a = ARCHS[arch]
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
-    if a["vocab"] < len(tokenizer):
-        raise ValueError(f"{arch}: vocabulary {a['vocab']} is smaller than the tokenizer's {len(tokenizer)}")
+    if max(ids.values()) >= a["vocab"]:
+        raise ValueError(f"{arch}: vocabulary {a['vocab']} has no room for token id {max(ids.values())}")
     text = dict(
         vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["mlp"], num_hidden_layers=a["layers"],
         num_attention_heads=a["heads"], num_key_value_heads=a["kv"], head_dim=a["head_dim"], hidden_act="silu",
         rms_norm_eps=1e-6, max_position_embeddings=262144,
         rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": a["mrope"],
                          "mrope_interleaved": True},
-        tie_word_embeddings=a["tied"], bos_token_id=ids[tiny.ENDOFTEXT], eos_token_id=ids[tiny.IM_END],
-        pad_token_id=ids[tiny.ENDOFTEXT],
+        tie_word_embeddings=a["tied"], bos_token_id=ids["endoftext"], eos_token_id=ids["im_end"],
+        pad_token_id=ids["endoftext"],
     )
     vision = dict(
         depth=a["v_depth"], hidden_size=a["v_hidden"], intermediate_size=a["v_mlp"], num_heads=a["v_heads"],
@@ -61,9 +67,9 @@ def architecture_config(arch: str, tokenizer):
         hidden_act="gelu_pytorch_tanh", in_channels=3,
     )
     return Qwen3VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids[tiny.IMAGE_PAD],
-        video_token_id=ids[tiny.VIDEO_PAD], vision_start_token_id=ids[tiny.VISION_START],
-        vision_end_token_id=ids[tiny.VISION_END], tie_word_embeddings=a["tied"],
+        text_config=text, vision_config=vision, image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+        tie_word_embeddings=a["tied"],
         # The released checkpoints are bf16; engines that read `dtype: auto` take it from here.
         dtype="bfloat16",
     )
@@ -84,7 +90,7 @@ def write_architecture_model(out_dir: Path, arch: str, weights: bool = False, de
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny.build_tokenizer()
-    config = architecture_config(arch, tokenizer)
+    config = architecture_config(arch, tokenizer_ids(tokenizer))
     previous = torch.get_default_dtype()
     # Built in bf16 directly: an fp32 build of the 8B is twice the memory.
     torch.set_default_dtype(torch.bfloat16)
