@@ -27,6 +27,7 @@ include: "workflow/rules/scaling.smk"
 rule all:
     input:
         rules.table_refcoco.output,
+        rules.table_refcoco_thresholds.output,
         rules.figure_tradeoff.output,
         rules.figure_tokens.output,
         rules.table_latency.output,

@@ -242,6 +242,14 @@ def cmd_report_table(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_report_thresholds(args: argparse.Namespace) -> None:
+    from egm.report.tables import write_table
+    from egm.report.thresholds import TITLE, thresholds_table
+
+    table = thresholds_table(_load_metrics(args.metrics), _models_in_order(args.report), args.report["splits"])
+    write_table(table, Path(args.out_prefix), title=TITLE, signed_columns=())
+
+
 def cmd_report_figure(args: argparse.Namespace) -> None:
     from egm.report.figures import latency_by_model, tradeoff_figure
 
@@ -452,6 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, splits, tolerance, expected")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_report_table)
+
+    p = sub.add_parser("report-thresholds",
+                       help="lmms-eval's RefCOCO metrics (IoU, ACC@0.1-0.9, Center_ACC) beside the paper's Acc@0.5")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, splits")
+    p.add_argument("--out-prefix", required=True)
+    p.set_defaults(func=cmd_report_thresholds)
 
     p = sub.add_parser("report-figure", help="the accuracy vs latency trade-off figure")
     p.add_argument("--metrics", nargs="+", required=True)

@@ -1,13 +1,41 @@
-"""IoU and the paper's split metrics.
+"""IoU and the paper's split metrics, and lmms-eval's RefCOCO metrics over the same answers.
 
 Acc@0.5 counts IoU strictly greater than 0.5 (the RL reward uses >=, evaluation does not).
+
+lmms-eval's RefCOCO task (lmms_eval/tasks/refcoco/utils_rec.py, EvolvingLMMs-Lab/lmms-eval)
+scores each record with IoU, ACC@t for t in 0.1, 0.3, 0.5, 0.7, 0.9 and Center_ACC. We follow
+its definitions where they are about the boxes:
+
+- ACC@t: IoU >= t (inclusive), so a record at IoU exactly 0.5 counts for its ACC@0.5 and not
+  for the paper's Acc@0.5;
+- Center_ACC: the predicted box's centre ((x1 + x2) / 2, (y1 + y2) / 2) lies inside the ground
+  truth box, its edges included;
+- every metric is the plain mean of the per-record values over the split.
+
+Where we differ, on purpose, so that the paper's numbers and these come from the same boxes:
+
+- Boxes: lmms-eval prompts for 0-1 coordinates and compares them with the ground truth divided
+  by the image size; we use the paper's parser and its 0-1000 -> pixel boxes (egm.grounding).
+  IoU and centre containment do not change when both boxes are rescaled per axis, so pixels vs
+  normalised coordinates change nothing; the parser and the prompt do, so these are lmms-eval's
+  metrics over the paper's answers, not lmms-eval's run of the model.
+- IoU: the paper's (areas clipped at 0, an empty union gives 0). lmms-eval's does not clip, so
+  a reversed box has a negative area there (and an empty union divides by zero).
+- An answer without a box: lmms-eval scores [0, 0, 0, 0] in its place, IoU 0, but its centre
+  (0, 0) is "inside" a ground truth touching the image's top-left corner. Here it is a miss for
+  every metric, Center_ACC included, as the paper counts it for Acc@0.5.
+- Bad records (invalid data) are left out of the denominator, as for the paper's metrics;
+  lmms-eval has no such records.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 ACC_THRESHOLD = 0.5
+LMMS_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
+# lmms-eval's own metric names, so a reader can match our numbers with its output.
+LMMS_METRICS = ("IoU", *(f"ACC@{t}" for t in LMMS_THRESHOLDS), "Center_ACC")
 
 
 def iou(a: list[float], b: list[float]) -> float:
@@ -28,6 +56,29 @@ def acc_at_05(ious: Iterable[float]) -> float:
     if not values:
         return float("nan")
     return sum(1 for v in values if v > ACC_THRESHOLD) / len(values)
+
+
+def hit_at(value: float, threshold: float) -> bool:
+    """lmms-eval's ACC@t for one record: IoU at or above the threshold (the paper's is strictly above)."""
+    return value >= threshold
+
+
+def center_inside(pred: Sequence[float] | None, gt: Sequence[float]) -> bool:
+    """lmms-eval's Center_ACC for one record: the predicted box's centre inside the ground truth,
+    edges included. No predicted box is a miss (lmms-eval would test the centre of [0, 0, 0, 0])."""
+    if pred is None:
+        return False
+    cx, cy = (pred[0] + pred[2]) / 2, (pred[1] + pred[3]) / 2
+    return gt[0] <= cx <= gt[2] and gt[1] <= cy <= gt[3]
+
+
+def lmms_record(iou_value: float, pred: Sequence[float] | None, gt: Sequence[float]) -> dict[str, float]:
+    """One record's lmms-eval metrics (LMMS_METRICS), hits as 1.0 or 0.0."""
+    record = {"IoU": float(iou_value)}
+    for threshold in LMMS_THRESHOLDS:
+        record[f"ACC@{threshold}"] = float(hit_at(iou_value, threshold))
+    record["Center_ACC"] = float(center_inside(pred, gt))
+    return record
 
 
 def mean(values: Iterable[float]) -> float:
@@ -52,12 +103,14 @@ def summarize_predictions(rows: Iterable[dict], model: str, split: str) -> dict:
     """Split metrics from prediction rows (streamed once); IoU is recomputed from the raw answer.
 
     Bad records (invalid data, not model failures) are counted and listed but excluded from
-    the denominator; an answer with no parseable box scores IoU 0 and is counted.
+    the denominator; an answer with no parseable box scores IoU 0 and is counted. "lmms_eval"
+    holds lmms-eval's RefCOCO metrics (LMMS_METRICS, fractions) over the same scored records.
     """
     from egm.grounding import evaluate_answer
 
     scored, bad, unparseable, n_records = [], [], 0, 0
     tokens, latencies = [], []
+    lmms_sums = dict.fromkeys(LMMS_METRICS, 0.0)
     for row in rows:
         n_records += 1
         if row.get("status") == "bad_record":
@@ -67,6 +120,8 @@ def summarize_predictions(rows: Iterable[dict], model: str, split: str) -> dict:
         if result["parsed_box"] is None:
             unparseable += 1
         scored.append(result["iou"])
+        for name, value in lmms_record(result["iou"], result["pred_box"], row["bbox"]).items():
+            lmms_sums[name] += value
         tokens.append(row["completion_tokens"])
         latencies.append(row["latency_s"])
 
@@ -84,6 +139,7 @@ def summarize_predictions(rows: Iterable[dict], model: str, split: str) -> dict:
         "mean_iou": finite_or_none(mean_iou(scored)),
         "mean_completion_tokens": finite_or_none(mean(tokens)),
         "mean_latency_s": finite_or_none(mean(latencies)),
+        "lmms_eval": {name: total / len(scored) if scored else None for name, total in lmms_sums.items()},
         "bad_records": bad[:50],
     }
 

@@ -2,7 +2,18 @@ import math
 
 import pytest
 
-from egm.metrics import acc_at_05, iou, mean_iou, read_prediction_rows, split_average, summarize_predictions
+from egm.metrics import (
+    LMMS_METRICS,
+    acc_at_05,
+    center_inside,
+    hit_at,
+    iou,
+    lmms_record,
+    mean_iou,
+    read_prediction_rows,
+    split_average,
+    summarize_predictions,
+)
 
 
 def test_iou_basic_cases():
@@ -66,3 +77,52 @@ def test_read_prediction_rows_names_file_and_line(tmp_path):
     assert next(rows) == {"line": 1}
     with pytest.raises(ValueError, match=r"p\.jsonl:2"):
         next(rows)
+
+
+# lmms-eval's RefCOCO metrics (egm.metrics docstring): hand-made boxes at the thresholds' edges.
+
+
+def test_lmms_threshold_is_inclusive_where_the_paper_is_strict():
+    gt, pred = [0, 0, 100, 99], [0, 0, 50, 99]
+    assert iou(pred, gt) == 0.5  # exactly, in binary floating point too
+    assert hit_at(iou(pred, gt), 0.5)
+    assert acc_at_05([iou(pred, gt)]) == 0.0
+    record = lmms_record(iou(pred, gt), pred, gt)
+    assert record["ACC@0.5"] == 1.0 and record["ACC@0.7"] == 0.0 and record["ACC@0.3"] == 1.0
+    assert set(record) == set(LMMS_METRICS)
+
+
+def test_center_on_the_edge_counts_and_just_outside_does_not():
+    gt = [0, 0, 50, 50]
+    assert center_inside([40, 40, 60, 60], gt)  # centre (50, 50): the corner itself
+    assert center_inside([50, 10, 50, 20], gt)  # centre on the right edge
+    assert not center_inside([41, 10, 61, 20], gt)  # centre x 51
+    assert center_inside([60, 60, 40, 40], gt)  # a reversed box has the same centre
+
+
+def test_no_box_misses_every_lmms_metric_even_at_the_top_left_corner():
+    # lmms-eval's [0, 0, 0, 0] stand-in would put the centre on this ground truth's corner.
+    record = lmms_record(0.0, None, [0, 0, 50, 50])
+    assert record == dict.fromkeys(LMMS_METRICS, 0.0)
+
+
+def test_summarize_predictions_lmms_metrics_over_scored_records():
+    rows = [
+        # 0-1000 -> pixels on a 100 x 100 image: [0, 0, 50, 99] against [0, 0, 100, 99], IoU 0.5.
+        _row(1, '"bbox_2d": [0, 0, 500, 1000]', bbox=(0, 0, 100, 99)),
+        _row(2, "no idea", bbox=(0, 0, 50, 50)),  # unparseable, ground truth at the top-left corner
+        _row(3, '"bbox_2d": [400, 400, 600, 600]', bbox=(0, 0, 50, 50)),  # centre on the corner, IoU 100/2800
+        {"line": 4, "status": "bad_record", "error": "image missing"},
+    ]
+    m = summarize_predictions(rows, "m", "s")
+    lmms = m["lmms_eval"]
+    assert set(lmms) == set(LMMS_METRICS)
+    assert m["acc_at_0.5"] == 0.0 and lmms["ACC@0.5"] == 1 / 3
+    assert lmms["ACC@0.1"] == 1 / 3 and lmms["ACC@0.9"] == 0.0  # row 3 is below 0.1
+    assert lmms["Center_ACC"] == 2 / 3  # rows 1 and 3; the unparseable row 2 misses
+    assert lmms["IoU"] == m["mean_iou"]
+
+
+def test_summarize_predictions_all_bad_gives_null_lmms_metrics():
+    m = summarize_predictions([{"line": 1, "status": "bad_record", "error": "x"}], "m", "s")
+    assert m["lmms_eval"] == dict.fromkeys(LMMS_METRICS)

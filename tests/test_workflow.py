@@ -34,7 +34,7 @@ def test_paper_config_plans_every_stage_without_network(tmp_path):
     assert stages["fetch_model"] == n_models
     assert stages["extract_images"] == 2
     assert stages["rewrite_rl_parquet"] == 2
-    assert stages["report"] == 20  # refcoco, vs-paper, scaling, latency tables (csv, md, tex); 4 figures (png, pdf)
+    assert stages["report"] == 23  # refcoco, vs-paper, thresholds, scaling, latency tables (csv, md, tex); 4 figures (png, pdf)
     # Test-time scaling: 7 budgets (jsonl + json) per swept model, the two 235B models at one point.
     assert stages["scaling"] == (n_models - 2 + n_trained) * 7 * 2 + 2 * 2
     assert "demo_mirror" not in stages

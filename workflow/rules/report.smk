@@ -54,6 +54,29 @@ rule table_refcoco:
         " --out-dir results/tables > {log} 2>&1"
 
 
+# lmms-eval's RefCOCO metrics from the same per-split metrics: no new inference.
+rule table_refcoco_thresholds:
+    input:
+        ALL_METRICS,
+    output:
+        report(
+            multiext("results/tables/refcoco_thresholds", *TABLE),
+            caption="../report/refcoco_thresholds.rst",
+            category="Tables",
+        ),
+    params:
+        options=report_options(),
+    container:
+        image_for("cpu")
+    resources:
+        **cpu_job(),
+    log:
+        "logs/table_refcoco_thresholds.log",
+    shell:
+        "python -m egm report-thresholds --metrics {input} --report {params.options}"
+        " --out-prefix results/tables/refcoco_thresholds > {log} 2>&1"
+
+
 rule figure_tradeoff:
     input:
         metrics=ALL_METRICS,
