@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 RUN     := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean-demo containers gpu-smoke-mirror
+.PHONY: setup demo test lint clean-demo containers gpu-smoke-mirror
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(RUN) $(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# `snakemake --lint` on every shipped config; any lint fails (CI runs this before the tests).
+LINT_CONFIGS := config/config.yaml config/demo.yaml config/gpu-smoke.yaml
+lint: $(STAMP)
+	@for c in $(LINT_CONFIGS); do \
+	  out=$$($(RUN) snakemake --lint --configfile $$c 2>&1); \
+	  if echo "$$out" | grep -q '^Lints for'; then echo "$$out"; echo "lint: $$c has lints"; exit 1; fi; \
+	  echo "lint: $$c clean"; \
+	done
 
 # Apptainer images named <definition>-<hash>.sif under containers/images/ (containers/README.md).
 # The GPU images need a machine with registry access: `make containers IMAGES=cpu` builds the CPU one.

@@ -88,7 +88,8 @@ def cmd_fetch(args: argparse.Namespace) -> None:
         allow_patterns=args.allow or None,
         mirror=args.mirror_map if args.mirror_map is not None else (args.mirror or None),
         checksums=args.checksums,
-        required=args.require,
+        # Rules name the files they need by their paths under --dest; the repo knows them relative.
+        required=[os.path.relpath(r, args.dest) if Path(r).is_relative_to(args.dest) else r for r in args.require],
     )
     manifest["dest"] = args.dest
     write_json(args.manifest, manifest)

@@ -121,15 +121,13 @@ def lean_demo_config() -> dict:
 
 
 def container_workflow(dest: Path, image: Path) -> Path:
-    """A checkout-like copy: workflow, egm code, definitions, profiles, and the built CPU image."""
+    """A checkout-like copy: workflow (with the definitions), egm code, profiles, and the built CPU image."""
     dest.mkdir(parents=True)
     copy_workflow(dest)
     shutil.copytree(REPO / "profiles", dest / "profiles")
     # As in a checkout: `python -m egm` in a job imports this code, the image gives the environment.
     shutil.copytree(REPO / "egm", dest / "egm", ignore=shutil.ignore_patterns("__pycache__"))
     (dest / "containers" / "images").mkdir(parents=True)
-    for definition in (REPO / "containers").glob("*.def"):
-        shutil.copy(definition, dest / "containers" / definition.name)
     (dest / "containers" / "images" / image.name).symlink_to(image)
     return dest
 

@@ -51,11 +51,10 @@ def _norm(name: str) -> str:
 
 
 def _with_definitions(dest: Path) -> Path:
+    """The workflow with the image definitions (copy_workflow brings them)."""
     dest.mkdir()
     copy_workflow(dest)
-    (dest / "containers").mkdir()
-    for name in DEFINITIONS:
-        (dest / "containers" / f"{name}.def").write_text(_definition(name))
+    assert sorted(p.stem for p in (dest / "containers").glob("*.def")) == sorted(DEFINITIONS)
     return dest
 
 

@@ -24,7 +24,7 @@ def test_thresholds_table_target_on_a_small_demo(tmp_path):
     config["report"]["expected"] = {}
     config["splits"] = ["refcoco_val", "refcocog_test"]
     configfile = write_config(tmp_path, config)
-    result = run_snakemake(tmp_path, configfile, "--show-failed-logs", "resources/demo_mirror.json")
+    result = run_snakemake(tmp_path, configfile, "--show-failed-logs", "resources/manifests/demo-mirror.json")
     assert result.returncode == 0, result.stderr[-4000:]
     (tmp_path / "resources/demo_mirror" / DATASET / "metadata/eval/refcocog_test.jsonl").write_text("")
 

@@ -79,7 +79,7 @@ def test_one_empty_split_costs_only_itself_then_rerun_answers_only_it(tmp_path):
     config["train"]["runs"] = {}
     config["report"]["expected"] = {"tiny-base": {"acc": [0, 100]}}
     configfile = write_config(tmp_path, config)
-    result = run_snakemake(tmp_path, configfile, "--show-failed-logs", "resources/demo_mirror.json")
+    result = run_snakemake(tmp_path, configfile, "--show-failed-logs", "resources/manifests/demo-mirror.json")
     assert result.returncode == 0, result.stderr[-4000:]
     split_in_mirror = tmp_path / "resources/demo_mirror" / DATASET / "metadata/eval/refcocog_test.jsonl"
     original = split_in_mirror.read_text()

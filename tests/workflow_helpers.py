@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Output path prefix -> pipeline stage, to name what a plan would rerun.
 STAGES = [
-    ("resources/demo_mirror", "demo_mirror"),
+    ("resources/manifests/demo-mirror", "demo_mirror"),
     ("resources/manifests/dataset", "fetch_dataset"),
     ("resources/hub/", "fetch_dataset"),
     ("resources/manifests/images-", "extract_images"),
@@ -46,6 +46,10 @@ def copy_workflow(dest: Path) -> Path:
     shutil.copy(REPO / "Snakefile", dest / "Snakefile")
     shutil.copytree(REPO / "workflow", dest / "workflow")
     shutil.copytree(REPO / "config", dest / "config")
+    # Every rule names its image, whose file name carries its definition's hash.
+    (dest / "containers").mkdir(exist_ok=True)
+    for definition in (REPO / "containers").glob("*.def"):
+        shutil.copy(definition, dest / "containers" / definition.name)
     return dest
 
 

@@ -1,8 +1,12 @@
 # Paths and small helpers shared by the rules. Everything a rule passes on is derived here
 # from the validated config, so each rule's params hold only the config keys it uses.
 import json
+import os
 import re
 import shlex
+
+import yaml
+from snakemake.exceptions import WorkflowError
 
 SPLITS = config["splits"]
 RUNS = config["train"]["runs"]
@@ -67,7 +71,7 @@ def json_arg(obj):
 
 def mirror_ready():
     """In the demo the offline mirror is itself an output of the DAG."""
-    return ["resources/demo_mirror.json"] if "demo" in config else []
+    return ["resources/manifests/demo-mirror.json"] if "demo" in config else []
 
 
 def mirror_arg(repo_id=None):
@@ -91,11 +95,15 @@ def demo_mirror_dir():
     raise WorkflowError("the demo writes its own offline mirror: set hub.mirror to a folder (or a list of folders)")
 
 
-# The data set repo's files the workflow reads, repo-relative; fetch_dataset declares them as outputs.
+# The data set repo's files the workflow reads, repo-relative; fetch_dataset declares them as
+# outputs and, with the archive parts, checks before fetching that the repo has each of them.
+SFT_DATA = "vanilla_grounding_reasoning_training_dataset_{data}.jsonl"
 DATASET_FILES = {
     "splits": [f"metadata/eval/{split}.jsonl" for split in SPLITS],
     "rl": [f"processed_rl_data/{part}_grounding.parquet" for part in RL_PARTS],
     "flip": "coco_flip.tar",
+    # The SFT data of each run that trains an SFT stage.
+    "sft": sorted({SFT_DATA.format(data=spec["sft"]["data"]) for spec in RUNS.values() if spec["rl"]["from"] == "sft"}),
 }
 
 
@@ -103,19 +111,8 @@ def split_files():
     return [f"{DATASET_DIR}/{rel}" for rel in DATASET_FILES["splits"]]
 
 
-def dataset_required():
-    """What fetch_dataset must find (a pattern: at least one match), from the config: the
-    outputs, the archive parts, and the SFT data of each run that trains an SFT stage. Checked
-    before anything is fetched, so a mirror that lacks one fails naming it. Quoted for the shell."""
-    required = [*DATASET_FILES["splits"], *DATASET_FILES["rl"], DATASET_FILES["flip"], "coco.tar.part_*"]
-    required += sorted(
-        {f"vanilla_grounding_reasoning_training_dataset_{spec['sft']['data']}.jsonl"
-         for spec in RUNS.values() if spec["rl"]["from"] == "sft"}
-    )
-    return " ".join(map(shlex.quote, required))
-
-
-DATASET_REQUIRED = dataset_required()
+def sft_data_file(run):
+    return f"{DATASET_DIR}/{SFT_DATA.format(data=RUNS[run]['sft']['data'])}"
 
 
 def validation_reports():
@@ -123,136 +120,169 @@ def validation_reports():
     return expand("results/validation/{split}.json", split=SPLITS)
 
 
-# Containers and cluster resources. Every rule names its image through image_for() and what it
-# asks a scheduler for through cpu_job() / model_job(); without --use-apptainer (or a profile
-# that sets it) and without a cluster executor, neither changes how a rule runs.
-import hashlib
-import os
-import shutil
-
-from snakemake.exceptions import WorkflowError
-
-# containers.<key> -> the definition (containers/<name>.def) whose content hash fills "{hash}".
-IMAGE_DEFINITIONS = {"cpu": "cpu", "vllm": "gpu-vllm", "sglang": "gpu-sglang"}
-USE_APPTAINER = any(
-    getattr(method, "name", str(method)).upper().endswith("APPTAINER")
-    for method in workflow.deployment_settings.deployment_method
-)
-RESOURCES = config["resources"]
+# Inference (infer.smk).
 
 
-def model_image_key(model, entry=None):
-    """The image a model's predict job runs in: its engine's, the CUDA image for hf on GPUs.
-    `entry` replaces the model's config entry (the latency rule's backend)."""
-    entry = entry or MODELS[model]
-    if entry["backend"] in ("vllm", "sglang"):
-        return entry["backend"]
-    if entry["backend"] == "hf" and entry["gpus"] > 0:
-        return "vllm"
-    options = entry["engine_options"]
-    if entry["backend"] == "server" and not options.get("url") and options.get("server", "vllm") in ("vllm", "sglang"):
-        # The job starts the server itself (egm.infer.server): it runs in that engine's image.
-        return options.get("server", "vllm")
-    return "cpu"  # hf on CPU, or a client of an external server (engine_options.url)
-
-
-def _image_ref(key):
-    ref = config["containers"][key]
-    if "{hash}" not in ref:
-        return ref
-    definition = os.path.join(workflow.basedir, "containers", f"{IMAGE_DEFINITIONS[key]}.def")
-    if not os.path.exists(definition):
-        raise WorkflowError(f"containers.{key} names {ref!r}, but its definition {definition} is missing")
-    with open(definition, "rb") as handle:
-        digest = hashlib.sha256(handle.read()).hexdigest()[:12]
-    # The same name containers/build.sh gives the image: a new definition means a new image path,
-    # and Snakemake reruns every job whose container string changed.
-    return ref.replace("{hash}", digest)
-
-
-IMAGES = {}  # config key -> resolved image reference
-
-
-def _require_images(keys):
-    """Resolve images and fail, naming every missing file at once, before any job starts."""
-    for key in keys:
-        IMAGES.setdefault(key, _image_ref(key))
-    missing = {key: IMAGES[key] for key in sorted(set(keys)) if "://" not in IMAGES[key] and not os.path.exists(IMAGES[key])}
-    if missing:
-        raise WorkflowError(
-            "container image file(s) missing:\n"
-            + "".join(f"  containers.{key}: {ref}\n" for key, ref in missing.items())
-            + f"Build them with `make containers IMAGES=\"{' '.join(IMAGE_DEFINITIONS[k] for k in missing)}\"` "
-            "(containers/README.md), or point these config keys at existing images."
-        )
-
-
-if USE_APPTAINER:
-    if not (shutil.which("apptainer") or shutil.which("singularity")):
-        raise WorkflowError(
-            "--use-apptainer is set, but there is no `apptainer` on PATH. Load your site's apptainer "
-            "module (or install it: containers/README.md), or run without --use-apptainer."
-        )
-    _require_images({"cpu", *map(model_image_key, MODELS)})
-    from pathlib import Path
-
-    from egm.provenance import IMAGE_DIGESTS_ENV, image_sha256
-
-    # Results name the image they were made in by its digest (egm.provenance.image_record). The
-    # host reads every image file; a job inside one may not see its own (a symlinked image's
-    # target is outside the job's binds). Jobs and their Apptainer inherit this environment.
-    os.environ[IMAGE_DIGESTS_ENV] = json.dumps(
-        {os.path.basename(ref): image_sha256(Path(ref)) for ref in IMAGES.values() if "://" not in ref}
+def predict_options(model):
+    entry = MODELS[model]
+    return json_arg(
+        {
+            "prompt": entry["prompt"],
+            "backend": entry["backend"],
+            "engine_options": entry["engine_options"],
+            "inference": config["inference"],
+            "gpus": entry["gpus"],
+        }
     )
 
 
-def image_for(key):
-    """A rule's container: the image of config `containers.<key>` under Apptainer, else none.
-    `key` may be a function of the job's wildcards returning the key."""
-    if not USE_APPTAINER:
-        return None
-    if callable(key):
-        return lambda wildcards: image_for(key(wildcards))
-    if key not in IMAGES:
-        _require_images([key])
-    return IMAGES[key]
+# Latency (latency.smk): each model under the paper's protocol, only with a `latency:` section.
+
+LATENCY = config.get("latency")
+LATENCY_MODELS = (MODELS if LATENCY["models"] is None else LATENCY["models"]) if LATENCY else []
+for _model in LATENCY_MODELS:
+    if _model not in MODELS:
+        raise ValueError(f"latency.models: {_model!r} is not an evaluated model: {sorted(MODELS)}")
+LATENCY_FILES = expand("results/latency/{model}.json", model=LATENCY_MODELS)
+# Model settings that still apply when the latency jobs use another backend than predict.
+CARRIED_OVER = ("tensor_parallel_size", "dtype", "max_model_len", "gpu_memory_utilization", "load_format",
+                "enforce_eager")
 
 
-def _scheduler(gpus):
-    keys = {}
-    partition = (RESOURCES["gpu_partition"] if gpus else None) or RESOURCES["partition"]
-    if partition:
-        keys["slurm_partition"] = partition
-    if RESOURCES["account"]:
-        keys["slurm_account"] = RESOURCES["account"]
-    return keys
+def latency_entry(model):
+    """The model's backend, engine options and GPUs for its latency job."""
+    entry = MODELS[model]
+    if not LATENCY["backend"]:
+        return {"backend": entry["backend"], "engine_options": entry["engine_options"], "gpus": entry["gpus"]}
+    options = {k: v for k, v in entry["engine_options"].items() if k in CARRIED_OVER}
+    options.update(LATENCY["engine_options"])
+    gpus = entry["gpus"] if LATENCY["gpus"] is None else LATENCY["gpus"]
+    return {"backend": LATENCY["backend"], "engine_options": options, "gpus": gpus}
 
 
-def cpu_job():
-    """Scheduler resources of a CPU job (data preparation, scoring, report)."""
-    return {"mem_mb": RESOURCES["cpu_mem_mb"], "runtime": RESOURCES["cpu_runtime_min"], **_scheduler(0)}
+def latency_options(model):
+    entry = latency_entry(model)
+    settings = {k: LATENCY[k] for k in ("split", "n", "seed", "concurrency", "batch1_n", "warmup")}
+    return json_arg(
+        {
+            "prompt": MODELS[model]["prompt"],
+            "backend": entry["backend"],
+            "engine_options": entry["engine_options"],
+            # batch_size is the protocol's concurrency here: not a key this rule depends on.
+            "inference": {k: v for k, v in config["inference"].items() if k not in ("batch_size", "limit")},
+            "latency": settings,
+            "gpus": entry["gpus"],
+        }
+    )
 
 
-def gpu_job(gpus_of):
-    """Scheduler resources of a job that needs gpus_of(wildcards) GPUs (0: a CPU job), from the
-    `resources:` config. A local run caps `gpu` at its --resources value: read a job's GPU count
-    from the config, not from {resources.gpu}."""
+# Training (train.smk).
 
-    def each(make):
-        return lambda wildcards: make(gpus_of(wildcards))
+wildcard_constraints:
+    run="|".join(map(re.escape, RUNS)) if RUNS else "a^",
 
-    return {
-        "gpu": each(lambda gpus: gpus),
-        # Unset values are dropped by Snakemake, so a CPU job asks for no GPU type.
-        "gpu_model": each(lambda gpus: RESOURCES["gpu_model"] if gpus else None),
-        "cpus_per_gpu": each(lambda gpus: RESOURCES["cpus_per_gpu"] if gpus else None),
-        "mem_mb": each(lambda gpus: RESOURCES["mem_mb_per_gpu"] * gpus if gpus else RESOURCES["cpu_mem_mb"]),
-        "runtime": each(lambda gpus: RESOURCES["gpu_runtime_min"] if gpus else RESOURCES["cpu_runtime_min"]),
-        "slurm_partition": each(lambda gpus: _scheduler(gpus).get("slurm_partition")),
-        "slurm_account": each(lambda gpus: _scheduler(gpus).get("slurm_account")),
+
+def _recipe(path, overrides):
+    full = path if os.path.isabs(path) else os.path.join(workflow.basedir, path)
+    with open(full, encoding="utf-8") as handle:
+        recipe = yaml.safe_load(handle) or {}
+    return {**recipe, **overrides}
+
+
+def train_options(run, stage):
+    """Everything a training stage uses, resolved: the recipe's content (not its path, so a changed
+    value reruns the stage and an edited comment does not), step and row limits, the run name."""
+    spec = RUNS[run][stage]
+    return json_arg(
+        {
+            "run": run,
+            "recipe": _recipe(spec["recipe"], spec["overrides"]),
+            "max_steps": spec["max_steps"],
+            "limit": spec["limit"],
+        }
+    )
+
+
+def rl_start(run):
+    """(manifest, model dir) RL starts from: this run's SFT, or a released SFT checkpoint."""
+    if RUNS[run]["rl"]["from"] == "sft":
+        return f"results/checkpoints/{run}/sft.json", f"results/checkpoints/{run}/sft"
+    return f"resources/manifests/start-{run}.json", f"resources/models/start-{run}"
+
+
+def train_image_key(run):
+    return "vllm" if RUNS[run]["gpus"] > 0 else "cpu"
+
+
+def train_job():
+    """Scheduler resources of a training job: the run's `gpus:`. The command launches one process
+    per configured GPU; the global batch is the recipe's either way."""
+    return gpu_job(lambda wildcards: RUNS[wildcards.run]["gpus"])
+
+
+# Report (report.smk).
+
+
+def report_options(**extra):
+    models = {
+        name: {key: entry.get(key) for key in ("display", "paper", "params_b")} for name, entry in MODELS.items()
     }
+    # json_arg sorts dict keys; "order" keeps the config's model order (base -> SFT -> RL rows).
+    return json_arg({"models": models, "order": list(MODELS), "splits": SPLITS, **extra})
 
 
-def model_job():
-    """Scheduler resources of a model's job: its `gpus:` GPUs."""
-    return gpu_job(lambda wildcards: MODELS[wildcards.model]["gpus"])
+ALL_METRICS = expand("results/metrics/{model}/{split}.json", model=MODELS, split=SPLITS)
+TABLE = (".csv", ".md", ".tex")
+EXPECTED = config["report"]["expected"]  # demo-style ranges; the paper config compares with the paper
+_unknown_expected = sorted(set(EXPECTED) - set(MODELS))
+if _unknown_expected:
+    raise ValueError(f"report.expected names {_unknown_expected}, which are not evaluated models: {sorted(MODELS)}")
+
+
+# Only with training runs: every finished stage directory holds the Trainer's log history.
+TRAINING_STAGES = [model_dir(model) for model in TRAINED]
+
+
+# Test-time scaling (scaling.smk).
+
+SCALING = config["scaling"]
+SCALING_BUDGETS = [str(b) for b in SCALING["budgets"]]  # file labels: "0", "16", ..., "unlimited"
+_unknown_single = sorted(set(SCALING["single_point"]) - set(MODELS))
+if _unknown_single:
+    raise ValueError(f"scaling.single_point names {_unknown_single}, which are not evaluated models: {sorted(MODELS)}")
+# Answered once, unlimited: Instruct models and the bigger ones (single points in the figure).
+SINGLE_POINT = [m for m in MODELS if m in SCALING["single_point"]]
+SWEPT = [m for m in MODELS if m not in SINGLE_POINT]
+
+
+def scaling_budgets(model):
+    return ["unlimited"] if model in SINGLE_POINT else SCALING_BUDGETS
+
+
+def scaling_options(model):
+    entry = MODELS[model]
+    settings = {k: SCALING[k] for k in ("answer_max_tokens", "n_per_split", "seed")}
+    settings["budgets"] = scaling_budgets(model)
+    settings["batch_size"] = SCALING["batch_size"] or config["inference"]["batch_size"]
+    return json_arg(
+        {
+            "prompt": entry["prompt"],
+            "backend": entry["backend"],
+            "engine_options": entry["engine_options"],
+            # limit is predict's smoke-run cut and batch_size is resolved above: neither is a key here.
+            "inference": {k: v for k, v in config["inference"].items() if k not in ("batch_size", "limit")},
+            "scaling": settings,
+            "gpus": entry["gpus"],
+        }
+    )
+
+
+def _any_of(keys):
+    return "|".join(map(re.escape, keys)) if keys else "a^"
+
+
+def _scaling_outputs(budgets):
+    return expand("results/scaling/{{model}}/budget-{budget}.{ext}", budget=budgets, ext=["jsonl", "json"])
+
+
+SCALING_METRICS = [f"results/scaling/{m}/budget-{b}.json" for m in MODELS for b in scaling_budgets(m)]

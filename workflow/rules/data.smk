@@ -1,16 +1,12 @@
 # Data: hub (or offline mirror) -> extracted images, validated splits, rewritten RL parquet.
 
 
-localrules:
-    demo_mirror,
-    fetch_dataset,
-
-
 if "demo" in config:
 
     rule demo_mirror:
+        localrule: True
         output:
-            "resources/demo_mirror.json",
+            "resources/manifests/demo-mirror.json",
         params:
             demo=config["demo"],
             dataset_repo=config["dataset"]["repo_id"],
@@ -27,6 +23,8 @@ if "demo" in config:
 
 
 rule fetch_dataset:
+    # Downloads run where the internet is: on a cluster, the submit host.
+    localrule: True
     input:
         mirror_ready(),
     output:
@@ -34,20 +32,23 @@ rule fetch_dataset:
         splits=split_files(),
         rl=[f"{DATASET_DIR}/{rel}" for rel in DATASET_FILES["rl"]],
         flip=f"{DATASET_DIR}/{DATASET_FILES['flip']}",
+        sft=[f"{DATASET_DIR}/{rel}" for rel in DATASET_FILES["sft"]],
     params:
         dataset=config["dataset"],
         checksums=json_arg(config["dataset"]["checksums"]),
         mirror=mirror_arg(config["dataset"]["repo_id"]),
+        # The repo's root: where coco_flip.tar, one of its top-level files, lands.
+        dest=lambda wildcards, output: os.path.dirname(output.flip),
     container:
         image_for("cpu")
     log:
         "logs/fetch_dataset.log",
-    # DATASET_REQUIRED is neither a param nor spelled out here on purpose: it is a check, not
-    # what the fetch produces, so adding a split or a training run does not fetch the data again.
+    # Every output must be in the repo, and at least one archive part: checked before fetching.
     shell:
         "python -m egm fetch --repo-type dataset --repo-id {params.dataset[repo_id]}"
         " --revision {params.dataset[revision]} --allow {params.dataset[allow_patterns]:q}"
-        " --require {DATASET_REQUIRED} --checksums {params.checksums} {params.mirror} --dest {DATASET_DIR} --manifest {output.manifest} > {log} 2>&1"
+        " --require {output.splits} {output.rl} {output.flip} {output.sft} 'coco.tar.part_*'"
+        " --checksums {params.checksums} {params.mirror} --dest {params.dest} --manifest {output.manifest} > {log} 2>&1"
 
 
 rule extract_images:
@@ -55,6 +56,9 @@ rule extract_images:
         "resources/manifests/dataset.json",
     output:
         "resources/manifests/images-{archive}.json",
+    params:
+        image_root=IMAGE_ROOT,
+        dataset_dir=DATASET_DIR,
     container:
         image_for("cpu")
     resources:
@@ -62,8 +66,8 @@ rule extract_images:
     log:
         "logs/extract_images/{archive}.log",
     shell:
-        "python -m egm extract --archive {wildcards.archive} --dataset-dir {DATASET_DIR}"
-        " --fetch-manifest {input} --dest {IMAGE_ROOT} --manifest {output} > {log} 2>&1"
+        "python -m egm extract --archive {wildcards.archive} --dataset-dir {params.dataset_dir}"
+        " --fetch-manifest {input} --dest {params.image_root} --manifest {output} > {log} 2>&1"
 
 
 # Validation: every configured split and RL parquet, on the CPU, before any GPU job reads them
@@ -77,6 +81,8 @@ rule validate_split:
         images="resources/manifests/images-coco.json",
     output:
         "results/validation/{split}.json",
+    params:
+        image_root=IMAGE_ROOT,
     container:
         image_for("cpu")
     resources:
@@ -84,7 +90,7 @@ rule validate_split:
     log:
         "logs/validate/{split}.log",
     shell:
-        "python -m egm validate-split {input.split} --image-root {IMAGE_ROOT} --out {output} > {log} 2>&1"
+        "python -m egm validate-split {input.split} --image-root {params.image_root} --out {output} > {log} 2>&1"
 
 
 rule validate_rl_parquet:
@@ -93,6 +99,8 @@ rule validate_rl_parquet:
         images=expand("resources/manifests/images-{archive}.json", archive=["coco", "coco_flip"]),
     output:
         "results/validation/rl_{part}.json",
+    params:
+        image_root=IMAGE_ROOT,
     container:
         image_for("cpu")
     resources:
@@ -100,7 +108,7 @@ rule validate_rl_parquet:
     log:
         "logs/validate/rl_{part}.log",
     shell:
-        "python -m egm validate-parquet {input.parquet} --image-root {IMAGE_ROOT} --out {output} > {log} 2>&1"
+        "python -m egm validate-parquet {input.parquet} --image-root {params.image_root} --out {output} > {log} 2>&1"
 
 
 rule rewrite_rl_parquet:
@@ -110,6 +118,8 @@ rule rewrite_rl_parquet:
         validation="results/validation/rl_{part}.json",
     output:
         "resources/rl/{part}.parquet",
+    params:
+        image_root=IMAGE_ROOT,
     container:
         image_for("cpu")
     resources:
@@ -117,4 +127,4 @@ rule rewrite_rl_parquet:
     log:
         "logs/rewrite_rl_parquet/{part}.log",
     shell:
-        "python -m egm rewrite-parquet {input.parquet} {output} --image-root {IMAGE_ROOT} > {log} 2>&1"
+        "python -m egm rewrite-parquet {input.parquet} {output} --image-root {params.image_root} > {log} 2>&1"

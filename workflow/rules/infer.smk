@@ -1,19 +1,6 @@
 # Inference: one job per model answers every split (one engine load), one JSONL per split.
 
 
-def predict_options(model):
-    entry = MODELS[model]
-    return json_arg(
-        {
-            "prompt": entry["prompt"],
-            "backend": entry["backend"],
-            "engine_options": entry["engine_options"],
-            "inference": config["inference"],
-            "gpus": entry["gpus"],
-        }
-    )
-
-
 rule predict:
     input:
         model=lambda wc: model_manifest(wc.model),
@@ -27,6 +14,7 @@ rule predict:
         # Provenance (egm.provenance): what produced these answers, copied into every metrics file.
         run="results/predictions/{model}/run.json",
     params:
+        image_root=IMAGE_ROOT,
         options=lambda wc: predict_options(wc.model),
         model_dir=lambda wc: model_dir(wc.model),
     container:
@@ -37,6 +25,6 @@ rule predict:
         "logs/predict/{model}.log",
     shell:
         "python -m egm predict --model-dir {params.model_dir} --model-manifest {input.model}"
-        " --splits {input.splits} --image-root {IMAGE_ROOT} --out-dir results/predictions/{wildcards.model}"
+        " --splits {input.splits} --image-root {params.image_root} --out-dir results/predictions/{wildcards.model}"
         " --options {params.options} --model {wildcards.model} --data-manifest {input.data} --run-record {output.run}"
         " > {log} 2>&1"

@@ -1,11 +1,9 @@
 # Models: base and released checkpoints from the hub (or the offline mirror).
 
 
-localrules:
-    fetch_model,
-
-
 rule fetch_model:
+    # Downloads run where the internet is: on a cluster, the submit host.
+    localrule: True
     input:
         mirror_ready(),
     output:

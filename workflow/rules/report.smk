@@ -1,22 +1,6 @@
 # Report: the paper's artifacts rebuilt from the metrics, beside the paper's own numbers.
 
 
-def report_options(**extra):
-    models = {
-        name: {key: entry.get(key) for key in ("display", "paper", "params_b")} for name, entry in MODELS.items()
-    }
-    # json_arg sorts dict keys; "order" keeps the config's model order (base -> SFT -> RL rows).
-    return json_arg({"models": models, "order": list(MODELS), "splits": SPLITS, **extra})
-
-
-ALL_METRICS = expand("results/metrics/{model}/{split}.json", model=MODELS, split=SPLITS)
-TABLE = (".csv", ".md", ".tex")
-EXPECTED = config["report"]["expected"]  # demo-style ranges; the paper config compares with the paper
-_unknown_expected = sorted(set(EXPECTED) - set(MODELS))
-if _unknown_expected:
-    raise ValueError(f"report.expected names {_unknown_expected}, which are not evaluated models: {sorted(MODELS)}")
-
-
 rule table_refcoco:
     input:
         ALL_METRICS,
@@ -145,8 +129,6 @@ rule table_latency:
         " --out-prefix results/tables/latency > {log} 2>&1"
 
 
-# Only with training runs: every finished stage directory holds the Trainer's log history.
-TRAINING_STAGES = [model_dir(model) for model in TRAINED]
 
 if TRAINING_STAGES:
 

@@ -2,58 +2,8 @@
 # Each stage writes a model directory atomically and then its manifest, the file downstream rules
 # (RL, predict) depend on; the trained models join MODELS in common.smk and are evaluated like
 # any other. A killed stage resumes from its last checkpoint in results/checkpoints/{run}/.work/.
-import os
-
-import yaml
-
-
-wildcard_constraints:
-    run="|".join(map(re.escape, RUNS)) if RUNS else "a^",
-
-
-def _recipe(path, overrides):
-    full = path if os.path.isabs(path) else os.path.join(workflow.basedir, path)
-    with open(full, encoding="utf-8") as handle:
-        recipe = yaml.safe_load(handle) or {}
-    return {**recipe, **overrides}
-
-
-def train_options(run, stage):
-    """Everything a training stage uses, resolved: the recipe's content (not its path, so a changed
-    value reruns the stage and an edited comment does not), step and row limits, the run name."""
-    spec = RUNS[run][stage]
-    return json_arg(
-        {
-            "run": run,
-            "recipe": _recipe(spec["recipe"], spec["overrides"]),
-            "max_steps": spec["max_steps"],
-            "limit": spec["limit"],
-        }
-    )
-
-
-def rl_start(run):
-    """(manifest, model dir) RL starts from: this run's SFT, or a released SFT checkpoint."""
-    if RUNS[run]["rl"]["from"] == "sft":
-        return f"results/checkpoints/{run}/sft.json", f"results/checkpoints/{run}/sft"
-    return f"resources/manifests/start-{run}.json", f"resources/models/start-{run}"
-
-
-def train_image_key(run):
-    return "vllm" if RUNS[run]["gpus"] > 0 else "cpu"
-
-
-def train_job():
-    """Scheduler resources of a training job: the run's `gpus:`. The command launches one process
-    per configured GPU; the global batch is the recipe's either way."""
-    return gpu_job(lambda wildcards: RUNS[wildcards.run]["gpus"])
-
-
-localrules:
-    fetch_rl_start,
-
-
 rule fetch_rl_start:
+    localrule: True
     input:
         mirror_ready(),
     output:
@@ -75,13 +25,14 @@ rule sft:
     input:
         model=lambda wc: model_manifest(RUNS[wc.run]["base"]),
         dataset="resources/manifests/dataset.json",
+        data=lambda wc: sft_data_file(wc.run),
         images=expand("resources/manifests/images-{archive}.json", archive=["coco", "coco_flip"]),
     output:
         model=directory("results/checkpoints/{run}/sft"),
         manifest="results/checkpoints/{run}/sft.json",
     params:
+        image_root=IMAGE_ROOT,
         options=lambda wc: train_options(wc.run, "sft"),
-        data=lambda wc: RUNS[wc.run]["sft"]["data"],
         start=lambda wc: model_dir(RUNS[wc.run]["base"]),
         # From the config, not {resources.gpu}: a local profile caps that resource.
         gpus=lambda wc: RUNS[wc.run]["gpus"],
@@ -93,8 +44,8 @@ rule sft:
         "logs/train/{run}/sft.log",
     shell:
         "python -m egm sft --model-dir {params.start} --model-manifest {input.model}"
-        " --data {DATASET_DIR}/vanilla_grounding_reasoning_training_dataset_{params.data}.jsonl"
-        " --image-root {IMAGE_ROOT} --inputs {input.dataset} --out-dir {output.model} --manifest {output.manifest}"
+        " --data {input.data}"
+        " --image-root {params.image_root} --inputs {input.dataset} --out-dir {output.model} --manifest {output.manifest}"
         " --work-dir results/checkpoints/{wildcards.run}/.work/sft --options {params.options}"
         " --gpus {params.gpus} > {log} 2>&1"
 
