@@ -45,9 +45,17 @@ def test_weightless_directory_points_at_its_tokenizers_special_tokens(arch_dir):
 def test_eight_b_architecture_has_the_published_size(tmp_path):
     from egm.models.architectures import write_architecture_model
 
+    from PIL import Image
+
+    from egm.models.inputs import build_inputs, load_processor_parts
+
     # EGM.md section 6: the 8B built this way has 8.767e9 parameters (built on the meta device).
     n = write_architecture_model(tmp_path / "8b", "qwen3-vl-8b")
     assert round(n / 1e9, 3) == 8.767
+    # ... and its preprocessing is the released model's: a 640x480 image is 300 visual tokens.
+    tok, processor = load_processor_parts(str(tmp_path / "8b"))
+    inputs = build_inputs([Image.new("RGB", (640, 480))], ["Locate the cat"], tok, processor)
+    assert int((inputs["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum()) == 300
 
 
 @pytest.fixture(scope="module")

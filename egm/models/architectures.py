@@ -5,7 +5,8 @@ so those build the architecture itself (EGM.md section 6): the same layer shapes
 vision tower, and the demo's tokenizer, whose special tokens the config points at. Only the token
 ids of ordinary text differ from the real model, which costs nothing in time.
 
-A directory written with `weights=False` holds the config, tokenizer and image processor only:
+A directory written with `weights=False` holds the config, tokenizer and image processor (the
+released model's preprocessing, not the demo's 96x96) only:
 vLLM builds it with `load_format: dummy`, the hf backend with `load_format: dummy` (seeded random
 init), and neither needs 17 GB of random numbers on disk.
 """
@@ -75,6 +76,21 @@ def architecture_config(arch: str, ids: dict):
     )
 
 
+def architecture_image_processor(arch: str):
+    """The image preprocessing `arch` is served with: the released Qwen3-VL settings (16-pixel
+    patches merged 2x2, images resized to between 65536 and 16777216 pixels), so that a 640x480
+    image costs its real 300 visual tokens; the tiny smoke architecture keeps the demo's."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from egm.models import tiny
+
+    if arch == "tiny":
+        return tiny.build_image_processor()
+    return Qwen2VLImageProcessorPil(size={"shortest_edge": 65536, "longest_edge": 16777216}, patch_size=16,
+                                    temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5],
+                                    image_std=[0.5, 0.5, 0.5])
+
+
 def write_architecture_model(out_dir: Path, arch: str, weights: bool = False, device: str = "cpu", seed: int = 0) -> int:
     """Write `arch` as a model directory (atomically); returns its parameter count.
 
@@ -110,6 +126,6 @@ def write_architecture_model(out_dir: Path, arch: str, weights: bool = False, de
             tiny.build_generation_config(tokenizer).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tiny.portable_tokenizer_config(tmp)
-        tiny.build_image_processor().save_pretrained(tmp)
+        architecture_image_processor(arch).save_pretrained(tmp)
     del model
     return n_params
