@@ -30,7 +30,7 @@ Where we differ, on purpose, so that the paper's numbers and these come from the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 ACC_THRESHOLD = 0.5
 LMMS_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -88,17 +88,6 @@ def mean(values: Iterable[float]) -> float:
     return sum(values) / len(values)
 
 
-def mean_iou(ious: Iterable[float]) -> float:
-    return mean(ious)
-
-
-def split_average(per_split: Mapping[str, float]) -> float:
-    """The paper's "Avg": the unweighted mean over splits."""
-    if not per_split:
-        return float("nan")
-    return sum(per_split.values()) / len(per_split)
-
-
 def summarize_predictions(rows: Iterable[dict], model: str, split: str) -> dict:
     """Split metrics from prediction rows (streamed once); IoU is recomputed from the raw answer.
 
@@ -136,7 +125,7 @@ def summarize_predictions(rows: Iterable[dict], model: str, split: str) -> dict:
         "n_bad_records": len(bad),
         "n_unparseable": unparseable,
         "acc_at_0.5": finite_or_none(acc_at_05(scored)),
-        "mean_iou": finite_or_none(mean_iou(scored)),
+        "mean_iou": finite_or_none(mean(scored)),
         "mean_completion_tokens": finite_or_none(mean(tokens)),
         "mean_latency_s": finite_or_none(mean(latencies)),
         "lmms_eval": {name: total / len(scored) if scored else None for name, total in lmms_sums.items()},

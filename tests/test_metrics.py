@@ -9,9 +9,7 @@ from egm.metrics import (
     hit_at,
     iou,
     lmms_record,
-    mean_iou,
     read_prediction_rows,
-    split_average,
     summarize_predictions,
 )
 
@@ -31,11 +29,6 @@ def test_iou_reversed_and_empty_boxes():
 def test_acc_is_strictly_greater_than_half():
     assert acc_at_05([0.5, 0.5000001, 0.9, 0.0]) == 0.5
     assert math.isnan(acc_at_05([]))
-
-
-def test_split_average_is_unweighted():
-    assert split_average({"a": 0.9, "b": 0.5}) == 0.7
-    assert abs(mean_iou([0.2, 0.4]) - 0.3) < 1e-12
 
 
 def _row(line, answer, bbox=(0, 0, 50, 50), tokens=10, latency=0.5):

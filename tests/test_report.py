@@ -66,7 +66,8 @@ def big_metrics():
 def test_paper_table_average_agrees_with_printed_avg(model):
     assert list(paper.REFCOCO_ACC[model]) == [*paper.SPLITS, paper.AVG]
     printed = paper.REFCOCO_ACC[model]["Avg"]
-    assert paper.recomputed_average(model) == pytest.approx(printed, abs=0.05)
+    row = paper.REFCOCO_ACC[model]
+    assert math.fsum(row[s] for s in paper.SPLITS) / len(paper.SPLITS) == pytest.approx(printed, abs=0.05)
 
 
 def test_split_labels_cover_splits_in_order():

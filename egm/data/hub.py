@@ -322,26 +322,3 @@ def fetch_snapshot(
         "files": _file_entries(dest, selected),
     }
 
-
-def check_files(dest: Path, manifest: dict, *, verify_sha256: bool = True) -> list[str]:
-    """Problems with the files under `dest` against a fetch manifest; empty when all match.
-
-    `verify_sha256=False` checks presence and size only (seconds instead of minutes on the
-    multi-GB archive parts).
-    """
-    dest = Path(dest)
-    problems = []
-    for entry in manifest.get("files", []):
-        local = dest / entry["path"]
-        if not local.is_file():
-            problems.append(f"missing: {local}")
-            continue
-        size = local.stat().st_size
-        if size != entry["bytes"]:
-            problems.append(f"size mismatch: {local} has {size} bytes, manifest says {entry['bytes']}")
-            continue
-        if verify_sha256:
-            digest = sha256_file(local)
-            if digest != entry["sha256"]:
-                problems.append(f"sha256 mismatch: {local} is {digest}, manifest says {entry['sha256']}")
-    return problems

@@ -36,7 +36,6 @@ END_THINK = "</think>"
 # What the SFT targets hold between the reasoning and the answer (egm.grounding.format_sft_target).
 FORCED_CLOSE = "\n" + END_THINK + "\n\n"
 UNLIMITED = "unlimited"
-DEFAULT_BUDGETS = (0, 16, 32, 64, 128, 256, UNLIMITED)
 
 
 @dataclass(frozen=True)

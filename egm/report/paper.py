@@ -14,7 +14,6 @@ Two kinds of numbers live here and must not be confused:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from egm.data.splits import EVAL_SPLITS
@@ -24,8 +23,6 @@ SOURCE = (
     "Visual Grounding (EGM), arXiv 2601.13633"
 )
 TABLE_SOURCE = f"{SOURCE}, results table (Acc@0.5, %)"
-TRADEOFF_SOURCE = f"{SOURCE}, accuracy/latency figure (values read off the plot, approximate)"
-LATENCY_HARDWARE = None  # not stated in the paper
 
 SPLITS = EVAL_SPLITS
 
@@ -101,21 +98,11 @@ MEAN_COMPLETION_TOKENS: dict[str, float] = {
 }
 
 
-def split_label(split: str) -> str:
-    return SPLIT_LABELS.get(split, split)
-
-
 def paper_models() -> list[str]:
     """Every model name the paper gives a number for (table or figure), table first."""
     names = list(REFCOCO_ACC)
     names += [p.model for p in TRADEOFF_POINTS if p.model not in REFCOCO_ACC]
     return names
-
-
-def refcoco_row(paper_model: str) -> dict[str, float] | None:
-    """The table row (8 splits + Avg) for a paper model, or None if the table lacks it."""
-    row = REFCOCO_ACC.get(paper_model)
-    return dict(row) if row is not None else None
 
 
 def tradeoff_point(paper_model: str) -> TradeoffPoint | None:
@@ -137,9 +124,3 @@ def paper_acc(paper_model: str, split: str) -> tuple[float, str] | None:
     if split == AVG and point is not None:
         return point.avg_acc, "figure (approx.)"
     return None
-
-
-def recomputed_average(paper_model: str) -> float:
-    row = REFCOCO_ACC[paper_model]
-    values = [row[s] for s in SPLITS]
-    return math.fsum(values) / len(values)
