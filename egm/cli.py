@@ -25,7 +25,7 @@ def _json_arg(text: str) -> dict:
 
 
 def _sampling(inference: dict):
-    from egm.infer.engine import SamplingOptions
+    from egm.infer.base import SamplingOptions
 
     keys = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty")
     return SamplingOptions(**{k: inference[k] for k in keys})
@@ -262,7 +262,8 @@ def cmd_report_figure(args: argparse.Namespace) -> None:
 def cmd_latency(args: argparse.Namespace) -> None:
     from egm.data.splits import load_split
     from egm.grounding import build_prompt
-    from egm.infer.engine import Request, load_engine
+    from egm.infer.base import Request
+    from egm.infer.engine import load_engine
     from egm.infer.latency import measure_latency, sample_records
     from egm.io import write_json
 

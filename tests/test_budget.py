@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from egm.grounding import PROMPTS, evaluate_answer, parse_box
 from egm.infer import budget as bf
 from egm.infer.budget import END_THINK, FORCED_CLOSE, generate_with_budget, parse_budget, sweep_model
-from egm.infer.engine import Completion, Request, SamplingOptions, batches_by_settings
+from egm.infer.base import Completion, EngineBase, Request, SamplingOptions, batches_by_settings
 from egm.infer.hf import HFEngine
 
 ANSWER = 10  # answer tokens after the reasoning closes
@@ -21,7 +21,7 @@ ANSWER = 10  # answer tokens after the reasoning closes
 # --------------------------------------------------------------------------- a scripted engine
 
 
-class Scripted:
+class Scripted(EngineBase):
     """Answers from a script: phase 1 (a request with a stop) gets `reasoning[i]`, phase 2 gets
     `answer`; every call and its requests are recorded."""
 

@@ -9,7 +9,8 @@ import pytest
 
 from egm.grounding import PROMPTS
 from egm.infer import client as cl
-from egm.infer.engine import BackendUnavailable, Request, SamplingOptions, load_engine
+from egm.infer.base import BackendUnavailable, Request, SamplingOptions
+from egm.infer.engine import load_engine
 from egm.infer.gpus import groups, resolve_data_parallel, visible_gpus
 from egm.infer.ray_slurm import plan
 from egm.infer.replicas import shard

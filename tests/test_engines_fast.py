@@ -5,7 +5,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from egm.grounding import PROMPTS
-from egm.infer.engine import Request, SamplingOptions, load_engine
+from egm.infer.base import Request, SamplingOptions
+from egm.infer.engine import load_engine
 from egm.infer.fast import FastHFEngine
 from egm.infer.hf import HFEngine
 from egm.infer.replicas import ReplicatedEngine

@@ -4,7 +4,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from egm.grounding import PROMPTS
-from egm.infer.engine import Request, SamplingOptions, load_engine
+from egm.infer.base import Request, SamplingOptions
+from egm.infer.engine import load_engine
 from egm.infer.hf import HFEngine
 
 MAX_TOKENS = 12

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from egm.cli import main as egm_main
-from egm.infer.engine import Completion, Request
+from egm.infer.base import Completion, EngineBase, Request
 from egm.infer.latency import answer_all, measure_latency, percentile, sample_records, summarize
 from egm.provenance import sha256_json
 from tests.workflow_helpers import REPO, copy_workflow, plan, stage_of
@@ -38,7 +38,7 @@ def test_sample_is_seeded_and_in_split_order():
     assert sample_records(records[:5], 10, seed=0) == records[:5]
 
 
-class BatchEngine:
+class BatchEngine(EngineBase):
     def __init__(self):
         self.chunks = []
 
@@ -47,7 +47,7 @@ class BatchEngine:
         return [Completion(text=r.id, completion_tokens=3, latency_s=0.01) for r in requests]
 
 
-class StreamEngine:
+class StreamEngine(EngineBase):
     def __init__(self):
         self.concurrency = []
 
@@ -148,7 +148,7 @@ def test_benchmark_script_smoke(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "latency.py"), "--tiny", "--out", str(out), "--tokens", "3",
-         "--batches", "1", "--methods", "generate,graph", "--reps", "1"],
+         "--batches", "1", "--methods", "generate,graph", "--reps", "1", "--generate-reps", "1"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -157,6 +157,32 @@ def test_benchmark_script_smoke(tmp_path):
     assert [(r["method"], r["batch"], r["new_tokens"]) for r in runs] == [("generate", 1, 3), ("graph", 1, 3)]
     assert runs[1]["agreement_with_generate"] == 1.0
     check_latency_record(data, methods=("generate", "graph"))
+
+
+def test_decode_floor_counts_what_a_step_reads():
+    """The decode floor's bytes for the paper's 8B (untied) and 4B (tied), from their shapes."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import latency as bench
+
+    for arch, tied in (("qwen3-vl-8b", False), ("qwen3-vl-4b", True)):
+        config, _ = bench.build_config(arch)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("meta"):
+                model = Qwen3VLForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(previous)
+        text = config.text_config
+        embedding = text.vocab_size * text.hidden_size * 2
+        # Everything the language model holds, less the input table a step reads one row of.
+        assert bench.decode_weight_bytes(model) == bench.llm_weight_bytes(model) - (0 if tied else embedding), arch
+        assert bench.kv_bytes_per_position(model) == 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 2
+    # n steps over the weights, the cache growing from the prompt's length by one position a step.
+    assert bench.decode_floor_s(100, 10, prompt=5, n=3, batch=2, bandwidth=1.0) == 3 * 100 + 2 * (5 + 6 + 7) * 10
 
 
 def _is_ratio(ratio, ms, denominator_s):
@@ -184,6 +210,8 @@ def check_latency_record(data, methods):
             batch, ms = run["batch"], run["ms_per_request"]
             assert ms > 0 and run["all_ms"], what
             assert ms == pytest.approx(statistics.median(run["all_ms"]), abs=0.011), what  # of the repetitions
+            if "min_ms" in run:  # records before the spread was kept have only all_ms
+                assert (run["min_ms"], run["max_ms"]) == (min(run["all_ms"]), max(run["all_ms"])), what
             assert run["ms_per_request_amortized"] == pytest.approx(ms / batch, abs=0.011), what
             # Derived from the unrounded median: within what rounding ms to 0.01 and the rate to 0.1 allows.
             tokens = batch * run["new_tokens"]
@@ -197,6 +225,12 @@ def check_latency_record(data, methods):
             floor_s = entry["llm_weight_bytes"] * run["new_tokens"] / max(bandwidth)
             assert run["floor_ms"] == pytest.approx(1000 * floor_s, abs=0.006), what
             assert _is_ratio(run["ratio_to_floor"], ms, floor_s), what
+            if "decode_weight_bytes" in entry:  # the decode floor: weights and the KV cache at each step's length
+                decode_s = sum(entry["decode_weight_bytes"]
+                               + batch * (entry["prompt_tokens"] + k) * entry["kv_bytes_per_position"]
+                               for k in range(run["new_tokens"])) / max(bandwidth)
+                assert run["decode_floor_ms"] == pytest.approx(1000 * decode_s, abs=0.006), what
+                assert _is_ratio(run["ratio_to_decode_floor"], ms, decode_s), what
             if flops and not math.isnan(flops):
                 prefill_s = 2 * batch * (entry["llm_parameters"] * entry["prompt_tokens"]
                                          + entry["vision_parameters"] * 4 * entry["visual_tokens"]) / flops

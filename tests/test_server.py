@@ -21,7 +21,8 @@ from PIL import Image, ImageDraw
 from egm.data.splits import load_split
 from egm.grounding import PROMPTS, build_prompt
 from egm.infer.client import ServerDied
-from egm.infer.engine import Request, SamplingOptions, load_engine
+from egm.infer.base import EngineBase, Request, SamplingOptions
+from egm.infer.engine import load_engine
 from egm.infer.hf import HFEngine
 from egm.infer.predict import predict_split, read_work_file
 
@@ -144,7 +145,7 @@ def test_external_server_url(server, images):
     assert len(out) == 2 and all(c.completion_tokens >= 1 for c in out)
 
 
-class KillAfter:
+class KillAfter(EngineBase):
     """The engine, with its server killed (SIGKILL, no goodbye) once `n` answers are in."""
 
     def __init__(self, engine, n):

@@ -248,7 +248,7 @@ def test_one_sft_step_trains_llm_and_merger_not_the_vit(tiny_dir, demo_data, tmp
     assert (out / "preprocessor_config.json").read_bytes() == (tiny_dir / "preprocessor_config.json").read_bytes()
     assert json.loads((tmp_path / "sft.json").read_text())["files"]
     assert not (tmp_path / ".work" / "sft").exists()  # checkpoints go once the manifest exists
-    from egm.infer.engine import Request, SamplingOptions
+    from egm.infer.base import Request, SamplingOptions
     from egm.infer.hf import HFEngine
 
     image = next((demo_data / "images" / "coco" / "train2014").iterdir())

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from egm.infer.engine import Engine, Request
+from egm.infer.base import Engine, LazyEngine, Request
 from egm.io import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def sweep_model(
 
     from egm.data.splits import load_split
     from egm.grounding import build_prompt
-    from egm.infer.predict import _record_base, split_name_of
+    from egm.infer.predict import record_base, split_name_of
     from egm.io import write_json
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -262,7 +262,7 @@ def sweep_model(
         n_bad += len(split.bad)
         for rec in sample_split(split.records, n_per_split, seed):
             prompt = build_prompt(prompt_template, rec.sent)
-            bases.append(_record_base(name, rec))
+            bases.append(record_base(name, rec))
             prompts.append(prompt)
             requests.append(Request(f"{name}:{rec.line}", rec.image_path, prompt))
     log.info("%s: %d sampled records (%s per split, seed %d), budgets %s", model, len(requests),
@@ -273,19 +273,15 @@ def sweep_model(
         from egm.infer.predict import cache_key
 
         work_dir = Path(work_dir) / cache_key([(r.id, r.image_path, r.prompt) for r in requests])
-    engine_holder: list[Engine] = []
 
-    def engine() -> Engine:
-        if not engine_holder:
-            engine_holder.append(get_engine())
-            if warmup and requests:
-                # Not timed: first-call costs (allocator, kernels, graph capture) stay out of the sweep.
-                engine_holder[0].generate([replace(requests[0], max_tokens=2)])
-        return engine_holder[0]
+    def warm_up(loaded: Engine) -> None:
+        if warmup and requests:
+            # Not timed: first-call costs (allocator, kernels, graph capture) stay out of the sweep.
+            loaded.generate([replace(requests[0], max_tokens=2)])
 
     order = sorted(budgets, key=lambda b: math.inf if b is None else b, reverse=True)
     results = {}
-    try:
+    with LazyEngine(get_engine, on_load=warm_up) as engine:
         for budget in order:
             label = budget_label(budget)
             work = work_dir / f"budget-{label}.jsonl" if work_dir else None
@@ -311,9 +307,6 @@ def sweep_model(
             log.info("%s budget %s: Acc@0.5 %s, %.1f tokens, %.1f ms, %d/%d closed naturally", model, label,
                      metrics["acc_at_0.5"], metrics["mean_completion_tokens"] or 0,
                      1000 * (metrics["mean_latency_s"] or 0), metrics["n_closed_naturally"], metrics["n_scored"])
-    finally:
-        for eng in engine_holder:
-            eng.close()
     return [results[budget_label(b)] for b in budgets]
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from egm.infer.engine import Completion, Request, SamplingOptions
+from egm.infer.base import Completion, Request, SamplingOptions
 
 log = logging.getLogger(__name__)
 

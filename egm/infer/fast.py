@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from egm.infer.engine import Completion, Request, SamplingOptions, batches_by_settings, request_max_tokens
+from egm.infer.base import Completion, Request, SamplingOptions, batches_by_settings, request_max_tokens
 from egm.infer.hf import HFEngine
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from egm.infer.engine import Completion, Request, SamplingOptions, batches_by_settings, request_max_tokens
+from egm.infer.base import Completion, EngineBase, Request, SamplingOptions, batches_by_settings, request_max_tokens
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16"}
@@ -84,7 +84,7 @@ def load_model(model_dir: str, dtype, device: str, load_format: str = "auto", tr
     return model
 
 
-class HFEngine:
+class HFEngine(EngineBase):
     name = "hf"
 
     def __init__(

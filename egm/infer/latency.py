@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Sequence
 
-from egm.infer.engine import Completion, Engine, Request
+from egm.infer.base import Completion, Engine, Request
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def answer_all(engine: Engine, requests: list[Request], concurrency: int) -> tup
     """
     out: list[Completion | None] = [None] * len(requests)
     t0 = time.perf_counter()
-    if hasattr(engine, "generate_each"):
+    if engine.generate_each is not None:
 
         def keep(index: int, completion: Completion) -> None:
             out[index] = completion

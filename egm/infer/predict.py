@@ -24,7 +24,7 @@ from pathlib import Path
 
 from egm.data.splits import SplitData, read_split
 from egm.grounding import build_prompt, evaluate_answer
-from egm.infer.engine import Engine, Request
+from egm.infer.base import Engine, LazyEngine, Request
 from egm.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ def read_work_file(path: Path) -> dict[int, dict]:
     return done
 
 
-def _record_base(split_name: str, rec) -> dict:
+def record_base(split_name: str, rec) -> dict:
+    """The fields of a prediction row that name its record (predict and the scaling sweep share them)."""
     return {
         "split": split_name,
         "line": rec.line,
@@ -83,7 +84,7 @@ def predict_split(
     done = read_work_file(work_path)
     for rec in split.records:
         cached = done.get(rec.line)
-        if cached is not None and any(cached.get(k) != v for k, v in _record_base(split_name, rec).items()):
+        if cached is not None and any(cached.get(k) != v for k, v in record_base(split_name, rec).items()):
             log.info("%s line %d: the record changed since it was answered; answering it again", split_name, rec.line)
             del done[rec.line]
     pending = [rec for rec in split.records if rec.line not in done]
@@ -96,14 +97,14 @@ def predict_split(
         with open(work_path, "a", encoding="utf-8") as work:
 
             def keep(rec, prompt, completion) -> None:
-                row = _record_base(split_name, rec)
+                row = record_base(split_name, rec)
                 row.update(status="ok", error=None, prompt=prompt, answer=completion.text)
                 row.update(evaluate_answer(completion.text, rec.bbox, rec.width, rec.height))
                 row.update(completion_tokens=completion.completion_tokens, latency_s=completion.latency_s)
                 work.write(json.dumps(row, ensure_ascii=False) + "\n")
                 done[rec.line] = row
 
-            if hasattr(engine, "generate_each"):
+            if engine.generate_each is not None:
                 # Engines that answer requests one by one (the server client) get the whole split
                 # at once, so `concurrency` requests stay in flight throughout; each answer is
                 # written as it arrives, so a failure mid-split keeps everything finished before it.
@@ -117,7 +118,7 @@ def predict_split(
                     log.info("%s: %d/%d answered", split_name, sum(1 for r in split.records if r.line in done), total)
                 pending = []
             # Batch engines get chunks: a batch, or more where the engine asks for it (replicas).
-            chunk = max(batch_size, int(getattr(engine, "chunk_size", batch_size) or batch_size))
+            chunk = max(batch_size, int(engine.chunk_size or batch_size))
             for start in range(0, len(pending), chunk):
                 batch = pending[start : start + chunk]
                 prompts = [build_prompt(prompt_template, rec.sent) for rec in batch]
@@ -154,15 +155,8 @@ def predict_model(
     limit: int | None = None,
 ) -> list[dict]:
     """All splits of one model with one engine load (made lazily: nothing pending, no load)."""
-    engine_holder: list[Engine] = []
-
-    def engine() -> Engine:
-        if not engine_holder:
-            engine_holder.append(get_engine())
-        return engine_holder[0]
-
     summaries = []
-    try:
+    with LazyEngine(get_engine) as engine:
         for path in split_files:
             name = split_name_of(path)
             split = read_split(Path(path), image_root, limit=limit)
@@ -181,7 +175,4 @@ def predict_model(
                     batch_size,
                 )
             )
-    finally:
-        for eng in engine_holder:
-            eng.close()
     return summaries

@@ -13,7 +13,7 @@ import multiprocessing as mp
 import os
 import traceback
 
-from egm.infer.engine import Completion, Request, SamplingOptions
+from egm.infer.base import Completion, EngineBase, Request, SamplingOptions
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def shard(items: list, n: int) -> list[list]:
     return out
 
 
-class ReplicatedEngine:
+class ReplicatedEngine(EngineBase):
     def __init__(self, backend: str, model_dir: str, sampling: SamplingOptions, options: dict, gpu_groups: list[list[str]]):
         if not gpu_groups:
             raise ValueError("no GPU groups to put replicas on")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from egm.infer.client import OpenAIChatClient, ServerError
-from egm.infer.engine import CONTAINERS, Completion, Request, SamplingOptions, require_module
+from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, SamplingOptions, require_module
 from egm.infer.gpus import resolve_data_parallel
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-class ServerEngine:
+class ServerEngine(EngineBase):
     name = "server"
 
     def __init__(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from egm.infer.engine import CONTAINERS, Completion, Request, SamplingOptions, require_module
+from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, SamplingOptions, require_module
 from egm.infer.gpus import resolve_data_parallel
 
 # Our option name -> sglang.Engine's.
@@ -81,7 +81,7 @@ def sglang_inputs(tokenizer, requests: list[Request]) -> tuple[list[str], list[s
     return prompts, [r.image_path for r in requests]
 
 
-class SGLangEngine:
+class SGLangEngine(EngineBase):
     name = "sglang"
 
     def __init__(self, model_dir: str, sampling: SamplingOptions, batch_size: int = 64, **options):

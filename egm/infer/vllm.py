@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from egm.infer.engine import CONTAINERS, Completion, Request, SamplingOptions, require_module
+from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, SamplingOptions, require_module
 
 ENGINE_KEYS = ("tensor_parallel_size", "dtype", "max_model_len", "gpu_memory_utilization", "max_num_seqs", "seed",
                "enforce_eager", "pipeline_parallel_size", "distributed_executor_backend", "load_format")
@@ -74,7 +74,7 @@ def vllm_prompt(tokenizer, request: Request, image) -> dict:
     return {"prompt": text, "multi_modal_data": {"image": image}}
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     name = "vllm"
 
     def __init__(self, model_dir: str, sampling: SamplingOptions, batch_size: int = 64, **options):
