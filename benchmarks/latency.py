@@ -9,11 +9,25 @@ Methods:
 - `graph_compiled`: the same with each layer's pre/post-attention blocks compiled first.
 
 Each timed request includes image preprocessing, the vision tower, prefill and decode, ending
-when the tokens are on the host. The floor is what streaming the language model's weights
-once per new token costs at the measured copy bandwidth: LLM weight bytes x new tokens /
-bandwidth, where bandwidth = (bytes read + bytes written) / time of a large device-to-device
-copy, measured several times in this run, best taken. Batch 64 has the same floor (the weights
-are streamed once per step for the whole batch); its KV cache reads come on top.
+when the tokens are on the host. Bandwidth = (bytes read + bytes written) / time of a large
+device-to-device copy, measured several times in this run, best taken. Two floors per cell:
+
+- `decode_floor_ms`, what decoding must read: for each of the n new tokens one pass over the
+  weights a decode step multiplies with (every decoder layer, the final norm, lm_head) and the
+  KV cache at that step's length,
+
+      sum over k = 0 .. n-1 of  W_step + batch x (P + k) x KV_pos   bytes,  / bandwidth
+
+  with W_step = `decode_weight_bytes`, P the prompt length, KV_pos = `kv_bytes_per_position`
+  (2 x layers x KV heads x head_dim x element size). The input embedding table is left out: a
+  step reads one row of it per sequence (the 8B's untied table is 1.245 GB, about 8 % of its
+  weights). Tied models read that matrix as lm_head, where it is counted. The prompt pass gives
+  the first token and reads the weights once too, so n passes in all;
+- `floor_ms`, the older, looser one: every language-model weight (embedding table included)
+  once per new token, no KV cache.
+
+Every cell is timed `--reps` times (5 by default): `ms_per_request` is the median, `min_ms`
+and `max_ms` the spread, `all_ms` every repetition.
 
     python benchmarks/latency.py --out benchmarks/results/latency-h100.json     # on a GPU
     python benchmarks/latency.py --tiny --out /tmp/latency-tiny.json            # CPU smoke run
@@ -71,11 +85,37 @@ def llm_weight_bytes(model) -> int:
     seen, total = set(), 0
     for module in (model.model.language_model, model.lm_head):
         for p in module.parameters():
-            if p.data_ptr() in seen:
+            if id(p) in seen:  # a tied weight is one Parameter in two modules
                 continue
-            seen.add(p.data_ptr())
+            seen.add(id(p))
             total += p.numel() * p.element_size()
     return total
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of the weights one decode step multiplies with: decoder layers, final norm, lm_head
+    (the input embedding table only where it is lm_head too, i.e. tied)."""
+    lm = model.model.language_model
+    seen, total = set(), 0
+    for module in (lm.layers, lm.norm, model.lm_head):
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_position(model) -> int:
+    """Bytes of keys and values one position holds in the cache, over all layers."""
+    text = model.config.text_config
+    element = next(model.parameters()).element_size()
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * element
+
+
+def decode_floor_s(weight_bytes: int, kv_bytes: int, prompt: int, n: int, batch: int, bandwidth: float) -> float:
+    """The decode floor of the module docstring, in seconds."""
+    kv_positions = batch * (n * prompt + n * (n - 1) // 2)
+    return (n * weight_bytes + kv_positions * kv_bytes) / bandwidth
 
 
 def copy_bandwidth(device: str, gib: float = 2.0, iters: int = 20, rounds: int = 5) -> list[float]:
@@ -345,8 +385,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", default="42,101")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--methods", default="generate,graph,graph_compiled")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions of the graph methods")
-    parser.add_argument("--generate-reps", type=int, default=1, help="timed repetitions of plain generate")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions of the graph methods")
+    parser.add_argument("--generate-reps", type=int, default=5, help="timed repetitions of plain generate")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Qwen3-VL")
     parser.add_argument("--preprocess", default="auto", help="where images are resized/normalised: cpu, cuda, auto")
@@ -380,6 +420,8 @@ def main(argv=None) -> int:
         "batches": batches,
         "weights": "random, seeded, " + str(dtype).removeprefix("torch."),
         "floor": "LLM weight bytes x new tokens / best measured copy bandwidth (read+write bytes / time)",
+        "decode_floor": "sum over the n new tokens of (decode_weight_bytes + batch x cache length x "
+                        "kv_bytes_per_position) / best measured copy bandwidth (module docstring)",
         "bandwidth_Bps": [],
         "models": {},
         "skipped": [],
@@ -396,6 +438,10 @@ def main(argv=None) -> int:
                     floor = entry["llm_weight_bytes"] * run["new_tokens"] / max(bw)
                     run["floor_ms"] = round(1000 * floor, 2)
                     run["ratio_to_floor"] = round(run["ms_per_request"] / 1000 / floor, 3)
+                    decode = decode_floor_s(entry["decode_weight_bytes"], entry["kv_bytes_per_position"],
+                                            entry["prompt_tokens"], run["new_tokens"], run["batch"], max(bw))
+                    run["decode_floor_ms"] = round(1000 * decode, 2)
+                    run["ratio_to_decode_floor"] = round(run["ms_per_request"] / 1000 / decode, 3)
                     flops = result.get("matmul_flops")
                     if flops and not math.isnan(flops):
                         # Prefill is compute-bound: 2 x parameters x tokens for the LLM (prompt)
@@ -442,6 +488,8 @@ def main(argv=None) -> int:
         entry = {
             "parameters": sum(p.numel() for p in model.parameters()),
             "llm_weight_bytes": llm_weight_bytes(model),
+            "decode_weight_bytes": decode_weight_bytes(model),
+            "kv_bytes_per_position": kv_bytes_per_position(model),
             "llm_parameters": sum(p.numel() for p in model.model.language_model.parameters()),
             "vision_parameters": sum(p.numel() for p in model.model.visual.parameters()),
             "build_s": round(build_s, 1),
@@ -557,6 +605,8 @@ def record(entry, method, batch, n, times, toks) -> dict:
         "batch": batch,
         "new_tokens": n,
         "ms_per_request": round(1000 * wall, 2),  # every request of a batch waits for the whole batch
+        "min_ms": round(1000 * min(times), 2),
+        "max_ms": round(1000 * max(times), 2),
         "ms_per_request_amortized": round(1000 * wall / batch, 2),
         "tokens_per_s": round(batch * n / wall, 1),
         "all_ms": [round(1000 * t, 2) for t in times],
