@@ -7,7 +7,6 @@ Snakemake rules call these and nothing else.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -17,25 +16,11 @@ from pathlib import Path
 log = logging.getLogger("egm")
 
 
-def _json_arg(text: str) -> dict:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
-
-
-def _sampling(inference: dict):
-    from egm.infer.base import SamplingOptions
-
-    keys = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty")
-    return SamplingOptions(**{k: inference[k] for k in keys})
-
-
-def _require_gpus(options: dict, what: str) -> None:
+def _require_gpus(gpus: int, what: str) -> None:
     """Fail before loading anything when the job sees fewer GPUs than its config asks for."""
     from egm.runtime import require_gpus
 
-    require_gpus(int(options.get("gpus", 0)), what=what)
+    require_gpus(int(gpus), what=what)
 
 
 def _provenance(args: argparse.Namespace, options: dict) -> dict:
@@ -97,18 +82,10 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from egm.data.archives import extract_archive, part_files
+    from egm.data.archives import archive_files, extract_archive
     from egm.io import read_json, write_json
 
-    dataset_dir = Path(args.dataset_dir)
-    fetched = read_json(args.fetch_manifest)["files"]
-    # Manifest entries (not just names) let extraction check sizes and sha256 of each part.
-    if args.archive == "coco":
-        expected = [f for f in fetched if f["path"].startswith("coco.tar.part_")]
-        parts = part_files(dataset_dir, "coco.tar")
-    else:
-        expected = [f for f in fetched if f["path"] == f"{args.archive}.tar"]
-        parts = [dataset_dir / f"{args.archive}.tar"]
+    parts, expected = archive_files(Path(args.dataset_dir), args.archive, read_json(args.fetch_manifest)["files"])
     manifest = extract_archive(parts, Path(args.dest), expected_parts=expected)
     write_json(args.manifest, manifest)
     log.info("extracted %s: %d files", args.archive, manifest["n_files"])
@@ -122,32 +99,14 @@ def cmd_rewrite_parquet(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from egm.infer.engine import load_engine
-    from egm.infer.predict import cache_key, predict_model
-    from egm.io import sha256_file, write_json
+    from egm.infer.predict import run_predict
+    from egm.io import write_json
+    from egm.options import PredictOptions, parse_options
 
-    options = args.options
-    _require_gpus(options, f"predict {args.model_dir}")
-    inference = options["inference"]
-    sampling = _sampling(inference)
-    engine_options = dict(options.get("engine_options", {}))
-    key = cache_key(sha256_file(args.model_manifest), options["prompt"], options["backend"], sampling, inference.get("limit"))
-
-    def get_engine():
-        log.info("loading %s with backend %s", args.model_dir, options["backend"])
-        return load_engine(options["backend"], args.model_dir, sampling, {"batch_size": inference["batch_size"], **engine_options})
-
-    provenance = _provenance(args, options)  # first: a bad manifest fails before the engine loads
-    summaries = predict_model(
-        [Path(p) for p in args.splits],
-        Path(args.out_dir),
-        args.image_root,
-        get_engine,
-        options["prompt"],
-        inference["batch_size"],
-        key,
-        limit=inference.get("limit"),
-    )
+    options = parse_options(PredictOptions, args.options)
+    _require_gpus(options.gpus, f"predict {args.model_dir}")
+    provenance = _provenance(args, args.options)  # first: a bad manifest fails before the engine loads
+    summaries = run_predict(args.model_dir, args.model_manifest, args.splits, args.out_dir, args.image_root, options)
     for summary in summaries:
         log.info("done: %s", summary)
     if args.run_record:
@@ -260,86 +219,24 @@ def cmd_report_figure(args: argparse.Namespace) -> None:
 
 
 def cmd_latency(args: argparse.Namespace) -> None:
-    from egm.data.splits import load_split
-    from egm.grounding import build_prompt
-    from egm.infer.base import Request
-    from egm.infer.engine import load_engine
-    from egm.infer.latency import measure_latency, sample_records
+    from egm.infer.latency import run_latency
     from egm.io import write_json
+    from egm.options import LatencyOptions, parse_options
 
-    options = args.options
-    _require_gpus(options, f"latency {args.model_dir}")
-    provenance = _provenance(args, options)
-    inference, settings = options["inference"], options["latency"]
-    sampling = _sampling(inference)
-    split = load_split(Path(args.split), args.image_root)
-    records = sample_records(split.records, settings["n"], settings["seed"])
-    requests = [Request(r.id, r.image_path, build_prompt(options["prompt"], r.sent)) for r in records]
-    concurrency = settings["concurrency"]
-    engine_options = {"batch_size": concurrency, **options.get("engine_options", {})}
-    if options["backend"] == "server":
-        engine_options.setdefault("concurrency", concurrency)
-    log.info("latency of %s (%s): %d requests of %s", args.model_dir, options["backend"], len(requests), args.split)
-    engine = load_engine(options["backend"], args.model_dir, sampling, engine_options)
-    try:
-        result = measure_latency(engine, requests, concurrency, settings["batch1_n"], settings["warmup"])
-        data_parallel = getattr(engine, "data_parallel_size", 1)
-    finally:
-        engine.close()
-    summary = result["protocol"]["summary"]
-    write_json(args.out, {
-        "model": args.model,
-        "model_dir": args.model_dir,
-        "backend": options["backend"],
-        "engine_options": options.get("engine_options", {}),
-        "data_parallel_size": data_parallel,
-        "device": provenance["job"]["device"],
-        "split": Path(args.split).name.removesuffix(".jsonl"),
-        "sample": {"n": len(requests), "seed": settings["seed"], "bad_records_in_split": len(split.bad)},
-        "max_tokens": sampling.max_tokens,
-        "mean_latency_ms": summary["mean_ms"],
-        **result,
-        "provenance": provenance,
-    })
-    log.info("protocol: mean %.1f ms, p90 %.1f ms, %.1f tokens/s", summary["mean_ms"], summary["p90_ms"], summary["tokens_per_s"])
+    options = parse_options(LatencyOptions, args.options)
+    _require_gpus(options.gpus, f"latency {args.model_dir}")
+    provenance = _provenance(args, args.options)
+    write_json(args.out, run_latency(args.model, args.model_dir, args.split, args.image_root, options, provenance))
 
 
 def cmd_scaling(args: argparse.Namespace) -> None:
-    from egm.infer.budget import parse_budget, sweep_model
-    from egm.infer.engine import load_engine
-    from egm.infer.predict import cache_key
-    from egm.io import sha256_file
+    from egm.infer.budget import run_scaling
+    from egm.options import ScalingOptions, parse_options
 
-    options = args.options
-    _require_gpus(options, f"scaling {args.model_dir}")
-    inference, settings = options["inference"], options["scaling"]
-    sampling = _sampling(inference)
-    batch_size = settings.get("batch_size") or inference["batch_size"]
-    engine_options = dict(options.get("engine_options", {}))
-    budgets = [parse_budget(b) for b in settings["budgets"]]
-    # Everything an answer depends on: a changed setting starts a fresh resume cache.
-    key = cache_key(sha256_file(args.model_manifest), options["prompt"], options["backend"], engine_options, sampling,
-                    batch_size, {k: settings[k] for k in ("answer_max_tokens", "n_per_split", "seed")})
-
-    def get_engine():
-        log.info("loading %s with backend %s", args.model_dir, options["backend"])
-        return load_engine(options["backend"], args.model_dir, sampling, {"batch_size": batch_size, **engine_options})
-
-    sweep_model(
-        args.model,
-        [Path(p) for p in args.splits],
-        args.image_root,
-        get_engine,
-        args.model_dir,
-        options["prompt"],
-        budgets,
-        int(settings["answer_max_tokens"]),
-        settings["n_per_split"],
-        int(settings["seed"]),
-        Path(args.out_dir),
-        work_dir=Path(args.work_dir) / key if args.work_dir else None,
-        provenance=_provenance(args, options),
-    )
+    options = parse_options(ScalingOptions, args.options)
+    _require_gpus(options.gpus, f"scaling {args.model_dir}")
+    run_scaling(args.model, args.model_dir, args.model_manifest, args.splits, args.image_root, args.out_dir,
+                args.work_dir, options, provenance=_provenance(args, args.options))
 
 
 def cmd_report_scaling(args: argparse.Namespace) -> None:
@@ -374,6 +271,8 @@ def cmd_report_training(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from egm.options import json_arg
+
     parser = argparse.ArgumentParser(prog="egm", description="EGM reproduction pipeline stages")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -401,11 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow", nargs="*", default=[], help="allow patterns")
     p.add_argument("--mirror", nargs="+", default=None,
                    help="offline mirror folder(s) laid out as <mirror>/<repo_id>/..., searched in order")
-    p.add_argument("--mirror-map", type=_json_arg, default=None,
+    p.add_argument("--mirror-map", type=json_arg, default=None,
                    help='JSON {"repo_id": "folder of its files"}; a repo not named comes from the hub')
     p.add_argument("--require", nargs="*", default=[],
                    help="files (or patterns matching at least one) that must be fetched; checked before fetching")
-    p.add_argument("--checksums", type=_json_arg, default={}, help='JSON {"path": "sha256"} to verify')
+    p.add_argument("--checksums", type=json_arg, default={}, help='JSON {"path": "sha256"} to verify')
     p.add_argument("--dest", required=True)
     p.add_argument("--manifest", required=True)
     p.set_defaults(func=cmd_fetch)
@@ -442,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", required=True, help="eval split JSONL files")
     p.add_argument("--image-root", required=True)
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--options", type=_json_arg, required=True, help="JSON: prompt, backend, inference, engine_options")
+    p.add_argument("--options", type=json_arg, required=True, help="JSON: prompt, backend, inference, engine_options")
     p.add_argument("--model", default=None, help="the model's key in the config, named in the provenance")
     p.add_argument("--data-manifest", default=None, help="the data set's fetch manifest, named in the provenance")
     p.add_argument("--run-record", default=None, help="JSON written at the end: what produced these answers")
@@ -459,20 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report-table", help="the RefCOCO table and the paper comparison")
     p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, splits, tolerance, expected")
+    p.add_argument("--report", type=json_arg, required=True, help="JSON: models, splits, tolerance, expected")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_report_table)
 
     p = sub.add_parser("report-thresholds",
                        help="lmms-eval's RefCOCO metrics (IoU, ACC@0.1-0.9, Center_ACC) beside the paper's Acc@0.5")
     p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, splits")
+    p.add_argument("--report", type=json_arg, required=True, help="JSON: models, splits")
     p.add_argument("--out-prefix", required=True)
     p.set_defaults(func=cmd_report_thresholds)
 
     p = sub.add_parser("report-figure", help="the accuracy vs latency trade-off figure")
     p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, splits")
+    p.add_argument("--report", type=json_arg, required=True, help="JSON: models, splits")
     p.add_argument("--out-prefix", required=True)
     p.add_argument("--latency", nargs="*", default=[], help="results/latency/*.json: preferred over the predictions' latency")
     p.set_defaults(func=cmd_report_figure)
@@ -482,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--split", required=True, help="eval split JSONL the sample is drawn from")
     p.add_argument("--image-root", required=True)
-    p.add_argument("--options", type=_json_arg, required=True, help="JSON: prompt, backend, engine_options, inference, latency")
+    p.add_argument("--options", type=json_arg, required=True, help="JSON: prompt, backend, engine_options, inference, latency")
     p.add_argument("--model-manifest", default=None, help="the model's manifest, named in the provenance")
     p.add_argument("--data-manifest", default=None, help="the data set's fetch manifest, named in the provenance")
     p.add_argument("--out", required=True)
@@ -496,34 +395,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", required=True)
     p.add_argument("--out-dir", required=True, help="budget-{N}.jsonl and budget-{N}.json go here")
     p.add_argument("--work-dir", default=None, help="resume cache: finished budgets, by settings")
-    p.add_argument("--options", type=_json_arg, required=True,
+    p.add_argument("--options", type=json_arg, required=True,
                    help="JSON: prompt, backend, engine_options, inference, scaling (budgets, answer_max_tokens, ...)")
     p.add_argument("--data-manifest", default=None, help="the data set's fetch manifest, named in the provenance")
     p.set_defaults(func=cmd_scaling)
 
     p = sub.add_parser("report-scaling", help="the test-time-scaling table and/or figure")
     p.add_argument("--metrics", nargs="+", required=True, help="results/scaling/*/budget-*.json")
-    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, order")
+    p.add_argument("--report", type=json_arg, required=True, help="JSON: models, order")
     p.add_argument("--table-prefix", default=None)
     p.add_argument("--figure-prefix", default=None)
     p.set_defaults(func=cmd_report_scaling)
 
     p = sub.add_parser("report-tokens", help="the accuracy vs generated tokens figure")
     p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, order, splits")
+    p.add_argument("--report", type=json_arg, required=True, help="JSON: models, order, splits")
     p.add_argument("--out-prefix", required=True)
     p.set_defaults(func=cmd_report_tokens)
 
     p = sub.add_parser("report-latency", help="the latency table: protocol runs or predictions, beside the paper")
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--latency", nargs="*", default=[], help="results/latency/*.json: preferred over the predictions' latency")
-    p.add_argument("--report", type=_json_arg, required=True, help="JSON: models, order, splits")
+    p.add_argument("--report", type=json_arg, required=True, help="JSON: models, order, splits")
     p.add_argument("--out-prefix", required=True)
     p.set_defaults(func=cmd_report_latency)
 
     p = sub.add_parser("report-training", help="the training curves: SFT loss, RL reward and loss per run")
     p.add_argument("--stages", nargs="+", required=True, help="finished stage directories, each with training.json")
-    p.add_argument("--report", type=_json_arg, default=None, help="JSON: models, order (display names of the stages)")
+    p.add_argument("--report", type=json_arg, default=None, help="JSON: models, order (display names of the stages)")
     p.add_argument("--out-prefix", required=True)
     p.set_defaults(func=cmd_report_training)
 
@@ -564,8 +463,10 @@ def _expected(err: BaseException) -> bool:
     from egm.data.parquet import ParquetRewriteError
     from egm.data.splits import SplitError
     from egm.data.validation import ValidationError
+    from egm.options import OptionsError
 
-    if isinstance(err, (ArchiveError, FetchError, ParquetRewriteError, SplitError, ValidationError, FileNotFoundError)):
+    if isinstance(err, (ArchiveError, FetchError, ParquetRewriteError, SplitError, ValidationError, OptionsError,
+                        FileNotFoundError)):
         return True
     # The hub client's own errors (unknown repo, gated, offline, HTTP): their messages say it all.
     return type(err).__module__.split(".")[0] == "huggingface_hub"

@@ -106,13 +106,3 @@ def format_sft_target(reasoning: str, box_grid: list[int], sent: str) -> str:
         "\n]\n```"
     )
 
-
-def evaluate_answer(answer: str, gt_box: list[float], width: int, height: int) -> dict:
-    """Parse, scale and score one answer: the fields every prediction record carries."""
-    from egm.metrics import iou
-
-    parsed = parse_box(answer)
-    if parsed is None:
-        return {"parsed_box": None, "pred_box": None, "iou": 0.0}
-    pred = scale_box(parsed, width, height)
-    return {"parsed_box": parsed, "pred_box": pred, "iou": iou(pred, gt_box)}

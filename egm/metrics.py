@@ -1,4 +1,4 @@
-"""IoU and the paper's split metrics, and lmms-eval's RefCOCO metrics over the same answers.
+"""IoU, the scoring of one answer, the paper's split metrics, and lmms-eval's RefCOCO metrics over the same answers.
 
 Acc@0.5 counts IoU strictly greater than 0.5 (the RL reward uses >=, evaluation does not).
 
@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
+from egm.grounding import parse_box, scale_box
+
 ACC_THRESHOLD = 0.5
 LMMS_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # lmms-eval's own metric names, so a reader can match our numbers with its output.
@@ -49,6 +51,15 @@ def iou(a: list[float], b: list[float]) -> float:
     if union <= 0:
         return 0.0
     return inter / union
+
+
+def evaluate_answer(answer: str, gt_box: list[float], width: int, height: int) -> dict:
+    """Parse, scale and score one answer: the fields every prediction record carries."""
+    parsed = parse_box(answer)
+    if parsed is None:
+        return {"parsed_box": None, "pred_box": None, "iou": 0.0}
+    pred = scale_box(parsed, width, height)
+    return {"parsed_box": parsed, "pred_box": pred, "iou": iou(pred, gt_box)}
 
 
 def acc_at_05(ious: Iterable[float]) -> float:
@@ -95,8 +106,6 @@ def summarize_predictions(rows: Iterable[dict], model: str, split: str) -> dict:
     the denominator; an answer with no parseable box scores IoU 0 and is counted. "lmms_eval"
     holds lmms-eval's RefCOCO metrics (LMMS_METRICS, fractions) over the same scored records.
     """
-    from egm.grounding import evaluate_answer
-
     scored, bad, unparseable, n_records = [], [], 0, 0
     tokens, latencies = [], []
     lmms_sums = dict.fromkeys(LMMS_METRICS, 0.0)

@@ -15,6 +15,7 @@ from egm.data.archives import (
     TruncatedArchiveError,
     UnexpectedPartError,
     UnsafeMemberError,
+    archive_files,
     extract_archive,
     part_files,
 )
@@ -351,3 +352,14 @@ def test_leftovers_of_a_killed_extraction_are_removed(tmp_path):
     archive.write_bytes(make_tar({"a.jpg": b"a"}))
     extract_archive([archive], dest)
     assert sorted(p.name for p in dest.iterdir()) == [".coco_flip.tar.zzz.extracting", "coco"]
+
+
+def test_archive_files_picks_the_parts_or_the_single_tar(tmp_path):
+    for name in ("coco.tar.part_ab", "coco.tar.part_aa", "coco_flip.tar"):
+        (tmp_path / name).write_bytes(b"x")
+    fetched = [{"path": p} for p in ("coco.tar.part_aa", "coco.tar.part_ab", "coco_flip.tar", "metadata/a.jsonl")]
+    parts, expected = archive_files(tmp_path, "coco", fetched)
+    assert [p.name for p in parts] == ["coco.tar.part_aa", "coco.tar.part_ab"]
+    assert [e["path"] for e in expected] == ["coco.tar.part_aa", "coco.tar.part_ab"]
+    parts, expected = archive_files(tmp_path, "coco_flip", fetched)
+    assert parts == [tmp_path / "coco_flip.tar"] and expected == [{"path": "coco_flip.tar"}]

@@ -9,11 +9,12 @@ from dataclasses import replace
 import pytest
 from PIL import Image, ImageDraw
 
-from egm.grounding import PROMPTS, evaluate_answer, parse_box
+from egm.grounding import PROMPTS, parse_box
 from egm.infer import budget as bf
-from egm.infer.budget import END_THINK, FORCED_CLOSE, generate_with_budget, parse_budget, sweep_model
 from egm.infer.base import Completion, EngineBase, Request, SamplingOptions, batches_by_settings
+from egm.infer.budget import END_THINK, FORCED_CLOSE, generate_with_budget, parse_budget, sweep_model
 from egm.infer.hf import HFEngine
+from egm.metrics import evaluate_answer
 
 ANSWER = 10  # answer tokens after the reasoning closes
 

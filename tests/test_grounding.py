@@ -6,7 +6,6 @@ from egm.grounding import (
     PROMPTS,
     SFT_PROMPT,
     build_prompt,
-    evaluate_answer,
     format_sft_target,
     parse_box,
     scale_box,
@@ -98,13 +97,3 @@ def test_to_grid_and_sft_target_round_trip():
     assert target.startswith("The red circle is on the left.\n</think>\n\n```json\n[\n\t{")
     assert target.endswith('"label": "the red circle"}\n]\n```')
     assert parse_box(target) == [float(v) for v in grid]
-
-
-def test_evaluate_answer_unparseable_scores_zero():
-    assert evaluate_answer("I cannot tell.", [0, 0, 10, 10], 100, 100) == {"parsed_box": None, "pred_box": None, "iou": 0.0}
-
-
-def test_evaluate_answer_exact_box():
-    result = evaluate_answer('"bbox_2d": [100, 100, 500, 500]', [10.0, 10.0, 50.0, 50.0], 100, 100)
-    assert result["pred_box"] == [10.0, 10.0, 50.0, 50.0]
-    assert result["iou"] == 1.0

@@ -6,6 +6,7 @@ from egm.metrics import (
     LMMS_METRICS,
     acc_at_05,
     center_inside,
+    evaluate_answer,
     hit_at,
     iou,
     lmms_record,
@@ -119,3 +120,13 @@ def test_summarize_predictions_lmms_metrics_over_scored_records():
 def test_summarize_predictions_all_bad_gives_null_lmms_metrics():
     m = summarize_predictions([{"line": 1, "status": "bad_record", "error": "x"}], "m", "s")
     assert m["lmms_eval"] == dict.fromkeys(LMMS_METRICS)
+
+
+def test_evaluate_answer_unparseable_scores_zero():
+    assert evaluate_answer("I cannot tell.", [0, 0, 10, 10], 100, 100) == {"parsed_box": None, "pred_box": None, "iou": 0.0}
+
+
+def test_evaluate_answer_exact_box():
+    result = evaluate_answer('"bbox_2d": [100, 100, 500, 500]', [10.0, 10.0, 50.0, 50.0], 100, 100)
+    assert result["pred_box"] == [10.0, 10.0, 50.0, 50.0]
+    assert result["iou"] == 1.0

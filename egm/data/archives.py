@@ -135,6 +135,19 @@ def _auto_suffix(ordinal: int, alphabet: str) -> str:
     return last * group + alphabet[lead] + _digits(rest, group + 1, alphabet)
 
 
+def archive_files(dataset_dir: Path, archive: str, fetched: list[dict]) -> tuple[list[Path], list[dict]]:
+    """(the files of one data set archive in order, their fetch manifest entries).
+
+    `coco` is split into `coco.tar.part_*` (streamed as one tar), any other archive is one
+    `<archive>.tar`. The manifest entries (not just names) let extraction check each part's
+    size and sha256, and see a missing last part.
+    """
+    dataset_dir = Path(dataset_dir)
+    if archive == "coco":
+        return part_files(dataset_dir, "coco.tar"), [f for f in fetched if f["path"].startswith("coco.tar.part_")]
+    return [dataset_dir / f"{archive}.tar"], [f for f in fetched if f["path"] == f"{archive}.tar"]
+
+
 def part_files(directory: Path, stem: str = "coco.tar") -> list[Path]:
     """The `<stem>.part_*` files of `directory` in `split` order, checked for gaps.
 

@@ -91,36 +91,36 @@ class SplitData:
         return f"{self.path}: no valid record ({len(self.bad)} bad: {detail})"
 
 
-class _Bad(Exception):
-    pass
+class InvalidRecord(Exception):
+    """Why one record (a split line, an RL row) cannot be used; the reader collects it as a bad record."""
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _positive_int(obj: dict, key: str) -> int:
+def positive_int(obj: dict, key: str) -> int:
     value = obj[key]
-    if not _is_number(value) or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
-        raise _Bad(f"{key}: expected a positive integer, got {value!r}")
+    if not is_number(value) or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise InvalidRecord(f"{key}: expected a positive integer, got {value!r}")
     if value <= 0:
-        raise _Bad(f"{key}: expected a positive integer, got {value!r}")
+        raise InvalidRecord(f"{key}: expected a positive integer, got {value!r}")
     return int(value)
 
 
 def _bbox(value: Any) -> list[float]:
     if not isinstance(value, list) or len(value) != 4:
-        raise _Bad(f"bbox: expected a list of 4 numbers [x1, y1, x2, y2], got {value!r}")
-    if not all(_is_number(v) for v in value):
-        raise _Bad(f"bbox: non-numeric coordinate in {value!r}")
+        raise InvalidRecord(f"bbox: expected a list of 4 numbers [x1, y1, x2, y2], got {value!r}")
+    if not all(is_number(v) for v in value):
+        raise InvalidRecord(f"bbox: non-numeric coordinate in {value!r}")
     box = [float(v) for v in value]
     if not all(math.isfinite(v) for v in box):
-        raise _Bad(f"bbox: non-finite coordinate in {value!r}")
+        raise InvalidRecord(f"bbox: non-finite coordinate in {value!r}")
     x1, y1, x2, y2 = box
     if not x1 < x2:
-        raise _Bad(f"bbox: x2 ({x2:g}) must be greater than x1 ({x1:g})")
+        raise InvalidRecord(f"bbox: x2 ({x2:g}) must be greater than x1 ({x1:g})")
     if not y1 < y2:
-        raise _Bad(f"bbox: y2 ({y2:g}) must be greater than y1 ({y1:g})")
+        raise InvalidRecord(f"bbox: y2 ({y2:g}) must be greater than y1 ({y1:g})")
     return box
 
 
@@ -128,32 +128,32 @@ def _parse(raw: bytes) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise _Bad(f"not valid UTF-8: {err}") from None
+        raise InvalidRecord(f"not valid UTF-8: {err}") from None
     try:
         # NaN/Infinity are not JSON; parse them anyway so the reason says "non-finite bbox"
         # rather than "malformed JSON".
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        raise _Bad(f"malformed JSON: {err}") from None
+        raise InvalidRecord(f"malformed JSON: {err}") from None
     if not isinstance(obj, dict):
-        raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
+        raise InvalidRecord(f"expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
 def _fields(obj: dict) -> tuple[str, str, list[float], int, int]:
     missing = [k for k in ("image", "sent", "bbox", "width", "height") if k not in obj]
     if missing:
-        raise _Bad(f"missing field(s): {', '.join(missing)}")
+        raise InvalidRecord(f"missing field(s): {', '.join(missing)}")
     image, sent = obj["image"], obj["sent"]
     if not isinstance(image, str) or not image:
-        raise _Bad(f"image: expected a non-empty string, got {image!r}")
+        raise InvalidRecord(f"image: expected a non-empty string, got {image!r}")
     if not isinstance(sent, str) or not sent.strip():
-        raise _Bad(f"sent: expected a non-empty string, got {sent!r}")
+        raise InvalidRecord(f"sent: expected a non-empty string, got {sent!r}")
     box = _bbox(obj["bbox"])
-    return image, sent, box, _positive_int(obj, "width"), _positive_int(obj, "height")
+    return image, sent, box, positive_int(obj, "width"), positive_int(obj, "height")
 
 
-def _image_size(path: str, cache: dict[str, tuple[int, int] | str]) -> tuple[int, int]:
+def image_size(path: str, cache: dict[str, tuple[int, int] | str]) -> tuple[int, int]:
     # Many expressions share one image: open each file once.
     if path not in cache:
         try:
@@ -165,7 +165,7 @@ def _image_size(path: str, cache: dict[str, tuple[int, int] | str]) -> tuple[int
             cache[path] = f"image: cannot read {path}: {err}"
     got = cache[path]
     if isinstance(got, str):
-        raise _Bad(got)
+        raise InvalidRecord(got)
     return got
 
 
@@ -202,13 +202,13 @@ def read_split(path: Path, image_root: str, check_images: bool = True, limit: in
                 image, sent, box, width, height = _fields(obj)
                 rid = str(obj["id"]) if obj.get("id") is not None else str(number)
                 if rid in ids:
-                    raise _Bad(f"id: duplicate id {rid!r}")
+                    raise InvalidRecord(f"id: duplicate id {rid!r}")
                 image_path = relocate_image_path(image, image_root)
                 if check_images:
-                    got = _image_size(image_path, sizes)
+                    got = image_size(image_path, sizes)
                     if got != (width, height):
-                        raise _Bad(f"image: {image_path} is {got[0]}x{got[1]}, record says {width}x{height}")
-            except _Bad as bad:
+                        raise InvalidRecord(f"image: {image_path} is {got[0]}x{got[1]}, record says {width}x{height}")
+            except InvalidRecord as bad:
                 split.bad.append(BadRecord(number, str(bad)))
                 continue
             ids.add(rid)

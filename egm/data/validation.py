@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from egm.data.paths import relocate_image_path
-from egm.data.splits import _Bad, _image_size, _is_number, _positive_int, read_split
+from egm.data.splits import InvalidRecord, image_size, is_number, positive_int, read_split
 
 # Bad records listed in a report (all are counted): enough to see the pattern, small to read.
 LISTED = 100
@@ -53,38 +53,38 @@ def validate_split(path: str | Path, image_root: str, listed: int = LISTED) -> d
 
 def _ground_truth(reward_model: Any) -> list[float]:
     truth = (reward_model or {}).get("ground_truth") if isinstance(reward_model, dict) else None
-    if not isinstance(truth, list) or len(truth) != 4 or not all(_is_number(v) for v in truth):
-        raise _Bad(f"reward_model.ground_truth: expected 4 numbers, got {truth!r}")
+    if not isinstance(truth, list) or len(truth) != 4 or not all(is_number(v) for v in truth):
+        raise InvalidRecord(f"reward_model.ground_truth: expected 4 numbers, got {truth!r}")
     if not all(math.isfinite(float(v)) for v in truth):
-        raise _Bad(f"reward_model.ground_truth: non-finite value in {truth!r}")
+        raise InvalidRecord(f"reward_model.ground_truth: non-finite value in {truth!r}")
     return [float(v) for v in truth]
 
 
 def _rl_row(row: dict, image_root: str, sizes: dict) -> None:
-    """Raise _Bad with the reason when RL training could not use this row as it is."""
+    """Raise InvalidRecord with the reason when RL training could not use this row as it is."""
     from egm.train.data import BadRow, split_user_turn
 
     images, prompt = row.get("images"), row.get("prompt")
     if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str) or not images[0]:
-        raise _Bad(f"images: expected one image path, got {images!r}")
+        raise InvalidRecord(f"images: expected one image path, got {images!r}")
     if not isinstance(prompt, list) or len(prompt) != 1 or not isinstance(prompt[0], dict) or prompt[0].get("role") != "user":
-        raise _Bad("prompt: expected one user message")
+        raise InvalidRecord("prompt: expected one user message")
     try:
         split_user_turn(str(prompt[0].get("content") or ""), 1)
     except BadRow as err:
-        raise _Bad(f"prompt: {err}") from None
+        raise InvalidRecord(f"prompt: {err}") from None
     _ground_truth(row.get("reward_model"))
     extra = row.get("extra_info")
     if not isinstance(extra, dict):
-        raise _Bad(f"extra_info: expected a struct with width and height, got {extra!r}")
+        raise InvalidRecord(f"extra_info: expected a struct with width and height, got {extra!r}")
     missing = [k for k in ("width", "height") if extra.get(k) is None]
     if missing:
-        raise _Bad(f"extra_info: missing {', '.join(missing)}")
-    width, height = _positive_int(extra, "width"), _positive_int(extra, "height")
+        raise InvalidRecord(f"extra_info: missing {', '.join(missing)}")
+    width, height = positive_int(extra, "width"), positive_int(extra, "height")
     image_path = relocate_image_path(images[0], image_root)
-    got = _image_size(image_path, sizes)
+    got = image_size(image_path, sizes)
     if got != (width, height):
-        raise _Bad(f"image: {image_path} is {got[0]}x{got[1]}, row says {width}x{height}")
+        raise InvalidRecord(f"image: {image_path} is {got[0]}x{got[1]}, row says {width}x{height}")
 
 
 def validate_rl_parquet(path: str | Path, image_root: str, listed: int = LISTED) -> dict:
@@ -113,7 +113,7 @@ def validate_rl_parquet(path: str | Path, image_root: str, listed: int = LISTED)
         report["rows"] += 1
         try:
             _rl_row(row, image_root, sizes)
-        except _Bad as bad:
+        except InvalidRecord as bad:
             report["bad"] += 1
             if len(report["bad_records"]) < listed:
                 report["bad_records"].append({"where": f"{path}: row {index}", "reason": str(bad)})

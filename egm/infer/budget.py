@@ -26,9 +26,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from egm.infer.base import Engine, LazyEngine, Request
 from egm.io import read_jsonl
+
+if TYPE_CHECKING:
+    from egm.options import ScalingOptions
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +162,7 @@ def sample_split(records: Sequence, n: int | None, seed: int) -> list:
 
 def budget_row(base: dict, prompt: str, completion: BudgetCompletion) -> dict:
     """One JSONL row: predict's fields (answer, boxes, IoU, tokens, latency) plus the budget's."""
-    from egm.grounding import evaluate_answer
+    from egm.metrics import evaluate_answer
 
     row = dict(base)
     row.update(status="ok", error=None, prompt=prompt, answer=completion.text)
@@ -310,3 +314,33 @@ def sweep_model(
     return [results[budget_label(b)] for b in budgets]
 
 
+def run_scaling(model: str, model_dir: str, model_manifest: str, split_files: Sequence[str], image_root: str,
+                out_dir: str, work_dir: str | None, options: ScalingOptions, provenance: dict | None = None
+                ) -> list[dict]:
+    """The scaling job: its resume key from every setting an answer depends on, then the sweep."""
+    from egm.infer.engine import engine_loader
+    from egm.infer.predict import cache_key
+    from egm.io import sha256_file
+
+    settings, sampling = options.scaling, options.inference.sampling()
+    batch_size = settings.batch_size or options.inference.batch_size
+    engine_options = dict(options.engine_options)
+    # A changed setting starts a fresh resume cache.
+    key = cache_key(sha256_file(model_manifest), options.prompt, options.backend, engine_options, sampling, batch_size,
+                    {"answer_max_tokens": settings.answer_max_tokens, "n_per_split": settings.n_per_split,
+                     "seed": settings.seed})
+    return sweep_model(
+        model,
+        [Path(p) for p in split_files],
+        image_root,
+        engine_loader(options.backend, model_dir, sampling, {"batch_size": batch_size, **engine_options}),
+        model_dir,
+        options.prompt,
+        [parse_budget(b) for b in settings.budgets],
+        int(settings.answer_max_tokens),
+        settings.n_per_split,
+        int(settings.seed),
+        Path(out_dir),
+        work_dir=Path(work_dir) / key if work_dir else None,
+        provenance=provenance,
+    )

@@ -20,8 +20,13 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from egm.infer.base import Completion, Engine, Request
+
+if TYPE_CHECKING:
+    from egm.options import LatencyOptions
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +118,46 @@ def measure_latency(engine: Engine, requests: list[Request], concurrency: int, b
         completions, wall = answer_all(engine, single, 1)
         result["batch1"] = _run_record(single, completions, wall, 1)
     return result
+
+
+def run_latency(model: str, model_dir: str, split_path: str, image_root: str, options: LatencyOptions,
+                provenance: dict) -> dict:
+    """The latency job: sample the split, load the engine, measure, close it; the result file's content.
+
+    The protocol's concurrency is also the batch size (and, for the server backend, the client's
+    concurrency) unless the engine options set their own.
+    """
+    from egm.data.splits import load_split
+    from egm.grounding import build_prompt
+    from egm.infer.base import LazyEngine
+    from egm.infer.engine import engine_loader
+
+    settings, sampling = options.latency, options.inference.sampling()
+    split = load_split(Path(split_path), image_root)
+    records = sample_records(split.records, settings.n, settings.seed)
+    requests = [Request(r.id, r.image_path, build_prompt(options.prompt, r.sent)) for r in records]
+    concurrency = settings.concurrency
+    engine_options = {"batch_size": concurrency, **options.engine_options}
+    if options.backend == "server":
+        engine_options.setdefault("concurrency", concurrency)
+    log.info("latency of %s (%s): %d requests of %s", model_dir, options.backend, len(requests), split_path)
+    with LazyEngine(engine_loader(options.backend, model_dir, sampling, engine_options)) as engine:
+        result = measure_latency(engine(), requests, concurrency, settings.batch1_n, settings.warmup)
+        data_parallel = engine().data_parallel_size
+    summary = result["protocol"]["summary"]
+    log.info("protocol: mean %.1f ms, p90 %.1f ms, %.1f tokens/s", summary["mean_ms"], summary["p90_ms"],
+             summary["tokens_per_s"])
+    return {
+        "model": model,
+        "model_dir": model_dir,
+        "backend": options.backend,
+        "engine_options": options.engine_options,
+        "data_parallel_size": data_parallel,
+        "device": provenance["job"]["device"],
+        "split": Path(split_path).name.removesuffix(".jsonl"),
+        "sample": {"n": len(requests), "seed": settings.seed, "bad_records_in_split": len(split.bad)},
+        "max_tokens": sampling.max_tokens,
+        "mean_latency_ms": summary["mean_ms"],
+        **result,
+        "provenance": provenance,
+    }

@@ -21,11 +21,16 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from egm.data.splits import SplitData, read_split
-from egm.grounding import build_prompt, evaluate_answer
+from egm.grounding import build_prompt
 from egm.infer.base import Engine, LazyEngine, Request
 from egm.io import atomic_write
+from egm.metrics import evaluate_answer
+
+if TYPE_CHECKING:
+    from egm.options import PredictOptions
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +181,17 @@ def predict_model(
                 )
             )
     return summaries
+
+
+def run_predict(model_dir: str, model_manifest: str, split_files: list[str], out_dir: str, image_root: str,
+                options: PredictOptions) -> list[dict]:
+    """The predict job: its resume key, then every split with at most one engine load."""
+    from egm.infer.engine import engine_loader
+    from egm.io import sha256_file
+
+    inference = options.inference
+    sampling = inference.sampling()
+    key = cache_key(sha256_file(model_manifest), options.prompt, options.backend, sampling, inference.limit)
+    load = engine_loader(options.backend, model_dir, sampling, {"batch_size": inference.batch_size, **options.engine_options})
+    return predict_model([Path(p) for p in split_files], Path(out_dir), image_root, load, options.prompt,
+                         inference.batch_size, key, limit=inference.limit)

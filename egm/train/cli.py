@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from egm.cli import _json_arg
+from egm.options import json_arg
 
 log = logging.getLogger("egm")
 
@@ -65,7 +65,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", required=True, help="the trained model's directory (written atomically)")
     p.add_argument("--manifest", required=True, help="JSON written last, the rule's output downstream rules use")
     p.add_argument("--work-dir", required=True, help="checkpoints for resuming a killed run")
-    p.add_argument("--options", type=_json_arg, required=True, help="JSON: recipe, max_steps, limit, run")
+    p.add_argument("--options", type=json_arg, required=True, help="JSON: recipe, max_steps, limit, run")
     p.add_argument("--gpus", type=int, default=0, help="GPUs of the job; more than one runs under torchrun")
 
 

@@ -1,0 +1,128 @@
+"""The `--options` JSON of the commands, parsed into typed dataclasses.
+
+The rules resolve every option from the config (workflow/rules/common.smk) and pass it as one
+JSON object; here it becomes a dataclass, so a key the code does not know (a typo, a config key
+passed to the wrong command) fails the job before anything loads, naming the key, instead of
+being ignored. The raw object stays the job's provenance record (what the rule passed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from egm.infer.base import SamplingOptions
+
+
+class OptionsError(ValueError):
+    """The options object has a key the command does not know, or lacks one it needs."""
+
+
+def json_arg(text: str) -> Any:
+    """argparse type of a JSON argument."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
+
+
+T = typing.TypeVar("T")
+
+
+def parse_options(cls: type[T], data: Any, where: str = "--options") -> T:
+    """`data` as a `cls`: unknown keys refused, missing required keys named, nested dataclasses parsed."""
+    if not isinstance(data, dict):
+        raise OptionsError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise OptionsError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(fields)}")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise OptionsError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        values[name] = parse_options(hint, value, f"{where}.{name}") if dataclasses.is_dataclass(hint) else value
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """The config's `inference:` section: the paper's decoding settings and predict's batching."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    presence_penalty: float
+    # Predict's own keys: the latency and scaling rules leave them out (they batch by their own
+    # settings), so that changing them does not rerun those jobs.
+    batch_size: int | None = None
+    limit: int | None = None
+
+    def sampling(self) -> SamplingOptions:
+        return SamplingOptions(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                               top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+                               presence_penalty=self.presence_penalty)
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    prompt: str
+    backend: str
+    inference: InferenceOptions
+    engine_options: dict = field(default_factory=dict)
+    gpus: int = 0
+
+    def __post_init__(self):
+        if self.inference.batch_size is None:
+            raise OptionsError("--options.inference: missing key 'batch_size' (predict batches by it)")
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """The config's `latency:` protocol (the rule resolves its backend, engine options and GPUs)."""
+
+    n: int
+    seed: int
+    concurrency: int
+    batch1_n: int
+    warmup: int
+    split: str | None = None  # named for the reader: the rule passes the split's file itself
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    prompt: str
+    backend: str
+    inference: InferenceOptions
+    latency: LatencySettings
+    engine_options: dict = field(default_factory=dict)
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class ScalingSettings:
+    budgets: list
+    answer_max_tokens: int
+    n_per_split: int | None
+    seed: int
+    batch_size: int | None = None  # None: inference.batch_size
+
+
+@dataclass(frozen=True)
+class ScalingOptions:
+    prompt: str
+    backend: str
+    inference: InferenceOptions
+    scaling: ScalingSettings
+    engine_options: dict = field(default_factory=dict)
+    gpus: int = 0
