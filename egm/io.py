@@ -116,3 +116,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    """Digest of a JSON value in canonical form (sorted keys): the identity of a config."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

@@ -92,6 +92,11 @@ def lmms_record(iou_value: float, pred: Sequence[float] | None, gt: Sequence[flo
     return record
 
 
+def nan_to_none(value: float) -> float | None:
+    """A metric as JSON has it: NaN (nothing to average) becomes null, which json.dump cannot write portably."""
+    return None if value != value else value
+
+
 def mean(values: Iterable[float]) -> float:
     values = list(values)
     if not values:
@@ -123,9 +128,6 @@ def summarize_predictions(rows: Iterable[dict], model: str, split: str) -> dict:
         tokens.append(row["completion_tokens"])
         latencies.append(row["latency_s"])
 
-    def finite_or_none(value: float) -> float | None:
-        return None if value != value else value
-
     return {
         "model": model,
         "split": split,
@@ -133,10 +135,10 @@ def summarize_predictions(rows: Iterable[dict], model: str, split: str) -> dict:
         "n_scored": len(scored),
         "n_bad_records": len(bad),
         "n_unparseable": unparseable,
-        "acc_at_0.5": finite_or_none(acc_at_05(scored)),
-        "mean_iou": finite_or_none(mean(scored)),
-        "mean_completion_tokens": finite_or_none(mean(tokens)),
-        "mean_latency_s": finite_or_none(mean(latencies)),
+        "acc_at_0.5": nan_to_none(acc_at_05(scored)),
+        "mean_iou": nan_to_none(mean(scored)),
+        "mean_completion_tokens": nan_to_none(mean(tokens)),
+        "mean_latency_s": nan_to_none(mean(latencies)),
         "lmms_eval": {name: total / len(scored) if scored else None for name, total in lmms_sums.items()},
         "bad_records": bad[:50],
     }

@@ -9,7 +9,6 @@ hold both under "provenance"; `flatten()` turns one into the columns a table row
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -19,6 +18,8 @@ from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from egm.io import sha256_file, sha256_json
 
 # The package whose version names each backend's engine in a table.
 ENGINE_PACKAGES = {"hf": "transformers", "fast": "transformers", "vllm": "vllm", "sglang": "sglang", "trl": "trl"}
@@ -36,11 +37,6 @@ def _version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def sha256_json(value: Any) -> str:
-    """Digest of a JSON value in canonical form (sorted keys): the identity of a config."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- code
@@ -102,14 +98,6 @@ def code_record(root: Path | None = None) -> dict:
 # --------------------------------------------------------------------------- container image
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def image_sha256(path: Path) -> str:
     """SHA-256 of an image file, cached beside it (`<image>.sha256`, keyed by size and mtime) so
     that only the first job after a build reads the whole image."""
@@ -122,7 +110,7 @@ def image_sha256(path: Path) -> str:
             return cached["sha256"]
     except (OSError, ValueError, AttributeError):
         pass
-    digest = file_sha256(path)
+    digest = sha256_file(path)
     try:
         from egm.io import write_json
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from egm.io import sha256_file
 from tests.workflow_helpers import REPO, copy_workflow, small_demo_config
 
 CACHE = Path(os.environ.get("EGM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "egm")
@@ -39,7 +40,7 @@ def unavailable(reason: str):
 
 def image_name(definition: str) -> str:
     """containers/build.sh's name for an image: <definition>-<first 12 hex of its SHA-256>."""
-    digest = hashlib.sha256((REPO / "containers" / f"{definition}.def").read_bytes()).hexdigest()[:12]
+    digest = sha256_file(REPO / "containers" / f"{definition}.def")[:12]
     return f"{definition}-{digest}"
 
 

@@ -220,9 +220,9 @@ def test_demo_runs_every_job_inside_the_cpu_image(tmp_path):
     markers = {str(p.relative_to(workdir)): image_marker(p) for p in logs}
     assert set(markers.values()) == {image.stem}, markers  # every job, in exactly this image
     # Every metrics file names that image by the digest of its file (provenance).
-    from egm.provenance import file_sha256
+    from egm.io import sha256_file
 
-    digest = file_sha256(image)
+    digest = sha256_file(image)
     for path in (workdir / "results/metrics").rglob("*.json"):
         record = json.loads(path.read_text())["provenance"]
         assert record["job"]["image"]["name"] == image.stem, path

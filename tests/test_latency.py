@@ -14,7 +14,7 @@ from PIL import Image
 from egm.cli import main as egm_main
 from egm.infer.base import Completion, EngineBase, Request
 from egm.infer.latency import answer_all, measure_latency, percentile, sample_records, summarize
-from egm.provenance import sha256_json
+from egm.io import sha256_json
 from tests.workflow_helpers import REPO, copy_workflow, plan, stage_of
 
 

@@ -1,9 +1,11 @@
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
-from egm.data.splits import BadRecord, EvalRecord, SplitError, load_split
+from egm.data.splits import EVAL_SPLITS, BadRecord, EvalRecord, SplitError, load_split
 
 
 @pytest.fixture
@@ -125,3 +127,14 @@ def test_limit_keeps_first_valid_records(tmp_path, image_root):
     assert [b.line for b in split.bad] == [1, 3]
     with pytest.raises(ValueError):
         load_split(path, image_root, limit=0)
+
+
+def test_the_schema_and_configs_name_the_package_splits():
+    """One list of eval splits: the schema's enum is it, in its order; every config picks from it."""
+    repo = Path(__file__).resolve().parent.parent
+    schema = yaml.safe_load((repo / "workflow/schemas/config.schema.yaml").read_text())
+    assert schema["properties"]["splits"]["items"]["enum"] == list(EVAL_SPLITS)
+    assert schema["properties"]["latency"]["properties"]["split"]["enum"] == list(EVAL_SPLITS)
+    for config in sorted((repo / "config").glob("*.yaml")):
+        splits = yaml.safe_load(config.read_text()).get("splits")
+        assert splits is None or set(splits) <= set(EVAL_SPLITS), config.name

@@ -12,7 +12,7 @@ from egm.data.archives import extract_archive, part_files
 from egm.data.demo import write_demo_dataset
 from egm.data.parquet import rewrite_image_paths
 from egm.train import common, recipes
-from egm.train.data import BadRow, RowCounter, iter_sft_rows, rl_rows, sft_row, split_user_turn
+from egm.train.data import SFT_DATA, BadRow, RowCounter, iter_sft_rows, rl_rows, sft_row, split_user_turn
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "config" / "recipes"
@@ -67,7 +67,7 @@ def weights(model_dir):
 
 def test_sft_rows_become_prompt_completion_with_the_image_first(demo_data):
     counter = RowCounter("sft")
-    rows = list(iter_sft_rows(demo_data / "ds" / "vanilla_grounding_reasoning_training_dataset_raw.jsonl",
+    rows = list(iter_sft_rows(demo_data / "ds" / SFT_DATA.format(data="raw"),
                               str(demo_data / "images"), counter))
     assert rows and counter.bad == 0
     first = rows[0]
@@ -80,7 +80,7 @@ def test_sft_rows_become_prompt_completion_with_the_image_first(demo_data):
 
 
 def test_bad_sft_rows_are_counted_not_fatal(tmp_path, demo_data):
-    good = json.loads((demo_data / "ds" / "vanilla_grounding_reasoning_training_dataset_raw.jsonl")
+    good = json.loads((demo_data / "ds" / SFT_DATA.format(data="raw"))
                       .read_text().splitlines()[0])
     missing = {**good, "images": ["data/coco/train2014/nope.jpg"]}
     two = {**good, "images": good["images"] * 2}
@@ -224,7 +224,7 @@ def run_sft(tiny_dir, demo_data, out, max_steps, callbacks=None, **recipe):
     from egm.train.sft import train_sft
 
     return train_sft(
-        tiny_dir, demo_data / "ds" / "vanilla_grounding_reasoning_training_dataset_raw.jsonl",
+        tiny_dir, demo_data / "ds" / SFT_DATA.format(data="raw"),
         str(demo_data / "images"), out / "sft", out / "sft.json", out / ".work" / "sft",
         {"run": "t", "recipe": tiny_sft_recipe(**recipe), "max_steps": max_steps, "limit": None},
         callbacks=callbacks,

@@ -183,14 +183,13 @@ def budget_row(base: dict, prompt: str, completion: BudgetCompletion) -> dict:
 
 def budget_metrics(rows: list[dict], model: str, budget: int | None, reasoning: bool, extra: dict | None = None) -> dict:
     """summarize_predictions over the pooled sample, per split, and the budget's own counts."""
-    from egm.metrics import mean, summarize_predictions
+    from egm.metrics import mean, nan_to_none, summarize_predictions
 
     metrics = summarize_predictions(rows, model, "scaling-sample")
     ok = [r for r in rows if r.get("status") == "ok"]
 
     def avg(key):
-        value = mean(r[key] for r in ok)
-        return None if value != value else value
+        return nan_to_none(mean(r[key] for r in ok))
 
     splits = sorted({r["split"] for r in rows}, key=[r["split"] for r in rows].index)
     metrics.update(

@@ -15,8 +15,6 @@ discarded rather than continued. A finished stage removes its `.work` directory.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -80,16 +78,12 @@ def relaunch(gpus: int, argv: list[str]) -> bool:
 # ---------------------------------------------------------------- work directory
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def fingerprint(options: dict, inputs: list[str | os.PathLike]) -> dict:
     """What a set of checkpoints depends on: the options and each input file's hash."""
-    from egm.io import sha256_file
+    from egm.io import sha256_file, sha256_json
 
     return {
-        "options_sha256": sha256_bytes(json.dumps(options, sort_keys=True).encode()),
+        "options_sha256": sha256_json(options),
         "inputs": {str(p): sha256_file(p) for p in inputs},
     }
 

@@ -24,6 +24,9 @@ from pathlib import Path
 
 from egm.data.paths import relocate_image_path
 
+# The SFT JSONL files of the data set repo, by `data`: raw (the full set) or cot_subset (1k rows).
+SFT_DATA = "vanilla_grounding_reasoning_training_dataset_{data}.jsonl"
+
 log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -174,7 +177,3 @@ def rl_dataset(path: str | os.PathLike, limit: int | None = None):
     dataset = Dataset.from_list(rows).cast_column("images", Sequence(Image()))
     return dataset, summary
 
-
-def sft_file(dataset_dir: str | os.PathLike, name: str) -> Path:
-    """The SFT JSONL of the dataset repo: `raw` (the full set) or `cot_subset` (1k rows)."""
-    return Path(dataset_dir) / f"vanilla_grounding_reasoning_training_dataset_{name}.jsonl"

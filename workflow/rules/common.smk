@@ -5,8 +5,10 @@ import os
 import re
 import shlex
 
-import yaml
 from snakemake.exceptions import WorkflowError
+
+from egm.train.data import SFT_DATA
+from egm.train.recipes import load_recipe
 
 SPLITS = config["splits"]
 RUNS = config["train"]["runs"]
@@ -97,7 +99,6 @@ def demo_mirror_dir():
 
 # The data set repo's files the workflow reads, repo-relative; fetch_dataset declares them as
 # outputs and, with the archive parts, checks before fetching that the repo has each of them.
-SFT_DATA = "vanilla_grounding_reasoning_training_dataset_{data}.jsonl"
 DATASET_FILES = {
     "splits": [f"metadata/eval/{split}.jsonl" for split in SPLITS],
     "rl": [f"processed_rl_data/{part}_grounding.parquet" for part in RL_PARTS],
@@ -184,9 +185,7 @@ wildcard_constraints:
 
 def _recipe(path, overrides):
     full = path if os.path.isabs(path) else os.path.join(workflow.basedir, path)
-    with open(full, encoding="utf-8") as handle:
-        recipe = yaml.safe_load(handle) or {}
-    return {**recipe, **overrides}
+    return {**load_recipe(full), **overrides}
 
 
 def train_options(run, stage):

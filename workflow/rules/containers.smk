@@ -1,7 +1,6 @@
 # Containers and cluster resources. Every rule names its image through image_for() and what it
 # asks a scheduler for through cpu_job() / model_job(); without --use-apptainer (or a profile
 # that sets it) and without a cluster executor, neither changes how a rule runs.
-import hashlib
 import shutil
 
 # containers.<key> -> the definition (containers/<name>.def) whose content hash fills "{hash}".
@@ -35,8 +34,9 @@ def _image_ref(key):
     definition = os.path.join(workflow.basedir, "containers", f"{IMAGE_DEFINITIONS[key]}.def")
     if not os.path.exists(definition):
         raise WorkflowError(f"containers.{key} names {ref!r}, but its definition {definition} is missing")
-    with open(definition, "rb") as handle:
-        digest = hashlib.sha256(handle.read()).hexdigest()[:12]
+    from egm.io import sha256_file
+
+    digest = sha256_file(definition)[:12]
     # The same name containers/build.sh gives the image: a new definition means a new image path,
     # and Snakemake reruns every job whose container string changed.
     return ref.replace("{hash}", digest)
