@@ -74,14 +74,19 @@ class InferenceOptions:
                                presence_penalty=self.presence_penalty)
 
 
-@dataclass(frozen=True)
-class PredictOptions:
+@dataclass(frozen=True, kw_only=True)
+class EngineJobOptions:
+    """What every job that loads an engine is given: the model's prompt, backend and GPUs."""
+
     prompt: str
     backend: str
     inference: InferenceOptions
     engine_options: dict = field(default_factory=dict)
     gpus: int = 0
 
+
+@dataclass(frozen=True, kw_only=True)
+class PredictOptions(EngineJobOptions):
     def __post_init__(self):
         if self.inference.batch_size is None:
             raise OptionsError("--options.inference: missing key 'batch_size' (predict batches by it)")
@@ -99,14 +104,9 @@ class LatencySettings:
     split: str | None = None  # named for the reader: the rule passes the split's file itself
 
 
-@dataclass(frozen=True)
-class LatencyOptions:
-    prompt: str
-    backend: str
-    inference: InferenceOptions
+@dataclass(frozen=True, kw_only=True)
+class LatencyOptions(EngineJobOptions):
     latency: LatencySettings
-    engine_options: dict = field(default_factory=dict)
-    gpus: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,11 +118,6 @@ class ScalingSettings:
     batch_size: int | None = None  # None: inference.batch_size
 
 
-@dataclass(frozen=True)
-class ScalingOptions:
-    prompt: str
-    backend: str
-    inference: InferenceOptions
+@dataclass(frozen=True, kw_only=True)
+class ScalingOptions(EngineJobOptions):
     scaling: ScalingSettings
-    engine_options: dict = field(default_factory=dict)
-    gpus: int = 0
