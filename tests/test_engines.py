@@ -9,7 +9,7 @@ import pytest
 
 from egm.grounding import PROMPTS
 from egm.infer import client as cl
-from egm.infer.base import BackendUnavailable, Request, SamplingOptions
+from egm.infer.base import BackendUnavailable, EngineBase, LazyEngine, Request, SamplingOptions
 from egm.infer.engine import load_engine
 from egm.infer.gpus import groups, resolve_data_parallel, visible_gpus
 from egm.infer.ray_slurm import plan
@@ -172,3 +172,25 @@ def test_ray_plan_head_on_first_node_workers_on_the_rest():
     assert "--nodelist=gpu02,gpu03" in p.worker_cmd and "--address=10.0.0.1:6400" in p.worker_cmd
     assert "--ntasks-per-node=1" in p.worker_cmd
     assert plan(["solo"], "10.0.0.2").worker_cmd is None
+
+
+def test_lazy_engine_loads_once_on_first_use_and_closes_once():
+    events = []
+
+    class Recorded(EngineBase):
+        def close(self):
+            events.append("close")
+
+    def load():
+        events.append("load")
+        return Recorded()
+
+    with LazyEngine(load, on_load=lambda e: events.append("warm")) as engine:
+        assert not engine.loaded and events == []
+        assert engine() is engine()
+    assert events == ["load", "warm", "close"]
+    with LazyEngine(load):  # nothing asked for it: nothing loaded, nothing closed
+        pass
+    assert events == ["load", "warm", "close"]
+    plain = Recorded()  # capabilities an engine does not have read as absent
+    assert plain.generate_each is None and plain.chunk_size is None and plain.data_parallel_size == 1
