@@ -169,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         if all((d / f"{s}.jsonl").exists() for d in (dir_a, dir_b) for s in splits):
             agreement[f"{a} vs {b}"] = engine_agreement(dir_a, dir_b, splits)
     table = root / "results" / "tables" / "refcoco.csv"
-    with open(table, newline="") if table.exists() else open("/dev/null") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = []
+    if table.exists():
+        with open(table, newline="") as handle:
+            rows = list(csv.DictReader(handle))
     result = {
         "config": args.config,
         # The environment this script runs in: the one the jobs ran in (benchmarks/gpu_pipeline.sh).
