@@ -132,10 +132,12 @@ def package_versions(names) -> dict:
 
 
 def engine_pairs(models: dict) -> list[tuple[str, str]]:
-    """Pairs of model keys with the same checkpoint (repo and revision) and different backends."""
+    """Pairs of model keys with the same checkpoint (repo and revision) and different backends.
+    Random weights (`load_format: dummy`) are no checkpoint: each engine draws its own."""
     by_repo: dict[tuple, list[str]] = defaultdict(list)
     for key, spec in models.items():
-        by_repo[(spec["repo_id"], spec.get("revision", "main"), json.dumps(spec.get("engine_options", {}).get("load_format")))].append(key)
+        if spec.get("engine_options", {}).get("load_format") != "dummy":
+            by_repo[(spec["repo_id"], spec.get("revision", "main"))].append(key)
     pairs = []
     for keys in by_repo.values():
         for i, a in enumerate(keys):

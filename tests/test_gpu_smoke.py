@@ -169,3 +169,14 @@ def test_record_script_groups_each_jobs_outputs(tmp_path):
     assert job["wall_s"] == 4.0 and job["records"] == 2 and job["completion_tokens"] == 40
     assert job["tokens_per_s"] == 10.0
     assert record["runs"]["m"]["engine"]["backend"] == "vllm"
+
+
+def test_agreement_pairs_are_one_checkpoint_through_two_engines():
+    import yaml
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_pipeline
+
+    models = yaml.safe_load((REPO / "config" / "gpu-smoke.yaml").read_text())["models"]
+    # The random 8B is drawn by each engine on its own: not a pair to compare.
+    assert gpu_pipeline.engine_pairs(models) == [("tiny-sft-vllm", "tiny-sft-hf")]
