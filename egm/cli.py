@@ -182,7 +182,8 @@ def _models_in_order(report: dict) -> dict:
 
 
 def cmd_report_table(args: argparse.Namespace) -> None:
-    from egm.report.tables import expected_comparison, paper_comparison, refcoco_table, write_table
+    from egm.report.common import write_table
+    from egm.report.tables import expected_comparison, paper_comparison, refcoco_table
 
     metrics = _load_metrics(args.metrics)
     models, splits = _models_in_order(args.report), args.report["splits"]
@@ -203,15 +204,15 @@ def cmd_report_table(args: argparse.Namespace) -> None:
 
 
 def cmd_report_thresholds(args: argparse.Namespace) -> None:
-    from egm.report.tables import write_table
+    from egm.report.common import write_table
     from egm.report.thresholds import TITLE, thresholds_table
 
     table = thresholds_table(_load_metrics(args.metrics), _models_in_order(args.report), args.report["splits"])
     write_table(table, Path(args.out_prefix), title=TITLE, signed_columns=())
 
 
-def cmd_report_figure(args: argparse.Namespace) -> None:
-    from egm.report.figures import latency_by_model, tradeoff_figure
+def cmd_report_tradeoff(args: argparse.Namespace) -> None:
+    from egm.report.tradeoff import latency_by_model, tradeoff_figure
 
     metrics = _load_metrics(args.metrics)
     latency = latency_by_model(_load_metrics(args.latency)) if args.latency else None
@@ -369,12 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-prefix", required=True)
     p.set_defaults(func=cmd_report_thresholds)
 
-    p = sub.add_parser("report-figure", help="the accuracy vs latency trade-off figure")
+    p = sub.add_parser("report-tradeoff", help="the accuracy vs latency trade-off figure")
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--report", type=json_arg, required=True, help="JSON: models, splits")
     p.add_argument("--out-prefix", required=True)
     p.add_argument("--latency", nargs="*", default=[], help="results/latency/*.json: preferred over the predictions' latency")
-    p.set_defaults(func=cmd_report_figure)
+    p.set_defaults(func=cmd_report_tradeoff)
 
     p = sub.add_parser("latency", help="one model's latency under the paper's protocol and at batch 1")
     p.add_argument("--model", required=True, help="the model's key in the config (names it in the figure)")

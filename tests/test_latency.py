@@ -108,7 +108,7 @@ def test_latency_command_writes_the_protocol_file(tiny_dir, tmp_path):
 def test_figure_prefers_the_latency_files(monkeypatch, tmp_path):
     from matplotlib.figure import Figure
 
-    from egm.report.figures import latency_by_model, tradeoff_figure
+    from egm.report.tradeoff import latency_by_model, tradeoff_figure
 
     splits = ["refcoco_val"]
     metrics = [{"model": "m", "split": "refcoco_val", "acc_at_0.5": 0.9, "mean_iou": 0.8,

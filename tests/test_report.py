@@ -11,16 +11,9 @@ import pytest
 
 from egm.provenance import FIELDS
 from egm.report import paper
-from egm.report.figures import tradeoff_figure
-from egm.report.tables import (
-    AMODAL_NOTE,
-    NO_COUNTERPART_NOTE,
-    expected_comparison,
-    latex_escape,
-    paper_comparison,
-    refcoco_table,
-    write_table,
-)
+from egm.report.common import latex_escape, write_table
+from egm.report.tables import AMODAL_NOTE, NO_COUNTERPART_NOTE, expected_comparison, paper_comparison, refcoco_table
+from egm.report.tradeoff import tradeoff_figure
 
 SPLITS = list(paper.SPLITS)
 
@@ -349,7 +342,7 @@ def check_figure_files(prefix, size_inches, title):
     whose text carries the figure's title."""
     from PIL import Image, ImageChops
 
-    from egm.report.figures import DPI
+    from egm.report.common import DPI
 
     png = prefix.with_name(prefix.name + ".png")
     with Image.open(png) as image:
@@ -368,7 +361,7 @@ def check_figure_files(prefix, size_inches, title):
     assert title in pdf_text_runs(pdf)
 
 
-TRADEOFF_SIZE = (8.0, 5.6)  # inches, as egm.report.figures draws it
+TRADEOFF_SIZE = (8.0, 5.6)  # inches, as egm.report.tradeoff draws it
 TRADEOFF_TITLE = "Accuracy vs latency on RefCOCO / RefCOCO+ / RefCOCOg"
 
 
@@ -400,7 +393,7 @@ def test_crowded_labels_do_not_overlap_and_far_ones_get_a_leader():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from egm.report.figures import _Label, _place_labels
+    from egm.report.common import MarkerLabel, place_labels
 
     fig = Figure(figsize=(4, 3))
     FigureCanvasAgg(fig)
@@ -411,10 +404,10 @@ def test_crowded_labels_do_not_overlap_and_far_ones_get_a_leader():
     for i in range(6):  # six markers almost on one spot: the first ring cannot hold every label
         xy = (5.0 + 0.05 * i, 5.0)
         ax.scatter([xy[0]], [xy[1]], s=[40])
-        labels.append(_Label(ax.annotate(f"model number {i}", xy, xytext=(0, 0), textcoords="offset points",
+        labels.append(MarkerLabel(ax.annotate(f"model number {i}", xy, xytext=(0, 0), textcoords="offset points",
                                          fontsize=7), 3.0, "right"))
     before = len(ax.texts)
-    _place_labels(fig, ax, labels)
+    place_labels(fig, ax, labels)
     renderer = fig.canvas.get_renderer()
     boxes = [label.annotation.get_window_extent(renderer) for label in labels]
     for i, a in enumerate(boxes):

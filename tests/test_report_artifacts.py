@@ -10,9 +10,8 @@ import pytest
 
 from egm import cli
 from egm.report import paper
-from egm.report.figures import save_figure
+from egm.report.common import save_figure, write_table
 from egm.report.latency_table import NO_LATENCY, PREDICTIONS, PROTOCOL, latency_table, write_latency_table
-from egm.report.tables import write_table
 from egm.report.tokens import paper_references, token_points, tokens_figure
 from egm.report.training import StageLog, read_stage, reward_functions, series, training_figure
 

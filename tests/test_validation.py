@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from egm.data.validation import ValidationError, unscored, validate_rl_parquet, validate_split
-from egm.report.tables import paper_comparison, refcoco_table, write_table
+from egm.report.common import write_table
+from egm.report.tables import paper_comparison, refcoco_table
 from egm.report.paper import SPLITS
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from egm import provenance as prov
 from egm.report import paper
-from egm.report.tables import _mean, _num, order_splits, summarise, write_table
+from egm.report.common import as_number, finite_mean, order_splits, summarise, write_table
 
 PROTOCOL = "latency protocol"
 PREDICTIONS = "predictions"
@@ -78,12 +78,12 @@ def latency_table(
             # Tokens from the same run as the latency, so tokens and time describe one workload.
             row.update({
                 "source": PROTOCOL,
-                "latency (ms)": _num(measured.get("mean_latency_ms", run.get("mean_ms"))),
-                "p50 (ms)": _num(run.get("p50_ms")),
-                "p90 (ms)": _num(run.get("p90_ms")),
-                "batch-1 (ms)": _num(_summary(measured, "batch1").get("mean_ms")),
-                "tokens": _num(run.get("mean_completion_tokens")),
-                "tokens/s": _num(run.get("tokens_per_s")),
+                "latency (ms)": as_number(measured.get("mean_latency_ms", run.get("mean_ms"))),
+                "p50 (ms)": as_number(run.get("p50_ms")),
+                "p90 (ms)": as_number(run.get("p90_ms")),
+                "batch-1 (ms)": as_number(_summary(measured, "batch1").get("mean_ms")),
+                "tokens": as_number(run.get("mean_completion_tokens")),
+                "tokens/s": as_number(run.get("tokens_per_s")),
                 "device": _device(measured),
                 "backend": measured.get("backend"),
             })
@@ -93,7 +93,7 @@ def latency_table(
             row.update({
                 "source": NO_LATENCY if math.isnan(mean_ms) else PREDICTIONS,
                 "latency (ms)": mean_ms,
-                "tokens": _mean(summary.tokens.values()),
+                "tokens": finite_mean(summary.tokens.values()),
             })
             traced[row["model"]] = prov.merge(summary.provenance)
             row["device"] = traced[row["model"]]["device"] or None
@@ -107,7 +107,7 @@ def latency_table(
 
 
 def _run_settings(entry: Mapping[str, Any]) -> str:
-    n = _num(_summary(entry, "protocol").get("n"))
+    n = as_number(_summary(entry, "protocol").get("n"))
     concurrency = (entry.get("protocol") or {}).get("concurrency", "?")
     requests = "?" if math.isnan(n) else int(n)
     return f"{requests} requests of {entry.get('split', '?')}, {concurrency} in flight"

@@ -20,7 +20,7 @@ import pandas as pd
 
 from egm import provenance as prov
 from egm.infer.budget import UNLIMITED
-from egm.report.tables import _num, write_table
+from egm.report.common import as_number, write_table
 
 TABLE_COLUMNS = ("model", "budget", "n", "Acc@0.5", "mean IoU", "tokens", "latency (ms)", "closed (%)")
 
@@ -58,17 +58,17 @@ def collect_points(metrics: Sequence[Mapping[str, Any]], models: Mapping[str, Ma
         if key in seen:
             raise ValueError(f"duplicate scaling metrics for model {key[0]!r}, budget {key[1]!r}")
         spec = models.get(key[0]) or {}
-        count = _num(entry.get("n_scored"))
+        count = as_number(entry.get("n_scored"))
         seen[key] = Point(
             model=key[0],
             display=str(spec.get("display") or key[0]),
             budget=key[1],
             n=0 if math.isnan(count) else int(count),
-            acc=_num(entry.get("acc_at_0.5")) * 100.0,
-            iou=_num(entry.get("mean_iou")) * 100.0,
-            tokens=_num(entry.get("mean_completion_tokens")),
-            latency_ms=_num(entry.get("mean_latency_s")) * 1000.0,
-            closed=_num(entry.get("closed_share")) * 100.0,
+            acc=as_number(entry.get("acc_at_0.5")) * 100.0,
+            iou=as_number(entry.get("mean_iou")) * 100.0,
+            tokens=as_number(entry.get("mean_completion_tokens")),
+            latency_ms=as_number(entry.get("mean_latency_s")) * 1000.0,
+            closed=as_number(entry.get("closed_share")) * 100.0,
             answer_max_tokens=entry.get("answer_max_tokens"),
             n_per_split=entry.get("n_per_split"),
             provenance=prov.flatten(entry.get("provenance"), key[0]),
@@ -150,7 +150,7 @@ PANELS = (("acc", "Acc@0.5 (%)"), ("iou", "mean IoU (%)"))
 def _panel(ax, by_model: dict[str, list[Point]], value: str, label: str, legend: bool) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    from egm.report.figures import _axis_limits, _latency_label
+    from egm.report.common import axis_limits, latency_label
 
     points = [p for curve in by_model.values() for p in curve if not math.isnan(getattr(p, value))]
     for i, curve in enumerate(by_model.values()):
@@ -176,10 +176,10 @@ def _panel(ax, by_model: dict[str, list[Point]], value: str, label: str, legend:
                 zorder=2, label="Pareto frontier")
     if points:
         ax.set_xscale("log")
-        ax.set_xlim(*_axis_limits([p.latency_ms for p in points], log=True))
-        ax.set_ylim(*_axis_limits([getattr(p, value) for p in points], log=False))
+        ax.set_xlim(*axis_limits([p.latency_ms for p in points], log=True))
+        ax.set_ylim(*axis_limits([getattr(p, value) for p in points], log=False))
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(_latency_label))
+        ax.xaxis.set_major_formatter(FuncFormatter(latency_label))
         ax.xaxis.set_minor_formatter(NullFormatter())
         if legend:
             ax.legend(loc="best", fontsize=7)
@@ -197,7 +197,7 @@ def scaling_figure(metrics: Sequence[Mapping[str, Any]], models: Mapping[str, Ma
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from egm.report.figures import save_figure
+    from egm.report.common import save_figure
 
     points = collect_points(metrics, models)
     usable = [p for p in points if not math.isnan(p.acc) and not math.isnan(p.latency_ms) and p.latency_ms > 0]

@@ -15,7 +15,9 @@ import pandas as pd
 
 from egm.metrics import LMMS_METRICS
 from egm.report.paper import AVG
-from egm.report.tables import _count, _index, _num, no_score_label, no_score_notes, order_splits, row_provenance, summarise
+from egm.report.common import (
+    as_count, as_number, index_metrics, no_score_label, no_score_notes, order_splits, row_provenance, summarise,
+)
 
 PAPER_COLUMN = "paper Acc@0.5"
 METRIC_COLUMNS = (PAPER_COLUMN, *LMMS_METRICS)
@@ -51,7 +53,7 @@ def thresholds_table(
     metrics predate the lmms-eval entry shows the lmms-eval cells missing, with a note to rescore.
     """
     configured = order_splits(splits)
-    index = _index(metrics)
+    index = index_metrics(metrics)
     summaries = summarise(metrics, models, configured)
     rows: list[dict[str, Any]] = []
     labels: dict[tuple[int, str], str] = {}
@@ -68,12 +70,12 @@ def thresholds_table(
                 stale.append(f"{summary.display} / {split}")
             lmms = lmms if isinstance(lmms, Mapping) else {}
             values = {PAPER_COLUMN: summary.acc.get(split, math.nan)}
-            values |= {name: _num(lmms.get(name)) * 100.0 for name in LMMS_METRICS}
+            values |= {name: as_number(lmms.get(name)) * 100.0 for name in LMMS_METRICS}
             per_split[split] = values
             if split in summary.no_score:
                 for column in METRIC_COLUMNS:
                     labels[(len(rows), column)] = no_score_label(summary.no_score[split][0])
-            scored = _count(entry.get("n_scored"))
+            scored = as_count(entry.get("n_scored"))
             total_scored += scored
             rows.append({"model": summary.display, "split": split, "scored": scored, **values})
         # A mean over fewer splits would pass for the full one, so the Avg needs every configured split.

@@ -20,21 +20,10 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import LogLocator
 
 from egm.report import paper
-from egm.report.figures import (
-    OUR_LEGEND,
-    PAPER_COLOUR,
-    _axis_limits,
-    _Label,
-    _place_labels,
-    _radius,
-    accuracy_axes,
-    average_note,
-    marker_area,
-    marker_handle,
-    placement_notes,
-    save_figure,
+from egm.report.common import (
+    OUR_LEGEND, PAPER_COLOUR, MarkerLabel, accuracy_axes, average_note, axis_limits, finite_mean, marker_area,
+    marker_handle, marker_radius, order_splits, place_labels, placement_notes, save_figure, summarise,
 )
-from egm.report.tables import _mean, order_splits, summarise
 
 
 @dataclass(frozen=True)
@@ -66,7 +55,7 @@ def token_points(
     skipped: list[str] = []
     for summary in summarise(metrics, models, configured):
         accuracy = summary.average(configured)
-        tokens = _mean(summary.tokens.values())
+        tokens = finite_mean(summary.tokens.values())
         if math.isnan(accuracy):
             skipped.append(f"{summary.display} (no Avg accuracy)")
         elif math.isnan(tokens) or tokens <= 0:  # the x axis is logarithmic
@@ -125,9 +114,9 @@ def tokens_figure(
 
     xs = [p.tokens for p in (*ours, *references)] + [line.tokens for line in lines]
     ys = [p.accuracy for p in (*ours, *references)]
-    x_lo, x_hi = _axis_limits(xs, log=True)
+    x_lo, x_hi = axis_limits(xs, log=True)
 
-    labels: list[_Label] = []
+    labels: list[MarkerLabel] = []
     for i, point in enumerate(ours):
         colour = OUR_COLOURS[i % len(OUR_COLOURS)]
         area = marker_area(point.params_b)
@@ -135,14 +124,14 @@ def tokens_figure(
                    linewidths=0.6, zorder=4, clip_on=False)  # whole even at 0 %
         annotation = ax.annotate(point.name, (point.tokens, point.accuracy), xytext=(0, 0),
                                  textcoords="offset points", fontsize=8, color=colour, fontweight="bold", zorder=5)
-        labels.append(_Label(annotation, _radius(area), "below"))
+        labels.append(MarkerLabel(annotation, marker_radius(area), "below"))
     for point in references:
         area = marker_area(point.params_b)
         ax.scatter([point.tokens], [point.accuracy], s=[area], facecolors="none", edgecolors=PAPER_COLOUR,
                    linewidths=1.0, zorder=2)
         annotation = ax.annotate(f"{point.name} (paper)", (point.tokens, point.accuracy), xytext=(0, 0),
                                  textcoords="offset points", fontsize=7, color=PAPER_COLOUR, zorder=2)
-        labels.append(_Label(annotation, _radius(area), "right"))
+        labels.append(MarkerLabel(annotation, marker_radius(area), "right"))
     for line in lines:
         ax.axvline(line.tokens, color=PAPER_COLOUR, linestyle="--", linewidth=1.0, zorder=1)
         ax.annotate(f"≈{line.tokens:g} tokens (paper)", (line.tokens, 1.0), xycoords=("data", "axes fraction"),
@@ -171,5 +160,5 @@ def tokens_figure(
     ]
     ax.set_title("\n".join(textwrap.fill(line, 120) for line in subtitle), fontsize=7.5, loc="left")
     fig.suptitle("Bigger or longer? Accuracy vs generated tokens", fontsize=11)
-    _place_labels(fig, ax, labels)  # last, once titles have fixed the layout
+    place_labels(fig, ax, labels)  # last, once titles have fixed the layout
     return save_figure(fig, out_prefix)

@@ -22,8 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from egm.io import read_json
-from egm.report.figures import save_figure
-from egm.report.tables import _num
+from egm.report.common import as_number, save_figure
 
 TRAINING_FILE = "training.json"
 STAGES = ("sft", "rl")
@@ -47,7 +46,7 @@ def series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float],
     steps: list[float] = []
     values: list[float] = []
     for entry in history:
-        step, value = _num(entry.get("step")), _num(entry.get(key))
+        step, value = as_number(entry.get("step")), as_number(entry.get(key))
         if not (math.isnan(step) or math.isnan(value)):
             steps.append(step)
             values.append(value)

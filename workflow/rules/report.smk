@@ -80,7 +80,7 @@ rule figure_tradeoff:
     log:
         "logs/figure_tradeoff.log",
     shell:
-        "python -m egm report-figure --metrics {input.metrics} --latency {input.latency} --report {params.options}"
+        "python -m egm report-tradeoff --metrics {input.metrics} --latency {input.latency} --report {params.options}"
         " --out-prefix results/figures/tradeoff > {log} 2>&1"
 
 
