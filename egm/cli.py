@@ -187,17 +187,21 @@ def cmd_report_table(args: argparse.Namespace) -> None:
 
     metrics = _load_metrics(args.metrics)
     models, splits = _models_in_order(args.report), args.report["splits"]
-    out_dir = Path(args.out_dir)
-    write_table(refcoco_table(metrics, models, splits), out_dir / "refcoco", title="RefCOCO/+/g Acc@0.5 (%)")
+    expected = args.report.get("expected")
+    if len(args.out_prefixes) != (3 if expected else 2):
+        raise ValueError(f"--out-prefixes: {len(args.out_prefixes)} given; the RefCOCO table, the paper comparison"
+                         + (" and the expected-range table" if expected else "") + " need one each")
+    refcoco, vs_paper, *vs_expected = map(Path, args.out_prefixes)
+    write_table(refcoco_table(metrics, models, splits), refcoco, title="RefCOCO/+/g Acc@0.5 (%)")
     write_table(
         paper_comparison(metrics, models, splits, tolerance=args.report["tolerance"]),
-        out_dir / "refcoco_vs_paper",
+        vs_paper,
         title="Reproduced vs paper, Acc@0.5 (%)",
     )
-    if args.report.get("expected"):
+    if expected:
         write_table(
-            expected_comparison(metrics, models, splits, args.report["expected"]),
-            out_dir / "refcoco_vs_expected",
+            expected_comparison(metrics, models, splits, expected),
+            vs_expected[0],
             title="This run vs its expected ranges",
             signed_columns=(),
         )
@@ -360,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report-table", help="the RefCOCO table and the paper comparison")
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--report", type=json_arg, required=True, help="JSON: models, splits, tolerance, expected")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-prefixes", nargs="+", required=True,
+                   help="paths without extension of the RefCOCO table, the paper comparison and, with "
+                        "`expected` in --report, the expected-range table")
     p.set_defaults(func=cmd_report_table)
 
     p = sub.add_parser("report-thresholds",

@@ -222,6 +222,12 @@ def train_job():
 # Report (report.smk).
 
 
+def out_prefixes(wildcards, output):
+    """Each artifact's path without its extension, in output order: the rules spell an artifact's
+    name once (in `output:`) and the commands get these prefixes."""
+    return " ".join(dict.fromkeys(os.path.splitext(path)[0] for path in output))
+
+
 def report_options(**extra):
     models = {
         name: {key: entry.get(key) for key in ("display", "paper", "params_b")} for name, entry in MODELS.items()

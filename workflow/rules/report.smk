@@ -27,6 +27,7 @@ rule table_refcoco:
         else [],
     params:
         options=report_options(tolerance=config["report"]["tolerance"], expected=EXPECTED),
+        prefixes=out_prefixes,
     container:
         image_for("cpu")
     resources:
@@ -35,7 +36,7 @@ rule table_refcoco:
         "logs/table_refcoco.log",
     shell:
         "python -m egm report-table --metrics {input} --report {params.options}"
-        " --out-dir results/tables > {log} 2>&1"
+        " --out-prefixes {params.prefixes} > {log} 2>&1"
 
 
 # lmms-eval's RefCOCO metrics from the same per-split metrics: no new inference.
@@ -49,6 +50,7 @@ rule table_refcoco_thresholds:
             category="Tables",
         ),
     params:
+        prefix=out_prefixes,
         options=report_options(),
     container:
         image_for("cpu")
@@ -58,7 +60,7 @@ rule table_refcoco_thresholds:
         "logs/table_refcoco_thresholds.log",
     shell:
         "python -m egm report-thresholds --metrics {input} --report {params.options}"
-        " --out-prefix results/tables/refcoco_thresholds > {log} 2>&1"
+        " --out-prefix {params.prefix} > {log} 2>&1"
 
 
 rule figure_tradeoff:
@@ -72,6 +74,7 @@ rule figure_tradeoff:
             category="Figures",
         ),
     params:
+        prefix=out_prefixes,
         options=report_options(),
     container:
         image_for("cpu")
@@ -81,7 +84,7 @@ rule figure_tradeoff:
         "logs/figure_tradeoff.log",
     shell:
         "python -m egm report-tradeoff --metrics {input.metrics} --latency {input.latency} --report {params.options}"
-        " --out-prefix results/figures/tradeoff > {log} 2>&1"
+        " --out-prefix {params.prefix} > {log} 2>&1"
 
 
 rule figure_tokens:
@@ -94,6 +97,7 @@ rule figure_tokens:
             category="Figures",
         ),
     params:
+        prefix=out_prefixes,
         options=report_options(),
     container:
         image_for("cpu")
@@ -103,7 +107,7 @@ rule figure_tokens:
         "logs/figure_tokens.log",
     shell:
         "python -m egm report-tokens --metrics {input} --report {params.options}"
-        " --out-prefix results/figures/tokens > {log} 2>&1"
+        " --out-prefix {params.prefix} > {log} 2>&1"
 
 
 rule table_latency:
@@ -117,6 +121,7 @@ rule table_latency:
             category="Tables",
         ),
     params:
+        prefix=out_prefixes,
         options=report_options(),
     container:
         image_for("cpu")
@@ -126,7 +131,7 @@ rule table_latency:
         "logs/table_latency.log",
     shell:
         "python -m egm report-latency --metrics {input.metrics} --latency {input.latency} --report {params.options}"
-        " --out-prefix results/tables/latency > {log} 2>&1"
+        " --out-prefix {params.prefix} > {log} 2>&1"
 
 
 
@@ -142,6 +147,7 @@ if TRAINING_STAGES:
                 category="Figures",
             ),
         params:
+            prefix=out_prefixes,
             # Only the stages' row labels: a change to the evaluated models or splits leaves the curves as they are.
             options=json_arg({"models": {model: {"display": MODELS[model]["display"]} for model in TRAINED}}),
         container:
@@ -152,4 +158,4 @@ if TRAINING_STAGES:
             "logs/figure_training.log",
         shell:
             "python -m egm report-training --stages {input} --report {params.options}"
-            " --out-prefix results/figures/training > {log} 2>&1"
+            " --out-prefix {params.prefix} > {log} 2>&1"

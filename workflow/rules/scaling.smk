@@ -49,6 +49,7 @@ rule table_scaling:
             category="Tables",
         ),
     params:
+        prefix=out_prefixes,
         options=report_options(),
     container:
         image_for("cpu")
@@ -58,7 +59,7 @@ rule table_scaling:
         "logs/table_scaling.log",
     shell:
         "python -m egm report-scaling --metrics {input} --report {params.options}"
-        " --table-prefix results/tables/scaling > {log} 2>&1"
+        " --table-prefix {params.prefix} > {log} 2>&1"
 
 
 rule figure_scaling:
@@ -71,6 +72,7 @@ rule figure_scaling:
             category="Figures",
         ),
     params:
+        prefix=out_prefixes,
         options=report_options(),
     container:
         image_for("cpu")
@@ -80,4 +82,4 @@ rule figure_scaling:
         "logs/figure_scaling.log",
     shell:
         "python -m egm report-scaling --metrics {input} --report {params.options}"
-        " --figure-prefix results/figures/scaling > {log} 2>&1"
+        " --figure-prefix {params.prefix} > {log} 2>&1"
