@@ -414,3 +414,13 @@ def test_crowded_labels_do_not_overlap_and_far_ones_get_a_leader():
         for b in boxes[i + 1:]:
             assert not a.overlaps(b)
     assert len(ax.texts) > before  # leaders (empty annotations) for the labels moved further out
+
+
+def test_expected_ranges_name_only_evaluated_models_and_known_metrics():
+    from egm.report.tables import check_expected
+
+    check_expected({"a": {"acc": [0, 5], "parseable": [90, 100]}}, ["a", "b"])
+    with pytest.raises(ValueError, match="not evaluated"):
+        check_expected({"c": {"acc": [0, 5]}}, ["a", "b"])
+    with pytest.raises(ValueError, match="unknown metric 'accuracy'"):
+        check_expected({"a": {"accuracy": [0, 5]}}, ["a"])

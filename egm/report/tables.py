@@ -7,7 +7,7 @@ decimal like the paper.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -165,22 +165,31 @@ def verdict(value: float, low: float, high: float, inside: str = "match", outsid
     return inside if low - slack <= value <= high + slack else outside
 
 
+def check_expected(expected: Mapping[str, Mapping[str, Sequence[float]]], models: Iterable[str]) -> None:
+    """`report.expected` may only name evaluated models and known metrics: the workflow checks it
+    before any job starts, and the table again (it can be called on its own)."""
+    models = list(models)
+    unknown = sorted(set(expected) - set(models))
+    if unknown:
+        raise ValueError(f"report.expected names model(s) {unknown}, which are not evaluated: {sorted(models)}")
+    for key, ranges in expected.items():
+        for metric in ranges:
+            if metric not in EXPECTED_METRICS:
+                raise ValueError(f"report.expected.{key}: unknown metric {metric!r}; known: {sorted(EXPECTED_METRICS)}")
+
+
 def expected_comparison(
     metrics: list[dict], models: dict, splits: list[str], expected: Mapping[str, Mapping[str, Sequence[float]]]
 ) -> pd.DataFrame:
     """This run against ranges set in the config (`report.expected`: model key -> metric ->
     [low, high]), for runs the paper has no numbers for, such as the demo."""
+    check_expected(expected, models)
     configured = order_splits(splits)
     summaries = {m.key: m for m in summarise(metrics, models, configured)}
-    unknown = sorted(set(expected) - set(models))
-    if unknown:
-        raise ValueError(f"report.expected names model(s) {unknown}, which are not evaluated: {sorted(models)}")
     rows = []
     for key in [k for k in models if k in expected]:  # rows in the config's model order
         ranges, summary = expected[key], summaries.get(key)
         for metric, (low, high) in ranges.items():
-            if metric not in EXPECTED_METRICS:
-                raise ValueError(f"report.expected.{key}: unknown metric {metric!r}; known: {sorted(EXPECTED_METRICS)}")
             value = math.nan if summary is None else _expected_value(summary, metric, configured)
             rows.append({
                 "model": str((models[key] or {}).get("display") or key),
