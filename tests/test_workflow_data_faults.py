@@ -60,6 +60,9 @@ def test_mirror_as_list_or_mapping_in_the_schema(tmp_path):
     assert rc == 0, out[-3000:]
     # The data set's fetch sees only its own entry: editing a model's entry does not refetch it.
     assert "--mirror-map '{\"egm-demo/EGM_Datasets\": \"/srv/data/egm\"}'" in out
+    # ... and each model's fetch sees only its own.
+    assert "--mirror-map '{\"egm-demo/tiny-qwen3-vl\": \"/srv/models/tiny\"}'" in out
+    assert "/srv/data/egm\", \"egm-demo" not in out and "/srv/models/tiny\", \"egm-demo" not in out
     for bad in ([], {}, "", [1]):
         rc, out = planned_fetches(bad)
         assert rc != 0 and "mirror" in out, bad

@@ -77,14 +77,13 @@ def mirror_ready():
     return ["resources/manifests/demo-mirror.json"] if "demo" in config else []
 
 
-def mirror_arg(repo_id=None):
-    """`egm fetch`'s options for hub.mirror. With `repo_id`, a mapping is narrowed to that repo,
+def mirror_arg(repo_id):
+    """`egm fetch`'s options for hub.mirror to fetch `repo_id`: a mapping is narrowed to that repo,
     so editing another repo's entry does not change (and rerun) this fetch."""
     if MIRROR is None:
         return ""
     if isinstance(MIRROR, dict):
-        mapping = MIRROR if repo_id is None else {k: v for k, v in MIRROR.items() if k == repo_id}
-        return f"--mirror-map {json_arg(mapping)}"
+        return f"--mirror-map {json_arg({k: v for k, v in MIRROR.items() if k == repo_id})}"
     folders = [MIRROR] if isinstance(MIRROR, str) else MIRROR
     return "--mirror " + " ".join(map(shlex.quote, folders))
 

@@ -12,7 +12,7 @@ rule fetch_model:
         repo_id=lambda wc: MODELS[wc.model]["repo_id"],
         revision=lambda wc: MODELS[wc.model]["revision"],
         checksums=lambda wc: json_arg(MODELS[wc.model]["checksums"]),
-        mirror=mirror_arg(),
+        mirror=lambda wc: mirror_arg(MODELS[wc.model]["repo_id"]),
     container:
         image_for("cpu")
     log:

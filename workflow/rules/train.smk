@@ -11,7 +11,7 @@ rule fetch_rl_start:
     params:
         repo_id=lambda wc: RUNS[wc.run]["rl"]["from"],
         revision=lambda wc: RUNS[wc.run]["rl"]["revision"],
-        mirror=mirror_arg(),
+        mirror=lambda wc: mirror_arg(RUNS[wc.run]["rl"]["from"]),
     container:
         image_for("cpu")
     log:
