@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 
 from egm.infer.agreement import engine_agreement  # noqa: E402
-from egm.io import read_json, read_jsonl, write_json  # noqa: E402
+from egm.io import read_json, write_json  # noqa: E402
+from egm.metrics import read_prediction_rows  # noqa: E402
 
 MODEL_RULES = {"predict": "results/predictions/", "latency": "results/latency/", "scaling": "results/scaling/"}
 
@@ -76,7 +77,7 @@ def _answers(job: dict, root: Path) -> tuple[int, int]:
         if not path.exists():
             continue
         if job["rule"] in ("predict", "scaling") and out.endswith(".jsonl"):
-            rows = [r for r in read_jsonl(path) if r.get("status", "ok") == "ok"]
+            rows = [r for r in read_prediction_rows(path) if r.get("status", "ok") == "ok"]
             n += len(rows)
             tokens += sum(int(r.get("completion_tokens") or 0) for r in rows)
         elif job["rule"] == "latency":

@@ -96,20 +96,6 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(handle)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Every row of a JSONL file the pipeline wrote; a malformed line is an error naming file:line."""
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not a JSON object ({err.msg})") from None
-    return rows
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

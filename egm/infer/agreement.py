@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from egm.io import read_jsonl
+from egm.metrics import read_prediction_rows
 
 
 def _by_key(path: Path) -> dict[tuple[str, str], dict]:
-    return {(row["split"], str(row["id"])): row for row in read_jsonl(path) if row.get("status") == "ok"}
+    return {(row["split"], str(row["id"])): row for row in read_prediction_rows(path) if row.get("status") == "ok"}
 
 
 def engine_agreement(dir_a: Path, dir_b: Path, splits: Iterable[str], max_listed: int = 50) -> dict:

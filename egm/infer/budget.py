@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from egm.infer.base import Engine, LazyEngine, Request
-from egm.io import read_jsonl
+from egm.metrics import read_prediction_rows
 
 if TYPE_CHECKING:
     from egm.options import ScalingOptions
@@ -288,7 +288,7 @@ def sweep_model(
         for budget in order:
             label = budget_label(budget)
             work = work_dir / f"budget-{label}.jsonl" if work_dir else None
-            rows = read_jsonl(work) if work and work.exists() else []
+            rows = list(read_prediction_rows(work)) if work and work.exists() else []
             if len(rows) == len(requests):
                 log.info("%s budget %s: from the resume cache %s", model, label, work)
             else:
