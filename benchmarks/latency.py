@@ -80,29 +80,22 @@ def build_model(name: str, device: str, dtype):
     return model, ids
 
 
+def _weight_bytes(*modules) -> int:
+    """Bytes of the modules' parameters, a tied weight (one Parameter in two modules) once."""
+    params = {id(p): p for module in modules for p in module.parameters()}
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
 def llm_weight_bytes(model) -> int:
     """Bytes of the language model's weights (decoder, embeddings, lm_head; tied ones once)."""
-    seen, total = set(), 0
-    for module in (model.model.language_model, model.lm_head):
-        for p in module.parameters():
-            if id(p) in seen:  # a tied weight is one Parameter in two modules
-                continue
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
-    return total
+    return _weight_bytes(model.model.language_model, model.lm_head)
 
 
 def decode_weight_bytes(model) -> int:
     """Bytes of the weights one decode step multiplies with: decoder layers, final norm, lm_head
     (the input embedding table only where it is lm_head too, i.e. tied)."""
     lm = model.model.language_model
-    seen, total = set(), 0
-    for module in (lm.layers, lm.norm, model.lm_head):
-        for p in module.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel() * p.element_size()
-    return total
+    return _weight_bytes(lm.layers, lm.norm, model.lm_head)
 
 
 def kv_bytes_per_position(model) -> int:
