@@ -148,11 +148,10 @@ def cmd_validate_parquet(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    from egm.data.validation import unscored
     from egm.io import read_json, sha256_file, write_json
     from egm.metrics import read_prediction_rows, summarize_predictions
     from egm.provenance import code_record, image_record
-
-    from egm.data.validation import unscored
 
     metrics = summarize_predictions(read_prediction_rows(args.predictions), args.model, args.split)
     metrics.update(unscored(metrics, read_json(args.validation) if args.validation else None))
