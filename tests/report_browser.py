@@ -161,26 +161,40 @@ def _check(driver, report: Path, required: list[str], shots: Path | None) -> lis
                 _click_link(driver, subcategory)
             _wait(driver, "return document.querySelectorAll('td div[role=group] > a').length > 0",
                   f"the entries of {category}/{subcategory}")
-            n_buttons = len(driver.find_elements("css selector", "td div[role=group] > a:first-child"))
-            for index in range(n_buttons):
-                # The "eye" button: href "#" opens the entry in the page; other entries (tables,
-                # text) are downloads and are left alone.
-                button = driver.find_elements("css selector", "td div[role=group] > a:first-child")[index]
-                if button.get_dom_attribute("href") != "#":
+            for index in range(len(driver.find_elements("css selector", "tr"))):
+                # The row's first cell is the entry's path; its "eye" button opens the entry in
+                # the page. Only images are opened: a PDF opens in an iframe whose viewer can hold
+                # back the page's clicks on a busy machine, and tables are downloads.
+                row = driver.find_elements("css selector", "tr")[index]
+                cells = row.find_elements("css selector", "td")
+                buttons = row.find_elements("css selector", "td div[role=group] > a:first-child")
+                if not cells or not buttons or cells[0].text.strip() not in images:
                     continue
-                before = driver.execute_script("return app.state.resultPath || null")
-                driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
-                button.click()
-                path = _wait(driver, "const p = app.state.resultPath;"
-                                     "return p && p !== arguments[0] ? p : null", "an entry to open", before)
-                if path not in images:
-                    continue
+                path = _open_entry(driver, buttons[0], cells[0].text.strip())
                 seen[path] = _check_image(driver, path, shots)
     unreached = sorted(images - set(seen))
     assert not unreached, f"report: images its menu never showed: {unreached}"
     logs = [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
     assert not logs, f"report: errors in the browser console: {logs}"
     return [seen[path] for path in sorted(seen)]
+
+
+def _open_entry(driver, button, path: str) -> str:
+    """Clicks an entry's "eye" button until the app shows that entry: a click that lands while
+    the page is still re-rendering is lost, so a few tries are made before failing."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opened = "return app.state.resultPath === arguments[0] ? arguments[0] : null"
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
+    for _ in range(3):
+        button.click()
+        try:
+            return WebDriverWait(driver, TIMEOUT_S / 4, poll_frequency=0.1).until(
+                lambda d: d.execute_script(opened, path))
+        except TimeoutException:
+            continue
+    return _wait(driver, opened, f"the entry {path} to open", path)
 
 
 def _check_image(driver, path: str, shots: Path | None) -> dict:
