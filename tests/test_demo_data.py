@@ -262,7 +262,10 @@ def test_sft_rows_match_rl(built, train_rows):
         assert user == {"role": "user", "content": "<image>\n" + SFT_PROMPT.format(sent=sent)}
         assert assistant["role"] == "assistant"
         text = assistant["content"]
-        assert "\n</think>\n\n```json\n" in text and f"the target is {sent}." in text
+        reasoning, answer = text.split("\n</think>\n\n```json\n")
+        # One sentence on where the target is (egm.data.demo.reasoning); the JSON names the target.
+        assert re.fullmatch(r"The [a-z]+ [a-z]+ is near the [a-z ]+\.", reasoning), reasoning
+        assert f'"label": "{sent}"' in answer
         assert parse_box(text) == [float(v) for v in rl["reward_model"]["ground_truth"]]
         assert row["images"] == rl["images"]
 

@@ -288,6 +288,27 @@ def test_expected_comparison_verdicts():
         expected_comparison(metrics, models, SPLITS, {"big": {"speed": [0, 1]}})
 
 
+def test_expected_relative_ranges_and_verdict_line(tmp_path):
+    # Big's Avg is 45.0, Small's 5.0: Big is 40 points over Small, Small 40 under Big.
+    models = {**MODELS, "small": {"display": "Small", "paper": None, "params_b": 0.5}}
+    metrics = big_metrics() + [metric("small", s, 0.05) for s in SPLITS]
+    expected = {"big": {"acc_over": {"small": [20, 100]}}, "small": {"acc_over": {"big": [-2, 100]}}}
+    df = expected_comparison(metrics, models, SPLITS, expected)
+    got = {(r.model, r.metric): (round(r.reproduced, 3), r.verdict) for r in df.itertuples()}
+    assert got == {("Big", "Avg Acc@0.5 minus Small's (points)"): (40.0, "within"),
+                   ("Small", "Avg Acc@0.5 minus Big's (points)"): (-40.0, "outside")}
+    lead = "Verdict: 1 of 2 value(s) outside their expected ranges: Small, Avg Acc@0.5 minus Big's (points): -40.0 (expected -2 to 100)."
+    assert df.attrs["lead"] == lead
+    write_table(df, tmp_path / "t", formats=("md", "tex"), title="T")
+    # The verdict comes right under the title, before the table.
+    assert (tmp_path / "t.md").read_text().splitlines()[:3] == ["## T", "", f"**{lead}**"]
+    assert f"% {lead}" in (tmp_path / "t.tex").read_text()
+    passing = expected_comparison(metrics, models, SPLITS, {"big": {"acc_over": {"small": [20, 100]}}})
+    assert passing.attrs["lead"] == "Verdict: all 1 value(s) within their expected ranges."
+    with pytest.raises(ValueError, match="nobody"):
+        expected_comparison(metrics, models, SPLITS, {"big": {"acc_over": {"nobody": [0, 1]}}})
+
+
 # ---------------------------------------------------------------- figure
 
 

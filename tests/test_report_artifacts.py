@@ -255,6 +255,24 @@ def test_training_figure_draws_the_logged_curves(tmp_path, monkeypatch):
     assert "Not in the log history" not in captured["fig"].get_suptitle()
 
 
+def test_training_figure_draws_the_rewards_running_mean(tmp_path, monkeypatch):
+    from egm.report import training
+
+    captured = capture_figure(monkeypatch, training)
+    window = training.REWARD_WINDOW
+    rewards = [(step % 3) / 10 + step / 100 for step in range(1, 3 * window + 1)]  # noisy, rising
+    history = [{"loss": 0.0, "reward": r, "step": step} for step, r in enumerate(rewards, 1)]
+    training_figure([StageLog("tiny", "rl", history)], tmp_path / "training")
+    reward = captured["fig"].axes[1]
+    labels = [line.get_label() for line in reward.lines]
+    assert labels == ["mean reward", f"running mean of {window} logged steps"]
+    smooth = reward.lines[1]
+    assert list(smooth.get_xdata()) == list(range(window, 3 * window + 1))
+    first = sum(rewards[:window]) / window
+    assert smooth.get_ydata()[0] == pytest.approx(first)
+    assert smooth.get_ydata()[-1] == pytest.approx(sum(rewards[-window:]) / window) and smooth.get_ydata()[-1] > first
+
+
 def test_training_figure_notes_missing_reward_and_missing_sft_stage(tmp_path, monkeypatch):
     from egm.report import training
 

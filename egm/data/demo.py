@@ -222,9 +222,6 @@ def mirror_targets(targets: list[Target], width: int) -> list[Target]:
     ]
 
 
-_NUMBER = {1: "a", 2: "two", 3: "three"}
-
-
 def _where(box, width: int, height: int) -> str:
     cx = (box[0] + box[2]) / 2 / width
     cy = (box[1] + box[3]) / 2 / height
@@ -240,30 +237,12 @@ def _where(box, width: int, height: int) -> str:
 
 
 def reasoning(targets: list[Target], index: int, width: int, height: int) -> str:
-    """A short, deterministic account of the scene that leads to target `index`."""
-    groups: dict[tuple[str, str], int] = {}
-    for t in targets:
-        groups[(t.colour, t.shape)] = groups.get((t.colour, t.shape), 0) + 1
-    items = [
-        f"{_NUMBER[n]} {c} {s}{'s' if n > 1 else ''}" for (c, s), n in groups.items()
-    ]
-    listing = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    """One sentence on where target `index` is. The paper's targets reason at length, but in a
+    model this small a long account dilutes the loss of the box's few digits: with everything
+    else equal, the demo's SFT reached 3% Acc@0.5 with a two-sentence account of the scene and
+    24% with this one (docs/training.md, "The demo")."""
     target = targets[index]
-    where = _where(target.box, width, height)
-    if target.anchor is None:
-        detail = (
-            f"Only one {target.colour} {target.shape} is present, near {where} of the image, "
-            f"so the target is {target.sent}."
-        )
-    else:
-        anchor = targets[target.anchor]
-        detail = (
-            f"{_name(anchor.colour, anchor.shape).capitalize()} is near "
-            f"{_where(anchor.box, width, height)}, "
-            f"and the {target.colour} {target.shape} {target.relation} it is near {where}, "
-            f"so the target is {target.sent}."
-        )
-    return f"The image shows {listing}. {detail}"
+    return f"The {target.colour} {target.shape} is near {_where(target.box, width, height)}."
 
 
 def val_take(n: int) -> int:

@@ -36,6 +36,7 @@ MERGE = 2
 TEMPORAL_PATCH = 2
 # Learned position grid of 12x12, resampled per image (the real model's is 48x48).
 VISION_POSITIONS = 144
+VISION_POS_STD = 1.0
 DEEPSTACK = [1]
 
 # Every image becomes exactly 96x96 -> 6x6 patches -> 9 merged visual tokens.
@@ -310,6 +311,11 @@ def write_tiny_model(out_dir: Path, seed: int = 0) -> None:
     try:
         torch.manual_seed(seed)
         model = Qwen3VLForConditionalGeneration(config)
+        with torch.no_grad():
+            # At transformers' default init (std 0.02) the ViT's learned positions are too weak
+            # beside the patch embedding for the visual tokens to say where a shape is, and the
+            # model stays blind for most of the demo's SFT (docs/training.md, "The demo").
+            model.model.visual.pos_embed.weight.normal_(0.0, VISION_POS_STD)
     finally:
         torch.random.set_rng_state(rng_state)
     model.generation_config = build_generation_config(tokenizer)

@@ -236,6 +236,8 @@ def _markdown(df, title, notes, labels, signed_columns, empty_note, provenance) 
     lines: list[str] = []
     if title:
         lines += [f"## {title}", ""]
+    if df.attrs.get("lead"):
+        lines += [f"**{df.attrs['lead']}**", ""]
     if len(df.columns):
         headers = [_md_cell(_format_cell(str(c), False, labels)) for c in df.columns]
         numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
@@ -269,6 +271,8 @@ def _latex(df, title, notes, labels, signed_columns, empty_note, provenance) -> 
         return "% " + text.replace("\n", " ")
 
     lines = [comment(title or "table"), "% Needs \\usepackage{booktabs}."]
+    if df.attrs.get("lead"):
+        lines.append(comment(df.attrs["lead"]))
     lines += [comment(f"Note: {note}") for note in notes]
     for label, row in (provenance or {}).items():
         lines.append(comment(f"Provenance of {label}: " + "; ".join(f"{k}={v}" for k, v in row.items() if v)))

@@ -146,6 +146,8 @@ EXPECTED_METRICS = {
     "iou": "mean IoU (%)",
     "tokens": "mean tokens",
 }
+# A range on the difference to other evaluated models: {model key: [low, high]} (points).
+RELATIVE_METRICS = {"acc_over": "Avg Acc@0.5 minus {other}'s (points)"}
 
 
 def _expected_value(summary: ModelSummary, metric: str, splits: Sequence[str]) -> float:
@@ -165,7 +167,7 @@ def verdict(value: float, low: float, high: float, inside: str = "match", outsid
     return inside if low - slack <= value <= high + slack else outside
 
 
-def check_expected(expected: Mapping[str, Mapping[str, Sequence[float]]], models: Iterable[str]) -> None:
+def check_expected(expected: Mapping[str, Mapping[str, object]], models: Iterable[str]) -> None:
     """`report.expected` may only name evaluated models and known metrics: the workflow checks it
     before any job starts, and the table again (it can be called on its own)."""
     models = list(models)
@@ -173,27 +175,48 @@ def check_expected(expected: Mapping[str, Mapping[str, Sequence[float]]], models
     if unknown:
         raise ValueError(f"report.expected names model(s) {unknown}, which are not evaluated: {sorted(models)}")
     for key, ranges in expected.items():
-        for metric in ranges:
-            if metric not in EXPECTED_METRICS:
-                raise ValueError(f"report.expected.{key}: unknown metric {metric!r}; known: {sorted(EXPECTED_METRICS)}")
+        for metric, value in ranges.items():
+            if metric in RELATIVE_METRICS:
+                others = sorted(set(value) - set(models))
+                if others:
+                    raise ValueError(f"report.expected.{key}.{metric} compares with model(s) {others}, "
+                                     f"which are not evaluated: {sorted(models)}")
+            elif metric not in EXPECTED_METRICS:
+                known = sorted([*EXPECTED_METRICS, *RELATIVE_METRICS])
+                raise ValueError(f"report.expected.{key}: unknown metric {metric!r}; known: {known}")
+
+
+def _display(models: Mapping, key: str) -> str:
+    return str((models[key] or {}).get("display") or key)
 
 
 def expected_comparison(
-    metrics: list[dict], models: dict, splits: list[str], expected: Mapping[str, Mapping[str, Sequence[float]]]
+    metrics: list[dict], models: dict, splits: list[str], expected: Mapping[str, Mapping[str, object]]
 ) -> pd.DataFrame:
     """This run against ranges set in the config (`report.expected`: model key -> metric ->
-    [low, high]), for runs the paper has no numbers for, such as the demo."""
+    [low, high], or acc_over -> {other model key: [low, high]} for the Avg Acc@0.5 difference),
+    for runs the paper has no numbers for, such as the demo."""
     check_expected(expected, models)
     configured = order_splits(splits)
     summaries = {m.key: m for m in summarise(metrics, models, configured)}
+
+    def value_of(key: str, metric: str) -> float:
+        summary = summaries.get(key)
+        return math.nan if summary is None else _expected_value(summary, metric, configured)
+
     rows = []
     for key in [k for k in models if k in expected]:  # rows in the config's model order
-        ranges, summary = expected[key], summaries.get(key)
-        for metric, (low, high) in ranges.items():
-            value = math.nan if summary is None else _expected_value(summary, metric, configured)
+        checks = []
+        for metric, spec in expected[key].items():
+            if metric in RELATIVE_METRICS:
+                checks += [(RELATIVE_METRICS[metric].format(other=_display(models, other)), bounds,
+                            value_of(key, "acc") - value_of(other, "acc")) for other, bounds in spec.items()]
+            else:
+                checks.append((EXPECTED_METRICS[metric], spec, value_of(key, metric)))
+        for label, (low, high), value in checks:
             rows.append({
-                "model": str((models[key] or {}).get("display") or key),
-                "metric": EXPECTED_METRICS[metric],
+                "model": _display(models, key),
+                "metric": label,
                 "low": float(low),
                 "high": float(high),
                 "reproduced": value,
@@ -202,6 +225,7 @@ def expected_comparison(
     df = pd.DataFrame(rows, columns=list(EXPECTED_COLUMNS))
     df[["low", "high", "reproduced"]] = df[["low", "high", "reproduced"]].astype("float64")
     counts = df["verdict"].value_counts()
+    df.attrs["lead"] = expected_verdict(df)
     df.attrs["notes"] = [
         "Expected ranges come from the config (`report.expected`): what a working pipeline gives on "
         "this data and budget. They are not the paper's numbers (refcoco_vs_paper compares with those).",
@@ -213,6 +237,19 @@ def expected_comparison(
     df.attrs["empty_note"] = "No expected ranges configured."
     df.attrs["provenance"] = row_provenance(s for k, s in summaries.items() if k in expected)
     return df
+
+
+def expected_verdict(df: pd.DataFrame) -> str:
+    """One line for the top of the table (and the end of `make demo`): all within, or which are not."""
+    if df.empty:
+        return ""
+    off = df[df["verdict"] != "within"]
+    if off.empty:
+        return f"Verdict: all {len(df)} value(s) within their expected ranges."
+    listed = "; ".join(
+        f"{row.model}, {row.metric}: {'not run' if math.isnan(row.reproduced) else f'{row.reproduced:.1f}'}"
+        f" (expected {row.low:g} to {row.high:g})" for row in off.itertuples())
+    return f"Verdict: {len(off)} of {len(df)} value(s) outside their expected ranges: {listed}."
 
 
 def refcoco_notes(splits: Sequence[str]) -> list[str]:

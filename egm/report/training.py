@@ -28,6 +28,7 @@ TRAINING_FILE = "training.json"
 STAGES = ("sft", "rl")
 REWARD_FUNCTION = re.compile(r"^rewards/(?P<name>.+)/mean$")
 MARKERS_BELOW = 60  # points per curve under which each logged step gets a marker
+REWARD_WINDOW = 8  # logged RL steps per point of the reward's running mean
 
 
 @dataclass
@@ -135,6 +136,9 @@ def _rl_reward(ax: Axes, log: StageLog | None, missing: list[str]) -> None:
         return
     steps, values = logged
     _curve(ax, steps, values, color="C1", label="mean reward")
+    if len(values) >= 2 * REWARD_WINDOW:
+        ax.plot(steps[REWARD_WINDOW - 1:], running_mean(values, REWARD_WINDOW), color="C1", linewidth=2.6,
+                alpha=0.7, label=f"running mean of {REWARD_WINDOW} logged steps")
     std_steps, stds = log.series("reward_std")
     if std_steps == steps:
         ax.fill_between(steps, [v - s for v, s in zip(values, stds)], [v + s for v, s in zip(values, stds)],
@@ -149,6 +153,11 @@ def _rl_reward(ax: Axes, log: StageLog | None, missing: list[str]) -> None:
         ax.plot(eval_steps, eval_values, linestyle="none", marker="s", markersize=4, color="C3", label="eval reward")
     ax.set_ylabel("reward")
     ax.legend(loc="best", fontsize=7)
+
+
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of each `window` consecutive values (len(values) - window + 1 of them)."""
+    return [sum(values[i:i + window]) / window for i in range(len(values) - window + 1)]
 
 
 def _rl_loss(ax: Axes, log: StageLog | None, missing: list[str]) -> None:
@@ -192,8 +201,9 @@ def training_figure(stages: Sequence[StageLog], out_prefix: Path) -> list[Path]:
                 ax.grid(True, alpha=0.3)
 
     subtitle = [
-        ("Values as the Trainer logged them, every `logging_steps` steps (not smoothed). RL reward: the mean "
-         "over each step's sampled completions, band ± their standard deviation."),
+        ("Values as the Trainer logged them, every `logging_steps` steps. RL reward: the mean over each step's "
+         "sampled completions, band ± their standard deviation, and its running mean (a step's mean is over a "
+         "few prompts only, so the trend is what shows learning)."),
     ]
     if missing:
         subtitle.append("Not in the log history, so not drawn: " + ", ".join(missing) + ".")

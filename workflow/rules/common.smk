@@ -219,6 +219,12 @@ def train_job():
     return gpu_job(lambda wildcards: RUNS[wildcards.run]["gpus"])
 
 
+def train_threads(wildcards):
+    """Threads of a training job, which Snakemake exports as OMP_NUM_THREADS: a CPU run (the
+    demo) trains 1.45x faster on two threads than on one; a GPU job's CPUs are cpus_per_gpu."""
+    return RESOURCES["cpu_train_threads"] if RUNS[wildcards.run]["gpus"] == 0 else 1
+
+
 # Report (report.smk).
 
 

@@ -38,6 +38,7 @@ rule sft:
         gpus=lambda wc: RUNS[wc.run]["gpus"],
     container:
         image_for(lambda wc: train_image_key(wc.run))
+    threads: train_threads
     resources:
         **train_job(),
     log:
@@ -64,6 +65,7 @@ rule rl:
         gpus=lambda wc: RUNS[wc.run]["gpus"],
     container:
         image_for(lambda wc: train_image_key(wc.run))
+    threads: train_threads
     resources:
         **train_job(),
     log:
