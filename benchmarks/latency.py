@@ -6,7 +6,14 @@ Methods:
 
 - `generate`: plain `model.generate` (eager, dynamic cache): the reference path;
 - `graph`: `egm.infer.fast.GraphDecoder` (static cache, one CUDA graph per decode step);
-- `graph_compiled`: the same with each layer's pre/post-attention blocks compiled first.
+- `graph_compiled`: the same with each layer's pre/post-attention blocks compiled first;
+- `vllm`: vLLM in this process, the peer: the same architecture written as a weightless
+  directory (`egm.models.architectures`) and loaded with `load_format: dummy` through
+  `egm.infer.vllm.VLLMEngine`, the same image and the paper's prompt through the chat template,
+  `min_tokens = max_tokens = n` with `ignore_eos`. Prefix caching and vLLM's cache of processed
+  images are off, so each repetition preprocesses and prefills as egm's methods do. Its timing
+  ends when `LLM.generate` returns; it runs after egm's methods for a model, once their weights
+  are freed.
 
 Each timed request includes image preprocessing, the vision tower, prefill and decode, ending
 when the tokens are on the host. Bandwidth = (bytes read + bytes written) / time of a large
@@ -36,6 +43,7 @@ and `max_ms` the spread, `all_ms` every repetition.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -454,6 +462,12 @@ def main(argv=None) -> int:
             return True
         return False
 
+    if "vllm" in methods:
+        import importlib.util
+
+        if device != "cuda" or importlib.util.find_spec("vllm") is None:
+            methods = [m for m in methods if m != "vllm"]
+            result["skipped"].append("vllm: " + ("not installed" if device == "cuda" else "needs a GPU"))
     result["bandwidth_Bps"] += copy_bandwidth(device)
     result["matmul_flops"] = matmul_rate(device)
     processor = image_processor()
@@ -510,7 +524,7 @@ def main(argv=None) -> int:
         else:
             batches_to_time = batches
         for batch in batches_to_time:
-            for method in methods:
+            for method in [m for m in methods if m != "vllm"]:
                 what = f"{name} batch {batch} {method}"
                 if over_budget(what):
                     continue
@@ -523,7 +537,7 @@ def main(argv=None) -> int:
                                 wall, toks = run_generate(model, make, batch, n, ids, device)
                                 times.append(wall)
                             reference[(batch, n)] = toks
-                            record(entry, method, batch, n, times, toks)
+                            record(entry, method, batch, n, times, toks.shape[1])
                         save()
                         continue
                     if decoder is None:
@@ -537,7 +551,7 @@ def main(argv=None) -> int:
                         for _ in range(args.reps):
                             wall, toks = run_graph(decoder, make, batch, n, cache_length, pad_to, device)
                             times.append(wall)
-                        run = record(entry, method, batch, n, times, toks)
+                        run = record(entry, method, batch, n, times, toks.shape[1])
                         run["warmup_s"] = round(warm_s, 1)
                         if (batch, n) in reference:
                             run["agreement_with_generate"] = round(agreement(toks, reference[(batch, n)], ids["im_end"]), 3)
@@ -545,8 +559,6 @@ def main(argv=None) -> int:
                         key = f"batch {batch}"
                         entry.setdefault("checks", {})[key] = decoder.check_step(make(batch, pad_to=pad_to), cache_length,
                                                                                   eager_reference=batch == 1)
-                        import gc
-
                         gc.collect()  # the check's generate() leaves its cache in reference cycles
                         if device == "cuda":
                             torch.cuda.empty_cache()
@@ -571,16 +583,26 @@ def main(argv=None) -> int:
                     if device == "cuda":
                         torch.cuda.synchronize()
                         torch.cuda.empty_cache()
-                import gc
-
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
                     print(f"  GPU memory in use after {what}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
                 save()
         del decoder, model
+        gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+        if "vllm" in methods and not args.diagnose and not over_budget(f"{name} vllm"):
+            try:
+                time_vllm(name, image, entry, tokens, batches, args.reps, out_path.parent / "vllm-models")
+            except Exception as err:  # the egm numbers of this model stay
+                import traceback
+
+                traceback.print_exc()
+                entry.setdefault("errors", []).append(f"{name} vllm: {type(err).__name__}: {err}"[:2000])
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
         result["bandwidth_Bps"] += copy_bandwidth(device)
         save()
     result["total_s"] = round(time.perf_counter() - t_start, 1)
@@ -589,9 +611,47 @@ def main(argv=None) -> int:
     return 0
 
 
-def record(entry, method, batch, n, times, toks) -> dict:
-    if toks.shape[1] != n:
-        raise RuntimeError(f"{method}: {toks.shape[1]} new tokens instead of the forced {n}")
+def time_vllm(name: str, image, entry: dict, tokens: list[int], batches: list[int], reps: int, workdir: Path) -> None:
+    """The `vllm` method (module docstring): appends its runs to `entry["runs"]`."""
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # flashinfer is not in the carried wheels
+    from vllm import SamplingParams
+
+    from egm.grounding import PROMPTS
+    from egm.infer.base import Request, SamplingOptions
+    from egm.infer.vllm import VLLMEngine, vllm_prompt
+    from egm.models.architectures import write_architecture_model
+
+    model_dir = workdir / name
+    if not (model_dir / "config.json").exists():
+        write_architecture_model(model_dir, name)
+    t0 = time.perf_counter()
+    engine = VLLMEngine(str(model_dir), SamplingOptions(max_tokens=max(tokens)), batch_size=max(batches),
+                        dtype="bfloat16", load_format="dummy", max_model_len=2048, gpu_memory_utilization=0.85,
+                        engine_args={"enable_prefix_caching": False, "mm_processor_cache_gb": 0})
+    vllm = {"build_s": round(time.perf_counter() - t0, 1)}
+    entry["vllm"] = vllm
+    try:
+        request = Request("0", "", PROMPTS["qwen3"].format(sent="the red car on the left"))
+        prompt = vllm_prompt(engine.tokenizer, request, image)
+        for batch in batches:
+            for n in tokens:
+                params = SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, temperature=0.0)
+                engine.llm.generate([prompt] * batch, params, use_tqdm=False)  # warm-up
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    outputs = engine.llm.generate([prompt] * batch, params, use_tqdm=False)
+                    times.append(time.perf_counter() - t0)
+                vllm["prompt_tokens"] = len(outputs[0].prompt_token_ids)
+                produced = {len(o.outputs[0].token_ids) for o in outputs}
+                record(entry, "vllm", batch, n, times, produced.pop() if len(produced) == 1 else -1)
+    finally:
+        engine.close()
+
+
+def record(entry, method, batch, n, times, produced: int) -> dict:
+    if produced != n:
+        raise RuntimeError(f"{method}: {produced} new tokens instead of the forced {n}")
     wall = statistics.median(times)
     run = {
         "method": method,

@@ -148,7 +148,7 @@ def test_benchmark_script_smoke(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "latency.py"), "--tiny", "--out", str(out), "--tokens", "3",
-         "--batches", "1", "--methods", "generate,graph", "--reps", "1", "--generate-reps", "1"],
+         "--batches", "1", "--methods", "generate,graph,vllm", "--reps", "1", "--generate-reps", "1"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -156,6 +156,8 @@ def test_benchmark_script_smoke(tmp_path):
     runs = data["models"]["tiny"]["runs"]
     assert [(r["method"], r["batch"], r["new_tokens"]) for r in runs] == [("generate", 1, 3), ("graph", 1, 3)]
     assert runs[1]["agreement_with_generate"] == 1.0
+    # vLLM, the peer, runs on a GPU only; the record says it was left out instead of omitting it.
+    assert data["skipped"] == ["vllm: needs a GPU"]
     check_latency_record(data, methods=("generate", "graph"))
 
 
