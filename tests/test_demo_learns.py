@@ -28,7 +28,8 @@ def avg_acc(workdir, model: str) -> float:
 def test_demo_sft_learns_to_ground_and_rl_keeps_it(tmp_path):
     copy_workflow(tmp_path)
     config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-    result = run_snakemake(tmp_path, write_config(tmp_path, config), "table_refcoco", timeout=1500)
+    # A flag ends --configfile's list of files, so the target is read as a target.
+    result = run_snakemake(tmp_path, write_config(tmp_path, config), "--show-failed-logs", "table_refcoco", timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]
     base, sft, rl = (avg_acc(tmp_path, m) for m in ("tiny-base", "tiny-sft", "tiny-rl"))
     scores = f"base {base:.1f}, SFT {sft:.1f}, RL {rl:.1f} Avg Acc@0.5"
