@@ -50,6 +50,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -594,7 +595,9 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         if "vllm" in methods and not args.diagnose and not over_budget(f"{name} vllm"):
             try:
-                time_vllm(name, image, entry, tokens, batches, args.reps, out_path.parent / "vllm-models")
+                # The weightless model directory goes to a scratch folder, not beside the record.
+                with tempfile.TemporaryDirectory(prefix="egm-vllm-") as scratch:
+                    time_vllm(name, image, entry, tokens, batches, args.reps, Path(scratch))
             except Exception as err:  # the egm numbers of this model stay
                 import traceback
 
@@ -622,8 +625,7 @@ def time_vllm(name: str, image, entry: dict, tokens: list[int], batches: list[in
     from egm.models.architectures import write_architecture_model
 
     model_dir = workdir / name
-    if not (model_dir / "config.json").exists():
-        write_architecture_model(model_dir, name)
+    write_architecture_model(model_dir, name)
     t0 = time.perf_counter()
     engine = VLLMEngine(str(model_dir), SamplingOptions(max_tokens=max(tokens)), batch_size=max(batches),
                         dtype="bfloat16", load_format="dummy", max_model_len=2048, gpu_memory_utilization=0.85,
