@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from egm.report.paper import MEAN_COMPLETION_TOKENS, tradeoff_point  # noqa: E402  (after the path above)
+from egm.io import write_json  # noqa: E402  (after the path above)
+from egm.report.paper import MEAN_COMPLETION_TOKENS, tradeoff_point  # noqa: E402
 
 GPUS_FILE = Path(__file__).with_name("gpus.json")
 HEADROOM = 1.2  # weights x this must fit the card's memory
@@ -163,6 +163,8 @@ def figure(result: dict, gpus: dict, out_prefix: Path) -> list[Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from egm.report.common import save_figure
+
     names = list(gpus)
     cols = 3
     rows = math.ceil(len(names) / cols)
@@ -203,12 +205,7 @@ def figure(result: dict, gpus: dict, out_prefix: Path) -> list[Path]:
         f"Predicted batch-1 latency from the {result['base']['gpu']} measurement ({result['base']['method']}): "
         "hollow = predicted, filled = measured; blue EGM, orange without EGM.\nAccuracy is the paper's; latency "
         "is ours, predicted from published bandwidth and bf16 throughput (benchmarks/projection.py).", fontsize=9)
-    written = []
-    for suffix in (".png", ".pdf"):
-        path = out_prefix.with_suffix(suffix)
-        fig.savefig(path, dpi=150)
-        written.append(path)
-    return written
+    return save_figure(fig, out_prefix)
 
 
 def main(argv=None) -> int:
@@ -226,9 +223,7 @@ def main(argv=None) -> int:
     result["check"] = [row for path in args.check
                        for row in check(result, json.loads(path.read_text()), gpus, args.method)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     figure(result, gpus, args.out.with_suffix(""))
     print(f"{'gpu':22s} {'model':30s} {'tokens':>6s} {'ms':>9s}")
     for p in result["predictions"]:
