@@ -1,3 +1,5 @@
 from egm.cli import main
 
-raise SystemExit(main())
+# Guarded: vLLM's spawned engine process imports this module again as __mp_main__.
+if __name__ == "__main__":
+    raise SystemExit(main())

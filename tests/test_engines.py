@@ -4,6 +4,10 @@ command lines, the client's request body, GPU discovery, sharding, the Ray-on-SL
 import base64
 import importlib.util
 import json
+import os
+import sys
+import types
+from importlib.machinery import ModuleSpec
 
 import pytest
 
@@ -194,3 +198,38 @@ def test_lazy_engine_loads_once_on_first_use_and_closes_once():
     assert events == ["load", "warm", "close"]
     plain = Recorded()  # capabilities an engine does not have read as absent
     assert plain.generate_each is None and plain.chunk_size is None and plain.data_parallel_size == 1
+
+
+def test_vllm_engine_process_is_spawned_and_egm_main_is_import_safe(monkeypatch, tiny_dir):
+    """On the H200 a predict job counted GPUs before building vLLM, and vLLM's forked engine
+    process died ("Cannot re-initialize CUDA in forked subprocess"). The engine process is now
+    spawned, and a spawned child imports `python -m egm`'s main module again, so that must not
+    run the command line."""
+    import runpy
+
+    from egm.infer.vllm import VLLMEngine
+
+    seen = {}
+
+    class MockLLMForCPU:  # vLLM cannot run on CPU CI: this records what the engine saw
+        def __init__(self, **kwargs):
+            seen["method"] = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
+
+    mock_vllm = types.ModuleType("vllm")
+    mock_vllm.__spec__ = ModuleSpec("vllm", None)
+    mock_vllm.LLM, mock_vllm.SamplingParams = MockLLMForCPU, lambda **kwargs: kwargs
+    monkeypatch.setitem(sys.modules, "vllm", mock_vllm)
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    VLLMEngine(str(tiny_dir), PAPER)
+    assert seen["method"] == "spawn"
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")  # a user's own choice wins
+    VLLMEngine(str(tiny_dir), PAPER)
+    assert seen["method"] == "fork"
+
+    import egm.cli
+
+    monkeypatch.setattr(egm.cli, "main", lambda *a, **k: pytest.fail("main ran on import"))
+    runpy.run_module("egm", run_name="__mp_main__")
+    monkeypatch.setattr(egm.cli, "main", lambda *a, **k: 0)
+    with pytest.raises(SystemExit):
+        runpy.run_module("egm", run_name="__main__")

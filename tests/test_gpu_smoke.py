@@ -41,6 +41,9 @@ def test_weightless_directory_points_at_its_tokenizers_special_tokens(arch_dir):
     assert config["text_config"]["eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
     assert config["text_config"]["vocab_size"] == ARCHS["tiny"]["vocab"]
     assert not list(arch_dir.glob("*.safetensors"))
+    # vLLM chooses its runner from this: without it, LLM.generate refused the weightless 8B on
+    # the H200 ("only supported for generative models").
+    assert config["architectures"] == ["Qwen3VLForConditionalGeneration"]
 
 
 def test_eight_b_architecture_has_the_published_size(tmp_path):

@@ -14,6 +14,7 @@ per GPU group); the 235B models use tensor_parallel_size 8 on one node.
 
 from __future__ import annotations
 
+import os
 import time
 
 from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, SamplingOptions, require_module
@@ -74,6 +75,14 @@ def vllm_prompt(tokenizer, request: Request, image) -> dict:
     return {"prompt": text, "multi_modal_data": {"image": image}}
 
 
+def use_spawned_engine_process() -> None:
+    """Start vLLM's engine process by spawn, not fork. Our jobs count GPUs before an engine is built
+    (egm.runtime), which leaves torch's CUDA state in the parent that a forked child cannot
+    re-initialise; vLLM forks unless CUDA is fully initialised, so it does not see this case. A
+    user's own setting wins."""
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
 class VLLMEngine(EngineBase):
     name = "vllm"
 
@@ -85,6 +94,7 @@ class VLLMEngine(EngineBase):
         self.model_dir = str(model_dir)
         self.batch_size = int(batch_size)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        use_spawned_engine_process()
         self.llm = LLM(**vllm_engine_kwargs(self.model_dir, options))
         self.sampling = sampling
         self.params = SamplingParams(**vllm_sampling_kwargs(sampling))

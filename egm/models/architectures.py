@@ -122,6 +122,9 @@ def write_architecture_model(out_dir: Path, arch: str, weights: bool = False, de
             model.generation_config = tiny.build_generation_config(tokenizer)
             model.save_pretrained(tmp)
         else:
+            # save_pretrained writes this from the model; a bare config has none, and vLLM picks
+            # its runner from it (without it the directory is not a generative model).
+            config.architectures = [type(model).__name__]
             config.save_pretrained(tmp)
             tiny.build_generation_config(tokenizer).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
