@@ -280,27 +280,30 @@ class GraphDecoder:
 
         torch = self.torch
         cache = DynamicCache(config=self.model.config)
-        out = self.model.model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"],
-            mm_token_type_ids=inputs["mm_token_type_ids"],
-            use_cache=True,
-            **{self._cache_kwarg: cache},
-        )
-        first = torch.nn.functional.linear(out.last_hidden_state[:, -1], self.lm_head_w).argmax(dim=-1)
-        del out
-        deltas = self.model.model.rope_deltas
-        if deltas is None:
-            raise RuntimeError("the model did not record its rope deltas during prefill")
-        prompt = inputs["input_ids"].shape[1]
-        for i, layer in enumerate(cache.layers):
-            if state is not None:
-                state.kv[i][0, :, :, :prompt].copy_(layer.keys)
-                state.kv[i][1, :, :, :prompt].copy_(layer.values)
-            layer.keys = layer.values = None
-        return first, deltas.view(-1)
+        # Inference mode here too, not only in generate_ids: called on its own (the latency
+        # benchmark times it), an autograd-recording prompt pass at batch 64 filled the H200.
+        with torch.inference_mode():
+            out = self.model.model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                pixel_values=inputs["pixel_values"],
+                image_grid_thw=inputs["image_grid_thw"],
+                mm_token_type_ids=inputs["mm_token_type_ids"],
+                use_cache=True,
+                **{self._cache_kwarg: cache},
+            )
+            first = torch.nn.functional.linear(out.last_hidden_state[:, -1], self.lm_head_w).argmax(dim=-1)
+            del out
+            deltas = self.model.model.rope_deltas
+            if deltas is None:
+                raise RuntimeError("the model did not record its rope deltas during prefill")
+            prompt = inputs["input_ids"].shape[1]
+            for i, layer in enumerate(cache.layers):
+                if state is not None:
+                    state.kv[i][0, :, :, :prompt].copy_(layer.keys)
+                    state.kv[i][1, :, :, :prompt].copy_(layer.values)
+                layer.keys = layer.values = None
+            return first, deltas.view(-1)
 
     def check_step(self, inputs: dict, cache_length: int | None = None, eager_reference: bool = True) -> dict:
         """Logits of the first decode step, this decoder against the model's own `generate`.
