@@ -9,6 +9,11 @@ text and the same number of tokens. What we require: every record in float32, an
 in bfloat16, where the two paths' different kernels (batched prompt pass with other padding, fused
 weights, graph-replayed steps) may round a near-tie differently.
 
+With `--own-spread` the record also holds the yardstick for a low-precision dtype: how often
+`generate` in that dtype answers as `generate` in float32 does (the model's own rounding spread),
+and how often the fast decode in that dtype does. A fast path no further from float32 than
+`generate` is adds no error of its own.
+
     python benchmarks/decode_equality.py --model-dir results/checkpoints/tiny/sft \\
         --splits resources/hub/egm-demo/EGM_Datasets/metadata/eval/*.jsonl --image-root resources/images \\
         --out benchmarks/results/decode-equality-h200.json        # on a GPU, after `make demo`
@@ -87,6 +92,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=None, help="records per split")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--own-spread", action="store_true",
+                        help="also compare each non-float32 dtype's answers with float32 generate's")
     args = parser.parse_args(argv)
 
     import torch
@@ -102,18 +109,29 @@ def main(argv=None) -> int:
         "max_tokens": args.max_tokens, "batch_size": args.batch_size, "dtypes": {},
     }
     ok = True
+    float32 = None
     for dtype in args.dtypes.split(","):
         options = {"dtype": dtype, "device": device, "batch_size": args.batch_size}
         reference, generate_s = answer("generate", args.model_dir, sampling, requests, options)
         fast, graph_s = answer("graph", args.model_dir, sampling, requests, options)
         entry = compare(labelled, reference, fast)
+        if args.own_spread and dtype != "float32":
+            if float32 is None:
+                float32, _ = answer("generate", args.model_dir, sampling, requests, {**options, "dtype": "float32"})
+            entry["own_spread"] = {
+                "generate_vs_float32_generate": compare(labelled, float32, reference)["equal"],
+                "graph_vs_float32_generate": compare(labelled, float32, fast)["equal"],
+            }
+        elif dtype == "float32":
+            float32 = reference
         entry.update(required_share=REQUIRED_SHARE.get(dtype), generate_s=round(generate_s, 2),
                      graph_s=round(graph_s, 2), tokens=sum(c.completion_tokens for c in reference))
         entry["meets_requirement"] = entry["required_share"] is None or entry["share_equal"] >= entry["required_share"]
         ok &= entry["meets_requirement"]
         result["dtypes"][dtype] = entry
         print(f"{dtype}: {entry['equal']}/{entry['records']} records equal "
-              f"(generate {entry['generate_s']} s, graph {entry['graph_s']} s)", flush=True)
+              f"(generate {entry['generate_s']} s, graph {entry['graph_s']} s)"
+              + (f"; equal to float32 generate: {entry['own_spread']}" if "own_spread" in entry else ""), flush=True)
         write_json(args.out, result)
     return 0 if ok else 1
 

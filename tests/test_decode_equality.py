@@ -40,10 +40,14 @@ def test_script_on_the_tiny_model_in_float32(tiny_dir, tmp_path):
     split = tmp_path / "refcoco_val.jsonl"
     split.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "equality.json"
-    rc = decode_equality.main(["--model-dir", str(tiny_dir), "--splits", str(split), "--image-root",
-                               str(tmp_path / "images"), "--out", str(out), "--dtypes", "float32",
-                               "--max-tokens", "12", "--batch-size", "2", "--device", "cpu"])
+    decode_equality.main(["--model-dir", str(tiny_dir), "--splits", str(split), "--image-root",
+                          str(tmp_path / "images"), "--out", str(out), "--dtypes", "float32,bfloat16",
+                          "--max-tokens", "12", "--batch-size", "2", "--device", "cpu", "--own-spread"])
     result = json.loads(out.read_text())
     entry = result["dtypes"]["float32"]
-    assert rc == 0 and entry["records"] == 3 and entry["equal"] == 3 and entry["meets_requirement"]
-    assert entry["tokens"] > 3 and result["device"].startswith("CPU")
+    assert entry["records"] == 3 and entry["equal"] == 3 and entry["meets_requirement"]
+    assert entry["tokens"] > 3 and result["device"].startswith("CPU") and "own_spread" not in entry
+    # bf16 answers may differ (the exit status says whether 99 % held); the yardstick is counted.
+    spread = result["dtypes"]["bfloat16"]["own_spread"]
+    assert set(spread) == {"generate_vs_float32_generate", "graph_vs_float32_generate"}
+    assert all(0 <= n <= 3 for n in spread.values())
