@@ -30,8 +30,11 @@ step() { echo "== $(date +%T) $*" | tee -a "$runlog"; }
 
 # Rules call `python -m egm`; console scripts (vllm serve, snakemake) live in the site's bin.
 # A wrapper, not a symlink: a venv's python reached through a symlink elsewhere loses the venv.
-mkdir -p /tmp/egm-bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" >/tmp/egm-bin/python &&
-  chmod +x /tmp/egm-bin/python
+# Written beside and moved into place: writing to a path that is a symlink (a /tmp/egm-bin/python
+# left by another run) would overwrite its target, the interpreter itself.
+mkdir -p /tmp/egm-bin && wrapper=$(mktemp /tmp/egm-bin/.python.XXXXXX) &&
+  printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" >"$wrapper" && chmod +x "$wrapper" &&
+  mv -f "$wrapper" /tmp/egm-bin/python
 export PATH="$site/bin:/tmp/egm-bin:$PATH" PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 TOKENIZERS_PARALLELISM=false
 step "device"; timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$runlog" 2>&1

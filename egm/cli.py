@@ -7,6 +7,7 @@ Snakemake rules call these and nothing else.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -47,6 +48,8 @@ def cmd_make_demo(args: argparse.Namespace) -> None:
         seed=args.seed,
         n_train_images=args.train_images,
         n_eval_per_split=args.eval_per_split,
+        width=args.width,
+        height=args.height,
     )
     write_tiny_model(mirror / args.model_repo, seed=args.seed)
     write_json(args.summary, {"seed": args.seed, "dataset_repo": args.dataset_repo, "model_repo": args.model_repo, "dataset": dataset})
@@ -55,8 +58,9 @@ def cmd_make_demo(args: argparse.Namespace) -> None:
 def cmd_write_architecture(args: argparse.Namespace) -> None:
     from egm.models.architectures import write_architecture_model
 
-    n = write_architecture_model(Path(args.out), args.arch)
-    log.info("wrote %s (%.3g parameters, no weights) to %s", args.arch, n, args.out)
+    n = write_architecture_model(Path(args.out), args.arch, weights=args.weights, device=args.device)
+    log.info("wrote %s (%.3g parameters, %s) to %s", args.arch, n,
+             "random bf16 weights" if args.weights else "no weights", args.out)
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:
@@ -108,7 +112,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     provenance = _provenance(args, args.options)  # first: a bad manifest fails before the engine loads
     summaries = run_predict(args.model_dir, args.model_manifest, args.splits, args.out_dir, args.image_root, options)
     for summary in summaries:
-        log.info("done: %s", summary)
+        # One JSON object a line: benchmarks read the answering time from the job's log.
+        log.info("done: %s", json.dumps(summary, sort_keys=True))
     if args.run_record:
         write_json(args.run_record, provenance)
     unanswered = [s["split"] for s in summaries if s["problem"]]
@@ -288,13 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-images", type=int, default=64)
     p.add_argument("--eval-per-split", type=int, default=16)
+    p.add_argument("--width", type=int, default=96, help="image width in pixels (every image is this size)")
+    p.add_argument("--height", type=int, default=96)
     p.add_argument("--summary", required=True, help="JSON written last, the rule's output")
     p.set_defaults(func=cmd_make_demo)
 
     p = sub.add_parser("write-architecture",
-                       help="write a paper architecture as a weightless model directory (load_format: dummy)")
+                       help="write a paper architecture as a model directory, weightless (load_format: dummy) "
+                            "or with random weights")
     p.add_argument("--arch", required=True, help="qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b (EGM.md section 6)")
     p.add_argument("--out", required=True)
+    p.add_argument("--weights", action="store_true",
+                   help="save seeded random bf16 weights (training needs real tensors; inference does not)")
+    p.add_argument("--device", default="cpu", help="where the random weights are drawn (cuda: seconds for the 8B)")
     p.set_defaults(func=cmd_write_architecture)
 
     p = sub.add_parser("fetch", help="download a hub repo at a revision (or copy it from an offline mirror)")

@@ -16,8 +16,8 @@ from egm.infer import client as cl
 from egm.infer.base import BackendUnavailable, EngineBase, LazyEngine, Request, SamplingOptions
 from egm.infer.engine import load_engine
 from egm.infer.gpus import groups, resolve_data_parallel, visible_gpus
-from egm.infer.ray_slurm import plan
-from egm.infer.replicas import shard
+from egm.infer.ray_slurm import plan, plan_local
+from egm.infer.replicas import replicated_chunk_size, shard
 from egm.infer.server import ServerSpec, server_command
 from egm.infer.sglang import sglang_engine_kwargs, sglang_inputs, sglang_sampling_params
 from egm.infer.vllm import vllm_engine_kwargs, vllm_prompt, vllm_sampling_kwargs
@@ -176,6 +176,30 @@ def test_ray_plan_head_on_first_node_workers_on_the_rest():
     assert "--nodelist=gpu02,gpu03" in p.worker_cmd and "--address=10.0.0.1:6400" in p.worker_cmd
     assert "--ntasks-per-node=1" in p.worker_cmd
     assert plan(["solo"], "10.0.0.2").worker_cmd is None
+    assert p.nodes == 3 and [s.env for s in p.starts] == [{}, {}]  # srun gives each node its own GPUs
+
+
+def test_local_ray_nodes_each_get_their_own_gpus_address_and_ports():
+    p = plan_local(2, ["0", "1", "2", "3"], gpus_per_node=2, port=6400)
+    head, worker = p.starts
+    assert head.env == {"CUDA_VISIBLE_DEVICES": "0,1"} and worker.env == {"CUDA_VISIBLE_DEVICES": "2,3",
+                                                                          "VLLM_HOST_IP": "127.0.0.2"}
+    assert "--head" in head.cmd and "--node-ip-address=127.0.0.1" in head.cmd and "--port=6400" in head.cmd
+    assert "--address=127.0.0.1:6400" in worker.cmd and "--node-ip-address=127.0.0.2" in worker.cmd
+    assert all("--num-gpus=2" in s.cmd and s.cmd[-1] == "--block" for s in p.starts)
+    for flag in ("--dashboard-agent-listen-port=", "--min-worker-port=", "--max-worker-port="):
+        assert len({next(a for a in s.cmd if a.startswith(flag)) for s in p.starts}) == 2, flag
+    # The command runs on the head node, with its GPUs, and finds the cluster.
+    assert p.env == {"RAY_ADDRESS": "127.0.0.1:6400", "CUDA_VISIBLE_DEVICES": "0,1"} and p.nodes == 2
+    with pytest.raises(ValueError, match="need 4 GPUs"):
+        plan_local(2, ["0", "1"], gpus_per_node=2)
+
+
+def test_replicas_take_what_one_engine_takes_each():
+    # vLLM asks for 256 at a time, the fast hf decode for 8 batches, plain generate for one batch.
+    assert replicated_chunk_size(64, [256, 256], 2) == 512
+    assert replicated_chunk_size(64, [512, 512], 2) == 1024
+    assert replicated_chunk_size(64, [None, None], 2) == 128
 
 
 def test_lazy_engine_loads_once_on_first_use_and_closes_once():
@@ -233,3 +257,52 @@ def test_vllm_engine_process_is_spawned_and_egm_main_is_import_safe(monkeypatch,
     monkeypatch.setattr(egm.cli, "main", lambda *a, **k: 0)
     with pytest.raises(SystemExit):
         runpy.run_module("egm", run_name="__main__")
+
+
+def test_replicas_answer_as_one_engine_does(tiny_dir, tmp_path):
+    """Two replicas (on CPU here: the GPU ids only set CUDA_VISIBLE_DEVICES) ask for one engine's
+    chunk each, get one engine's batches, and so give its answers, in request order."""
+    from PIL import Image
+
+    from egm.infer.hf import HFEngine
+    from egm.infer.replicas import ReplicatedEngine
+
+    requests = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (96, 96), (40 * i, 90, 200 - 30 * i)).save(path)
+        requests.append(Request(str(i), str(path), PROMPTS["qwen3"].format(sent=f"the shape {i}")))
+    sampling = SamplingOptions(max_tokens=6)
+    alone = HFEngine(str(tiny_dir), sampling, batch_size=2).generate(requests)
+    replicated = ReplicatedEngine("hf", str(tiny_dir), sampling, {"batch_size": 2}, [["0"], ["1"]])
+    try:
+        assert replicated.chunk_size == 4 and replicated.data_parallel_size == 2
+        answers = replicated.generate(requests)
+    finally:
+        replicated.close()
+    assert [a.text for a in answers] == [a.text for a in alone]
+    assert [a.completion_tokens for a in answers] == [a.completion_tokens for a in alone]
+
+
+def test_local_ray_run_starts_every_node_runs_the_command_and_stops_them(tmp_path, monkeypatch):
+    """The launcher's run path with `ray start` stood in for: each node's process gets its GPUs,
+    the command runs once all have joined with the cluster's address, and every node is stopped."""
+    from egm.infer import ray_slurm
+
+    marks = tmp_path / "nodes"
+    marks.mkdir()
+    fake_ray = tmp_path / "ray"
+    fake_ray.write_text('#!/bin/sh\necho "$CUDA_VISIBLE_DEVICES ${VLLM_HOST_IP:-none} $2" > "$MARKS/$$"\n'
+                        'trap \'echo stopped >> "$MARKS/$$"; exit 0\' TERM\nwhile true; do sleep 0.05; done\n')
+    fake_ray.chmod(0o755)
+    monkeypatch.setenv("MARKS", str(marks))
+    monkeypatch.setattr(ray_slurm, "alive_nodes", lambda address: len(list(marks.iterdir())))
+    seen = tmp_path / "command.txt"
+    command = [sys.executable, "-c", "import os, sys; open(sys.argv[1], 'w').write("
+               "os.environ['RAY_ADDRESS'] + ' ' + os.environ['CUDA_VISIBLE_DEVICES'])", str(seen)]
+    p = plan_local(2, ["0", "1"], gpus_per_node=1, port=6411, ray=str(fake_ray))
+    assert ray_slurm.run_on_cluster(p, command, timeout_s=30, head_start_s=0.2) == 0
+    assert seen.read_text() == "127.0.0.1:6411 0"
+    nodes = sorted(m.read_text().split("\n")[0] for m in marks.iterdir())
+    assert nodes == ["0 none --head", "1 127.0.0.2 --address=127.0.0.1:6411"]
+    assert all(m.read_text().strip().endswith("stopped") for m in marks.iterdir())

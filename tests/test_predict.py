@@ -126,6 +126,13 @@ def test_split_with_no_valid_record_costs_only_itself(tiny_dir, tmp_path):
     [row] = read_rows(out / "refcocog_val.jsonl")
     assert row["status"] == "bad_record" and "file not found" in row["error"]
     assert f"{empty}: no valid record" in result.stderr
+    # Each split's summary, one JSON object a log line: the engine loads for the first split
+    # with work, and only answering counts as answering.
+    done = {s["split"]: s for s in (json.loads(line.split("done: ", 1)[1])
+                                    for line in result.stderr.splitlines() if "done: " in line)}
+    assert done["refcoco_val"]["newly_answered"] == 3 and done["refcoco_val"]["engine_load_s"] > 0
+    assert done["refcoco_val"]["answer_s"] > 0
+    assert done["refcocog_test"]["answer_s"] == done["refcocog_test"]["engine_load_s"] == 0
     last = result.stderr.strip().splitlines()[-1]
     assert "2 split(s) with no valid record, not answered" in last and "refcocog_test, refcocog_val" in last
 

@@ -2,6 +2,7 @@
 one GRPO step, and resuming a killed run from its checkpoint."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -206,6 +207,64 @@ def test_recipe_errors():
         recipes.sft_args(recipe)
 
 
+def _gather_in_process_group(rank, world, init_file, out):
+    import torch.distributed as dist
+
+    os.environ["RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from egm.train.cost import all_processes, this_process
+
+    records = all_processes(this_process())
+    Path(out).with_suffix(f".{rank}").write_text(json.dumps(records))
+    dist.destroy_process_group()
+
+
+def test_training_cost_names_every_process_by_rank(tmp_path):
+    """Under several processes each rank's record reaches every rank (rank 0 writes the manifest)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_in_process_group, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    for rank in (0, 1):
+        records = json.loads((tmp_path / f"out.{rank}").read_text())
+        assert [r["rank"] for r in records] == [0, 1] and {r["device"] for r in records} == {"cpu"}
+
+
+def test_zero3_partitioned_parameters_are_counted_whole():
+    """Under ZeRO-3 a parameter's local tensor is empty; its size is `ds_numel`."""
+    model = torch.nn.Module()
+    model.visual = torch.nn.Module()
+    model.visual.blocks = torch.nn.Linear(4, 4, bias=False)
+    model.head = torch.nn.Linear(4, 2, bias=False)
+    for module, full in ((model.visual.blocks, 16), (model.head, 8)):
+        module.weight.data = torch.empty(0)
+        module.weight.ds_numel = full
+    assert common.freeze_vision_tower(model) == {"frozen_params": 16, "trained_params": 8}
+    assert not model.visual.blocks.weight.requires_grad and model.head.weight.requires_grad
+
+
+def test_trained_weights_keep_the_start_models_names(tiny_dir, tmp_path):
+    """A model loaded with every renaming transformers knows (as its ZeRO-3 loader keeps them)
+    saves Qwen3-VL's text weights under other names; forgetting them saves the start's names."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    model._weight_conversions = get_model_conversion_mapping(model)  # legacy renamings included
+    common.keep_checkpoint_names(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert common.weight_names(tmp_path / "saved") == common.weight_names(tiny_dir)
+    common.check_weight_names(tiny_dir, tmp_path / "saved")
+
+    from safetensors.torch import load_file, save_file
+
+    renamed = {k.replace("model.language_model.", "model.language_model.model."): v
+               for k, v in load_file(tmp_path / "saved" / "model.safetensors").items()}
+    save_file(renamed, tmp_path / "saved" / "model.safetensors")
+    with pytest.raises(RuntimeError, match="not named like the start model"):
+        common.write_model_dir(tmp_path / "saved", tiny_dir, tmp_path / "out", {})
+    assert not (tmp_path / "out").exists()
+
+
 def test_launcher_sized_from_the_gpu_count(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert common.launch_command(0, ["sft"]) is None
@@ -236,6 +295,10 @@ def test_one_sft_step_trains_llm_and_merger_not_the_vit(tiny_dir, demo_data, tmp
     assert manifest["global_step"] == 1
     loss = manifest["log"]["first"]["loss"]
     assert 0 < loss < 100
+    # What the step cost, per process (one here, on the CPU: no GPU memory to report).
+    cost = manifest["cost"]
+    assert len(cost["step_s"]) == 1 and cost["step_s"][0] > 0
+    assert cost["processes"] == [{"rank": 0, "device": "cpu", "peak_allocated_gib": None, "peak_reserved_gib": None}]
     before, after = weights(tiny_dir), weights(tmp_path / "sft")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("model.language_model.") for k in changed)
@@ -285,6 +348,7 @@ def test_killed_sft_resumes_from_its_last_checkpoint(tiny_dir, demo_data, tmp_pa
     assert training["resumed_from"].endswith("checkpoint-2")
     assert manifest["global_step"] == 4
     assert Steps.done == [3, 4]  # the resumed run did only what was left
+    assert len(manifest["cost"]["step_s"]) == 2  # the steps this process ran
     assert [e["step"] for e in training["log_history"] if "loss" in e] == [1, 2, 3, 4]
 
     # Same result as a run that was never interrupted (data order, optimizer and RNG restored).
@@ -321,6 +385,7 @@ def test_one_grpo_step(tiny_dir, demo_data, tmp_path):
         reward_funcs=[token_reward],
     )
     assert manifest["global_step"] == 1 and calls == [4]  # 2 prompts x 2 samples
+    assert len(manifest["cost"]["step_s"]) == 1  # generation included: it runs inside the step
     first = manifest["log"]["first"]
     assert "reward" in first and "reward_std" in first and torch.isfinite(torch.tensor(first["loss"]))
     before, after = weights(tiny_dir), weights(tmp_path / "rl")

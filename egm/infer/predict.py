@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,8 +97,14 @@ def predict_split(
     total = len(split.records)
     newly_answered = len(pending)
     log.info("%s: %d records, %d already answered, %d bad records", split_name, total, len(done), len(split.bad))
+    # What answering cost, apart from loading the engine (the first split that answers loads it):
+    # records per second across GPU counts and engines are compared on these.
+    load_s = answer_s = 0.0
     if pending:
+        started = time.perf_counter()
         engine = get_engine()
+        answering = time.perf_counter()
+        load_s = answering - started
         work_path.parent.mkdir(parents=True, exist_ok=True)
         with open(work_path, "a", encoding="utf-8") as work:
 
@@ -134,6 +141,7 @@ def predict_split(
                 work.flush()
                 os.fsync(work.fileno())
                 log.info("%s: %d/%d answered", split_name, sum(1 for r in split.records if r.line in done), total)
+        answer_s = time.perf_counter() - answering
 
     rows = [done[rec.line] for rec in split.records]
     rows += [{"split": split_name, "line": bad.line, "status": "bad_record", "error": bad.reason} for bad in split.bad]
@@ -142,7 +150,7 @@ def predict_split(
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return {"split": split_name, "records": total, "bad_records": len(split.bad), "newly_answered": newly_answered,
-            "problem": split.problem}
+            "problem": split.problem, "engine_load_s": round(load_s, 3), "answer_s": round(answer_s, 3)}
 
 
 def split_name_of(path: Path) -> str:

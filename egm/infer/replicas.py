@@ -4,6 +4,10 @@ A ReplicatedEngine starts one worker process per GPU group, each seeing only its
 (CUDA_VISIBLE_DEVICES set before anything imports CUDA), loads the inner engine in all of them
 at once, and splits every `generate` call into contiguous shards, one per replica, answered in
 parallel and put back in request order.
+
+predict hands it as many requests at a time as the inner engine asks for alone, times the
+replicas: each replica then gets exactly the chunks one engine would get from a run on one GPU
+group (the same batches, so the same answers where the engine is deterministic), and is as busy.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def _worker(conn, backend: str, model_dir: str, sampling: SamplingOptions, optio
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
-    conn.send(("ready", None))
+    conn.send(("ready", engine.chunk_size))
     try:
         while True:
             requests = conn.recv()
@@ -39,6 +43,12 @@ def _worker(conn, backend: str, model_dir: str, sampling: SamplingOptions, optio
                 conn.send(("error", traceback.format_exc()))
     finally:
         engine.close()
+
+
+def replicated_chunk_size(batch_size: int, inner_chunk_sizes: list[int | None], replicas: int) -> int:
+    """Requests per generate call for `replicas` engines that each want `inner_chunk_sizes` (None: a batch)."""
+    per_replica = max([int(batch_size)] + [int(c) for c in inner_chunk_sizes if c])
+    return per_replica * int(replicas)
 
 
 def shard(items: list, n: int) -> list[list]:
@@ -70,14 +80,11 @@ class ReplicatedEngine(EngineBase):
             self._conns.append(parent)
             self._procs.append(proc)
         try:
-            for i, conn in enumerate(self._conns):
-                self._receive(i, conn, expect="ready")
+            inner = [self._receive(i, conn, expect="ready") for i, conn in enumerate(self._conns)]
         except BaseException:
             self.close()
             raise
-        batch = int(options.get("batch_size", 1))
-        # predict hands over this many requests at a time: one batch per replica, all busy.
-        self.chunk_size = batch * len(gpu_groups)
+        self.chunk_size = replicated_chunk_size(int(options.get("batch_size", 1)), inner, len(gpu_groups))
         log.info("%s: %d replicas on GPU groups %s", backend, len(gpu_groups), gpu_groups)
 
     def _receive(self, i: int, conn, expect: str):

@@ -120,6 +120,8 @@ def load_for_training(config, work_dir: Path, fingerprint, rank: int, model_dir,
     prepare_work_dir(Path(work_dir), fingerprint, rank)
     processor = load_processor(model_dir, recipe.get("image_min_pixels"), recipe.get("image_max_pixels"))
     model = load_model(model_dir)
+    if getattr(config, "deepspeed", None):
+        keep_checkpoint_names(model)
     frozen = freeze_vision_tower(model) if recipe.get("freeze_vision_tower", freeze_by_default) else {}
     if frozen:
         log.info("vision tower frozen: %s", frozen)
@@ -174,6 +176,19 @@ def load_model(model_dir: str | os.PathLike):
     return AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32)
 
 
+def keep_checkpoint_names(model) -> None:
+    """Make the trained model save its weights under the start checkpoint's names.
+
+    Loading under DeepSpeed ZeRO-3, transformers (5.17-5.24) keeps every key renaming it knows for
+    the model, legacy ones included, where its plain loader keeps only those that matched the
+    checkpoint; saving reverses them all and writes Qwen3-VL's text weights as
+    `model.language_model.model.*`, which transformers reads back but vLLM cannot load. Without
+    the recorded list, saving falls back to the model's own conversions, legacy ones left out.
+    """
+    if getattr(model, "_weight_conversions", None):
+        model._weight_conversions = None
+
+
 VISION_TOWER = ("visual.patch_embed.", "visual.pos_embed.", "visual.blocks.")
 
 
@@ -183,16 +198,23 @@ def freeze_vision_tower(model) -> dict:
     The paper's SFT: "vision encoder frozen, merger and LLM trained". Qwen3-VL's deepstack
     mergers project ViT features into the LLM like the main merger, so they count as merger.
     """
-    frozen = trained = 0
+    frozen = trained = tensors = 0
     for name, param in model.named_parameters():
         if any(f"{part}" in name for part in VISION_TOWER):
             param.requires_grad_(False)
-            frozen += param.numel()
+            frozen += full_numel(param)
+            tensors += 1
         elif param.requires_grad:
-            trained += param.numel()
-    if frozen == 0:
+            trained += full_numel(param)
+    if tensors == 0:
         raise ValueError("no vision-tower parameters found to freeze (not a Qwen3-VL model?)")
     return {"frozen_params": frozen, "trained_params": trained}
+
+
+def full_numel(param) -> int:
+    """A parameter's size, also when DeepSpeed ZeRO-3 has partitioned it (its local tensor is then
+    empty and the full size is `ds_numel`)."""
+    return int(getattr(param, "ds_numel", param.numel()))
 
 
 # ---------------------------------------------------------------- output
@@ -216,12 +238,46 @@ def write_model_dir(saved: Path, start_dir: Path, out_dir: Path, extra: dict[str
                 shutil.copy2(entry, tmp / entry.name)
         if not any(_is_weight(p.name) for p in tmp.iterdir()):
             raise RuntimeError(f"{saved}: the trainer saved no weights")
+        check_weight_names(Path(start_dir), tmp)
         write_json(tmp / "training.json", extra)
         files = [
             {"path": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(tmp.iterdir()) if p.is_file()
         ]
     return files
+
+
+def weight_names(model_dir: Path) -> set[str] | None:
+    """The tensor names of a directory's safetensors files (headers only), None without any."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    names: set[str] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+def check_weight_names(start_dir: Path, trained_dir: Path) -> None:
+    """The trained model is served like the start model, so its weights must carry the start's names.
+
+    A name the start model does not have is an error (engines would not know where it goes); one
+    the trained model lacks only a warning: a checkpoint may hold a tied weight that saving drops.
+    """
+    start, trained = weight_names(start_dir), weight_names(trained_dir)
+    if start is None or trained is None:
+        return
+    if trained - start:
+        raise RuntimeError(
+            f"{trained_dir}: the trained weights are not named like the start model's ({start_dir}): "
+            f"{sorted(trained - start)[:3]} ({len(trained - start)} in all) are not in the start model"
+        )
+    if start - trained:
+        log.warning("%s: %d weights of the start model not saved (tied?): %s", trained_dir, len(start - trained),
+                    sorted(start - trained)[:3])
 
 
 def write_manifest(path: str | os.PathLike, content: dict) -> None:

@@ -47,6 +47,7 @@ def train_rl(
     """
     from trl import GRPOConfig, GRPOTrainer
 
+    from egm.train.cost import TrainingCost
     from egm.train.data import rl_dataset
     from egm.train.rewards import trl_grounding_reward
 
@@ -76,6 +77,7 @@ def train_rl(
         val, val_summary = rl_dataset(val_path, limit=options.get("limit"))
     log.info("RL data: %s %s", train_summary, val_summary)
 
+    cost = TrainingCost()
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=reward_funcs or [trl_grounding_reward],
@@ -83,7 +85,7 @@ def train_rl(
         train_dataset=train,
         eval_dataset=val,
         processing_class=processor,
-        callbacks=callbacks,
+        callbacks=[cost, *(callbacks or [])],
     )
     result, resume = common.train_resuming(trainer, checkpoints)
 
@@ -101,6 +103,7 @@ def train_rl(
         "frozen": frozen,
         "resumed_from": resume,
         "train_metrics": result.metrics,
+        "cost": cost.summary(),
         "wall_s": timer.seconds(),
         "fingerprint": print_,
     }

@@ -37,6 +37,7 @@ def train_sft(
     """
     from trl import SFTConfig, SFTTrainer
 
+    from egm.train.cost import TrainingCost
     from egm.train.data import sft_dataset
 
     recipe = options["recipe"]
@@ -63,12 +64,13 @@ def train_sft(
     dataset, data_summary = sft_dataset(data_path, image_root, limit=options.get("limit"))
     log.info("SFT data: %s", data_summary)
 
+    cost = TrainingCost()
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         processing_class=processor,
-        callbacks=callbacks,
+        callbacks=[cost, *(callbacks or [])],
     )
     result, resume = common.train_resuming(trainer, checkpoints)
 
@@ -84,6 +86,7 @@ def train_sft(
         "frozen": frozen,
         "resumed_from": resume,
         "train_metrics": result.metrics,
+        "cost": cost.summary(),
         "wall_s": timer.seconds(),
         "fingerprint": print_,
     }

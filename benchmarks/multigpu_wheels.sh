@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The wheels issue 17's two-GPU runs need on the GPU machine beside vLLM's set
+# (../shared/tools/vllm-wheels.sh, parts in .vllm/): DeepSpeed, TRL, datasets and Ray, with what
+# they need that neither the machine's image nor vLLM's set has. Packed as tar parts of at most
+# 60 MiB (one part per device call: at most 64 MiB travel with one), plus SHA256SUMS naming every
+# part of both sets, which `benchmarks/multigpu.sh install` checks before unpacking.
+#
+#   benchmarks/multigpu_wheels.sh                # in the project root, on the CPU machine: .mgpu/
+#
+# .mgpu/ (where `benchmarks/multigpu.sh park` looks for the parts) must be ignored by git: add
+# /.mgpu/ to .git/info/exclude; wheels are never committed.
+# DeepSpeed is an sdist: its wheel is built here with no compiled ops (DS_BUILD_OPS=0; ZeRO-3
+# with the Trainer's own optimizer needs none) against this environment's torch, without build
+# isolation (isolation would download a CUDA torch to build with). Every other wheel is
+# downloaded for CPython 3.12 on manylinux x86_64, the GPU machine's platform, without
+# dependencies: torch and the rest are the image's, and anything the image lacks is named here.
+#
+# Environment: PYTHON (default python3; must import torch, for the DeepSpeed build),
+# VLLM_PARTS (default .vllm), IMAGE_PACKAGES (the GPU image's package names, one a line; default
+# ../shared/tools/gpu-machine-packages.txt).
+set -euo pipefail
+out=.mgpu
+py=${PYTHON:-python3}
+vparts=${VLLM_PARTS:-.vllm}
+image=${IMAGE_PACKAGES:-../shared/tools/gpu-machine-packages.txt}
+[ -f "$image" ] || { echo "no list of the GPU image's packages at $image (set IMAGE_PACKAGES)" >&2; exit 1; }
+compgen -G "$vparts/part-*" >/dev/null || { echo "no vLLM parts in $vparts (../shared/tools/vllm-wheels.sh $vparts)" >&2; exit 1; }
+
+# One version of each package across all sets: these pins are the project's own (pyproject.toml)
+# where it has them; multiprocess is the newest datasets accepts; Ray is the release checked on
+# the CPU machine (ENVIRONMENT.md), and vLLM 0.25.1 needs Ray >= 2.43.
+WANTED=(deepspeed==0.19.8 trl==1.16.0 datasets==5.2.0 multiprocess==0.70.19 hjson==3.1.0 ray==2.60.0)
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+plat=(--only-binary=:all: --python-version 3.12 --implementation cp)
+for p in manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_24_x86_64 manylinux_2_26_x86_64 \
+         manylinux_2_27_x86_64 manylinux_2_28_x86_64 manylinux_2_31_x86_64 manylinux_2_34_x86_64 \
+         manylinux_2_35_x86_64 manylinux_2_5_x86_64 manylinux1_x86_64 linux_x86_64 any; do
+  plat+=(--platform "$p")
+done
+mkdir -p "$work/whl" "$work/vllm"
+DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$work/whl" "${WANTED[0]}"
+"$py" -m pip download -q --no-deps "${plat[@]}" -d "$work/whl" "${WANTED[@]:1}"
+cat "$vparts"/part-* | tar -x -C "$work/vllm"
+
+# Every requirement of the new wheels must be met by the image, vLLM's set or this set, and no
+# package may come twice: a second version would stop the whole install on the GPU machine.
+"$py" - "$work/whl" "$work/vllm" "$image" <<'EOF'
+import re, sys, zipfile
+from pathlib import Path
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+       "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+       "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+new, vllm, image = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+
+def name(wheel):
+    return canonicalize_name(wheel.name.split("-")[0])
+
+def requires(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = z.read(meta).decode().splitlines()
+    for line in lines:
+        if line.startswith("Requires-Dist:"):
+            req = Requirement(line.split(":", 1)[1].strip())
+            if req.marker is None or req.marker.evaluate(env):
+                yield req
+
+have_image = {canonicalize_name(l.strip()) for l in image.read_text().splitlines() if l.strip()}
+have_vllm = {name(w) for w in vllm.glob("*.whl")}
+mine = {name(w): w for w in new.glob("*.whl")}
+twice = sorted((set(mine) & (have_vllm | have_image)))
+if twice:
+    sys.exit(f"already on the GPU machine or in vLLM's set, would be a second version: {twice}")
+have = have_image | have_vllm | set(mine)
+missing = {f"{name(w)} needs {r}" for w in mine.values() for r in requires(w) if canonicalize_name(r.name) not in have}
+if missing:
+    sys.exit("unmet requirements:\n  " + "\n  ".join(sorted(missing)))
+for n, w in sorted(mine.items()):
+    print(f"  {w.name} ({w.stat().st_size / 2**20:.1f} MiB)")
+EOF
+
+mkdir -p "$out"
+rm -f "$out"/part-* "$out/SHA256SUMS"
+(cd "$work/whl" && tar -cf - ./*.whl) | split -b 60M -d -a 2 - "$out/part-"
+# Named as `multigpu.sh park` lays the parts out (.vllm/, .mgpu/): `install` checks them all.
+{ (cd "$vparts" && sha256sum part-*) | sed 's|  |  .vllm/|'; (cd "$out" && sha256sum part-*) | sed 's|  |  .mgpu/|'; } \
+  >"$out/SHA256SUMS"
+ls -l "$out"
