@@ -20,7 +20,6 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 from egm.data.paths import relocate_image_path
 
