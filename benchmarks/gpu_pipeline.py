@@ -121,15 +121,9 @@ def latency_entry(path: Path) -> dict:
 
 
 def package_versions(names) -> dict:
-    from importlib import metadata
+    from egm.provenance import package_version
 
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return {name: package_version(name) for name in names}
 
 
 def engine_pairs(models: dict) -> list[tuple[str, str]]:

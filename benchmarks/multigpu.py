@@ -307,16 +307,10 @@ def missing(node, path: str = "") -> list[str]:
 def environment() -> dict:
     """The device and package versions, read where the runs ran (this script runs there too)."""
     import subprocess
-    from importlib import metadata
 
-    from egm.provenance import code_record, describe_device
+    from egm.provenance import code_record, describe_device, package_version
 
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = {name: package_version(name) for name in PACKAGES}
     driver = None
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],

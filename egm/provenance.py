@@ -32,7 +32,8 @@ FIELDS = (
 )
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of `package`, None where it is not installed."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -192,8 +193,8 @@ def engine_record(backend: str | None, engine_options: Mapping[str, Any] | None 
         package = options.get("server", "vllm")
     else:
         package = ENGINE_PACKAGES.get(backend or "", backend)
-    return {"backend": backend, "package": package, "version": _version(package) if package else None,
-            "torch": _version("torch")}
+    return {"backend": backend, "package": package, "version": package_version(package) if package else None,
+            "torch": package_version("torch")}
 
 
 def job_record(backend: str | None = None, engine_options: Mapping[str, Any] | None = None,
