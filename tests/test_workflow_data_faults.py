@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from egm.data.demo import write_demo_dataset
-from tests.workflow_helpers import copy_workflow, run_snakemake, small_demo_config, write_config
+from tests.workflow_helpers import copy_workflow, plan, run_snakemake, small_demo_config, write_config
 
 DATASET = "egm-demo/EGM_Datasets"
 
@@ -45,6 +45,35 @@ def test_fetch_names_the_missing_files_and_patterns(tmp_path):
     assert not dest.exists() or not any(p.is_file() for p in dest.rglob("*"))
 
 
+def test_required_files_follow_the_config(tmp_path):
+    """Point 3: what fetch_dataset requires is what this config's DAG reads. A mirror without one
+    split and one SFT file fails a config that needs them, naming exactly those two, and serves
+    a config that needs neither."""
+    copy_workflow(tmp_path)
+    sites = tmp_path / "site-datasets"
+    write_demo_dataset(sites / DATASET, n_train_images=2, n_eval_per_split=1)
+    cot = "vanilla_grounding_reasoning_training_dataset_cot_subset.jsonl"
+    for rel in ("metadata/eval/refcoco_testA.jsonl", cot):
+        (sites / DATASET / rel).unlink()
+
+    needs_them = _offline_config(str(sites))
+    needs_them["train"]["runs"]["tiny"]["sft"]["data"] = "cot_subset"
+    result = run_snakemake(tmp_path, write_config(tmp_path, needs_them), "--show-failed-logs",
+                           "resources/manifests/dataset.json")
+    assert result.returncode != 0
+    log_line = (tmp_path / "logs/fetch_dataset.log").read_text().strip().splitlines()[-1]
+    assert ("2 file(s) the workflow needs are missing "
+            f"(not in the repository: metadata/eval/refcoco_testA.jsonl, {cot})") in log_line
+
+    needs_neither = _offline_config(str(sites))
+    needs_neither["splits"] = [s for s in needs_neither["splits"] if s != "refcoco_testA"]
+    result = run_snakemake(tmp_path, write_config(tmp_path, needs_neither), "--show-failed-logs",
+                           "resources/manifests/dataset.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    fetched = {f["path"] for f in json.loads((tmp_path / "resources/manifests/dataset.json").read_text())["files"]}
+    assert {"coco_flip.tar", "metadata/eval/refcocog_test.jsonl", "processed_rl_data/val_grounding.parquet"} <= fetched
+
+
 def test_mirror_as_list_or_mapping_in_the_schema(tmp_path):
     """Point 5: hub.mirror takes one folder, folders searched in order, or repo_id -> folder."""
     copy_workflow(tmp_path)
@@ -66,6 +95,20 @@ def test_mirror_as_list_or_mapping_in_the_schema(tmp_path):
     for bad in ([], {}, "", [1]):
         rc, out = planned_fetches(bad)
         assert rc != 0 and "mirror" in out, bad
+
+
+def test_predict_waits_for_every_splits_validation(tmp_path):
+    """Point 2, in the DAG itself: predict's plan holds the validation report of every configured
+    split (and training's, those of the RL parquet), so no scheduling order can start a GPU job
+    before a split is checked."""
+    copy_workflow(tmp_path)
+    config = small_demo_config()
+    configfile = write_config(tmp_path, config)
+    predict = set(plan(tmp_path, configfile, ["results/predictions/tiny-base/run.json"]))
+    assert {f"results/validation/{split}.json" for split in config["splits"]} <= predict
+    assert not any(path.startswith("results/validation/rl_") for path in predict)  # predict does not read them
+    rl = set(plan(tmp_path, configfile, ["results/checkpoints/tiny/rl.json"]))
+    assert {"results/validation/rl_train.json", "results/validation/rl_val.json"} <= rl
 
 
 def _rows(path):
