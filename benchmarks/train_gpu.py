@@ -115,6 +115,7 @@ def main() -> None:
     import trl
 
     from egm.train import common
+    from egm.train.data import SFT_DATA
     from egm.train.recipes import load_recipe
     from egm.train.rl import train_rl
     from egm.train.sft import train_sft
@@ -163,7 +164,7 @@ def main() -> None:
 
     sft_module.common.finish_stage = timed_finish
     manifest = train_sft(
-        work / "base", work / "data/ds/vanilla_grounding_reasoning_training_dataset_raw.jsonl",
+        work / "base", work / "data/ds" / SFT_DATA.format(data="raw"),
         str(work / "data/images"), work / "sft", work / "sft.json", work / ".work/sft",
         {"run": "bench", "recipe": sft_recipe, "max_steps": args.sft_steps, "limit": None},
         fingerprint_inputs=[work / "base.json"], callbacks=[timer],

@@ -54,6 +54,18 @@ def parse_options(cls: type[T], data: Any, where: str = "--options") -> T:
 
 
 @dataclass(frozen=True)
+class TrainOptions:
+    """A training stage's `--options` (workflow/rules/common.smk's train_options). Checked here so
+    a key the stage does not read fails the job before the model loads; the stage itself keeps the
+    raw object, which is its resume fingerprint and its manifest's record."""
+
+    recipe: dict  # resolved; its keys are checked by egm.train.recipes
+    run: str | None = None
+    max_steps: int | None = None  # None: the recipe's epochs
+    limit: int | None = None  # rows (SFT) or prompts (RL); None: all
+
+
+@dataclass(frozen=True)
 class InferenceOptions:
     """The config's `inference:` section: the paper's decoding settings and predict's batching."""
 

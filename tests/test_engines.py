@@ -274,7 +274,7 @@ def test_replicas_answer_as_one_engine_does(tiny_dir, tmp_path):
         requests.append(Request(str(i), str(path), PROMPTS["qwen3"].format(sent=f"the shape {i}")))
     sampling = SamplingOptions(max_tokens=6)
     alone = HFEngine(str(tiny_dir), sampling, batch_size=2).generate(requests)
-    replicated = ReplicatedEngine("hf", str(tiny_dir), sampling, {"batch_size": 2}, [["0"], ["1"]])
+    replicated = ReplicatedEngine(load_engine, "hf", str(tiny_dir), sampling, {"batch_size": 2}, [["0"], ["1"]])
     try:
         assert replicated.chunk_size == 4 and replicated.data_parallel_size == 2
         answers = replicated.generate(requests)

@@ -71,7 +71,8 @@ def test_graph_decode_is_greedy_only(tiny_dir):
 
 def test_replicas_split_and_reassemble(tiny_dir, mixed_requests, reference):
     # Two CPU replicas (no GPU to give them); each loads its own engine in its own process.
-    engine = ReplicatedEngine("hf", str(tiny_dir), SamplingOptions(max_tokens=MAX_TOKENS), {"batch_size": 2}, [[], []])
+    engine = ReplicatedEngine(load_engine, "hf", str(tiny_dir), SamplingOptions(max_tokens=MAX_TOKENS),
+                              {"batch_size": 2}, [[], []])
     try:
         assert engine.chunk_size == 4 and engine.data_parallel_size == 2
         out = engine.generate(mixed_requests)

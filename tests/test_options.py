@@ -4,7 +4,7 @@ import pytest
 
 from egm.cli import main as egm_main
 from egm.infer.base import SamplingOptions
-from egm.options import LatencyOptions, OptionsError, PredictOptions, ScalingOptions, parse_options
+from egm.options import LatencyOptions, OptionsError, PredictOptions, ScalingOptions, TrainOptions, parse_options
 
 INFERENCE = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": 20, "repetition_penalty": 1.0,
              "presence_penalty": 0.0}
@@ -48,3 +48,21 @@ def test_command_fails_naming_the_unknown_key(tmp_path, caplog):
                    "--options", json.dumps(options)])
     assert rc == 1
     assert "unknown key(s) 'typo'" in caplog.records[-1].getMessage()
+
+
+def test_training_options_keys_of_the_rule_are_known():
+    # The object common.smk's train_options passes.
+    options = parse_options(TrainOptions, {"run": "r", "recipe": {"learning_rate": 1e-5}, "max_steps": 2, "limit": None})
+    assert options.recipe == {"learning_rate": 1e-5} and options.max_steps == 2
+
+
+@pytest.mark.parametrize("stage, stage_args", [("sft", ["--data", "d.jsonl", "--image-root", "."]),
+                                               ("rl", ["--train", "t.parquet"])])
+def test_training_command_fails_naming_the_unknown_key(tmp_path, caplog, stage, stage_args):
+    options = {"run": "r", "recipe": {}, "max_step": 3, "limit": None}  # max_steps misspelt
+    rc = egm_main([stage, "--model-dir", str(tmp_path), "--model-manifest", str(tmp_path / "m.json"),
+                   "--out-dir", str(tmp_path / "out"), "--manifest", str(tmp_path / "out.json"),
+                   "--work-dir", str(tmp_path / "work"), "--options", json.dumps(options), *stage_args])
+    assert rc == 1
+    assert "unknown key(s) 'max_step'" in caplog.records[-1].getMessage()
+    assert not (tmp_path / "work").exists()  # refused before the stage started

@@ -79,4 +79,4 @@ def _replicas(backend: str, model_dir: str, sampling: SamplingOptions, options: 
         raise ValueError(f"data_parallel_size {n} x tensor_parallel_size {tp} needs {n * tp} GPUs; visible: {gpus}")
     from egm.infer.replicas import ReplicatedEngine
 
-    return ReplicatedEngine(backend, model_dir, sampling, options, gpu_groups)
+    return ReplicatedEngine(load_engine, backend, model_dir, sampling, options, gpu_groups)

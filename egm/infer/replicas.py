@@ -16,18 +16,18 @@ import logging
 import multiprocessing as mp
 import os
 import traceback
+from collections.abc import Callable
 
-from egm.infer.base import Completion, EngineBase, Request, SamplingOptions
+from egm.infer.base import Completion, Engine, EngineBase, Request, SamplingOptions
 
 log = logging.getLogger(__name__)
 
 
-def _worker(conn, backend: str, model_dir: str, sampling: SamplingOptions, options: dict, gpus: list[str]) -> None:
+def _worker(conn, load: Callable[..., Engine], backend: str, model_dir: str, sampling: SamplingOptions, options: dict,
+            gpus: list[str]) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    from egm.infer.engine import load_engine
-
     try:
-        engine = load_engine(backend, model_dir, sampling, {**options, "data_parallel_size": 1})
+        engine = load(backend, model_dir, sampling, {**options, "data_parallel_size": 1})
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
@@ -63,7 +63,12 @@ def shard(items: list, n: int) -> list[list]:
 
 
 class ReplicatedEngine(EngineBase):
-    def __init__(self, backend: str, model_dir: str, sampling: SamplingOptions, options: dict, gpu_groups: list[list[str]]):
+    """`load` is the engine factory (egm.infer.engine.load_engine), handed in rather than imported:
+    the factory builds this class, so importing it here would close a cycle. A module-level
+    function, it reaches the spawned workers by name."""
+
+    def __init__(self, load: Callable[..., Engine], backend: str, model_dir: str, sampling: SamplingOptions,
+                 options: dict, gpu_groups: list[list[str]]):
         if not gpu_groups:
             raise ValueError("no GPU groups to put replicas on")
         self.name = backend
@@ -73,7 +78,8 @@ class ReplicatedEngine(EngineBase):
         self._conns, self._procs = [], []
         for gpus in gpu_groups:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, backend, str(model_dir), sampling, dict(options), list(gpus)),
+            proc = ctx.Process(target=_worker,
+                               args=(child, load, backend, str(model_dir), sampling, dict(options), list(gpus)),
                                daemon=True)
             proc.start()
             child.close()

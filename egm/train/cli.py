@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from egm.options import json_arg
+from egm.options import TrainOptions, json_arg, parse_options
 
 log = logging.getLogger("egm")
 
@@ -25,10 +25,12 @@ def _argv_after_command() -> list[str]:
 
 
 def _relaunched(args: argparse.Namespace, stage: str) -> bool:
-    """Check the job sees its GPUs; with several, re-run under torchrun and say so (this process is done)."""
+    """Check the options and that the job sees its GPUs; with several GPUs, re-run under torchrun
+    and say so (this process is done)."""
     from egm.runtime import require_gpus
     from egm.train.common import relaunch
 
+    parse_options(TrainOptions, args.options)
     require_gpus(args.gpus, what=f"{stage} {args.out_dir}")
     return relaunch(args.gpus, _argv_after_command())
 

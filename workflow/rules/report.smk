@@ -134,7 +134,6 @@ rule table_latency:
         " --out-prefix {params.prefix} > {log} 2>&1"
 
 
-
 if TRAINING_STAGES:
 
     rule figure_training:

@@ -37,8 +37,6 @@ use rule scaling as scaling_single_point with:
         model=_any_of(SINGLE_POINT),
 
 
-
-
 rule table_scaling:
     input:
         SCALING_METRICS,

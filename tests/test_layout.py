@@ -1,0 +1,109 @@
+"""The code's layout, as the README and docs promise it: `egm` imports run one way (no cycle, no
+module importing another's private name), rule files hold rules only and reach their shell
+commands through the rule's own fields, and the README's stage -> module table names files and
+functions that exist. Read as text and syntax trees: nothing is imported or run."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Where the helpers and shared globals of the rules live (README, STYLE of the workflow).
+RULE_HELPERS = ("common.smk", "containers.smk")
+
+
+def egm_modules() -> dict[str, Path]:
+    modules = {}
+    for path in sorted((REPO / "egm").rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imports(module: str, path: Path, modules: dict[str, Path]):
+    """(imported egm module, imported name or None, line) for every import, lazy ones included."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            targets = [(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base, a.name) for a in node.names]
+        else:
+            continue
+        for target, name in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != module:
+                yield target, name, node.lineno
+
+
+def test_egm_imports_have_no_cycle_and_no_private_name():
+    modules = egm_modules()
+    graph, private = {}, []
+    for module, path in modules.items():
+        for target, name, line in imports(module, path, modules):
+            graph.setdefault(module, set()).add(target)
+            if name and name.startswith("_") and not name.startswith("__"):
+                private.append(f"{path.relative_to(REPO)}:{line} imports {target}.{name}")
+    assert not private, "a private name wants a public home:\n" + "\n".join(private)
+
+    def cycle_from(start, node, seen):
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == start:
+                return [node, nxt]
+            if nxt not in seen:
+                seen.add(nxt)
+                rest = cycle_from(start, nxt, seen)
+                if rest:
+                    return [node, *rest]
+        return None
+
+    cycles = [c for m in sorted(graph) if (c := cycle_from(m, m, {m}))]
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def rule_files() -> list[Path]:
+    return [p for p in sorted((REPO / "workflow" / "rules").glob("*.smk")) if p.name not in RULE_HELPERS]
+
+
+@pytest.mark.parametrize("path", rule_files(), ids=lambda p: p.name)
+def test_rule_file_holds_rules_only(path):
+    text = path.read_text()
+    # Top-level Python (a function, a global, an import) belongs in common.smk or containers.smk.
+    python = [line for line in text.splitlines() if re.match(r"(def |class |import |from |[A-Za-z_]\w*\s*=)", line)]
+    assert not python, f"{path.name}: move to {' or '.join(RULE_HELPERS)}: {python}"
+    # A shell command sees only its rule's fields, never a workflow global.
+    for block in re.findall(r"shell:\n((?:[ \t]+(?:\"[^\n]*\"|'[^\n]*')\n?)+)", text):
+        names = set(re.findall(r"(?<!\{)\{([A-Za-z_]\w*)", block))
+        outside = names - {"input", "output", "params", "wildcards", "log", "threads", "resources"}
+        assert not outside, f"{path.name}: a shell command reads {sorted(outside)}: pass it through params:"
+
+
+def test_readme_stage_table_names_what_exists():
+    readme = (REPO / "README.md").read_text()
+    table = re.search(r"^\| stage \| rule file \| logic \|\n\|[-|]+\|\n((?:\|.*\|\n)+)", readme, re.M)
+    assert table, "README: the stage -> module table is gone"
+    checked = 0
+    for row in table.group(1).splitlines():
+        for cell in row.strip("|").split("|")[1:]:
+            folder, last_file = None, None
+            for token in re.findall(r"`([^`]+)`", cell):
+                if token.endswith("/"):
+                    folder = token
+                    assert (REPO / token).is_dir(), f"README stage table: {token} is not a folder"
+                    continue
+                if "." in token:  # a file: as written, or in the folder the cell named before it
+                    path = REPO / token if (REPO / token).exists() or not folder else REPO / folder / token
+                    assert path.is_file(), f"README stage table: {token} does not exist ({path.relative_to(REPO)})"
+                    last_file = path
+                else:  # a function or class of the file named before it
+                    assert last_file and re.search(rf"^(def|class) {token}\b", last_file.read_text(), re.M), \
+                        f"README stage table: {token} is not defined in {last_file}"
+                checked += 1
+    assert checked > 30  # the table is read, not skipped
