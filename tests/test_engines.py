@@ -13,7 +13,7 @@ import pytest
 
 from egm.grounding import PROMPTS
 from egm.infer import client as cl
-from egm.infer.base import BackendUnavailable, EngineBase, LazyEngine, Request, SamplingOptions
+from egm.infer.base import BackendUnavailable, Completion, EngineBase, LazyEngine, Request, SamplingOptions
 from egm.infer.engine import load_engine
 from egm.infer.gpus import groups, resolve_data_parallel, visible_gpus
 from egm.infer.ray_slurm import plan, plan_local
@@ -40,6 +40,15 @@ def test_vllm_sampling_and_engine_options():
                       "enable_prefix_caching": False}
     with pytest.raises(ValueError, match="tp_size"):
         vllm_engine_kwargs("/m", {"tp_size": 2})
+
+
+def test_vllm_gets_the_model_directory_as_an_absolute_path(tmp_path, monkeypatch):
+    """Ray starts vLLM's workers of a multi-node engine elsewhere than our working directory: on
+    two Ray nodes a relative model path was read as a hub repo id and the engine failed."""
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert vllm_engine_kwargs("models/tiny", {})["model"] == str((tmp_path / "models" / "tiny").resolve())
+    assert vllm_engine_kwargs("org/not-a-local-dir", {})["model"] == "org/not-a-local-dir"
 
 
 def test_offline_prompts_are_the_papers_request(tiny_dir):
@@ -282,6 +291,40 @@ def test_replicas_answer_as_one_engine_does(tiny_dir, tmp_path):
         replicated.close()
     assert [a.text for a in answers] == [a.text for a in alone]
     assert [a.completion_tokens for a in answers] == [a.completion_tokens for a in alone]
+
+
+class EngineWithItsOwnProcess(EngineBase):
+    """Stands in for vLLM's LLM, which starts an engine process of its own when built."""
+
+    name = "own-process"
+
+    def __init__(self):
+        import multiprocessing as mp
+
+        child = mp.get_context("spawn").Process(target=os.getpid)
+        child.start()
+        child.join()
+        self.child_exitcode = child.exitcode
+
+    def generate(self, requests):
+        return [Completion(f"{r.id}:{self.child_exitcode}", 1, 0.0) for r in requests]
+
+
+def load_engine_with_its_own_process(backend, model_dir, sampling, options):
+    return EngineWithItsOwnProcess()
+
+
+def test_a_replica_may_start_processes_of_its_own():
+    """On two H200s, vLLM replicas failed: a daemonic worker may not have children."""
+    from egm.infer.replicas import ReplicatedEngine
+
+    engine = ReplicatedEngine(load_engine_with_its_own_process, "own-process", "m", SamplingOptions(),
+                              {"batch_size": 1}, [["0"], ["1"]])
+    try:
+        answers = engine.generate([Request(str(i), "x.png", "p") for i in range(4)])
+    finally:
+        engine.close()
+    assert [a.text for a in answers] == ["0:0", "1:0", "2:0", "3:0"]
 
 
 def test_local_ray_run_starts_every_node_runs_the_command_and_stops_them(tmp_path, monkeypatch):

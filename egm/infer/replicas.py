@@ -78,9 +78,11 @@ class ReplicatedEngine(EngineBase):
         self._conns, self._procs = [], []
         for gpus in gpu_groups:
             parent, child = ctx.Pipe()
+            # Not daemonic: vLLM starts its own engine process, which a daemonic process may not.
+            # A worker still ends with its parent: its pipe closes and recv() raises.
             proc = ctx.Process(target=_worker,
                                args=(child, load, backend, str(model_dir), sampling, dict(options), list(gpus)),
-                               daemon=True)
+                               daemon=False)
             proc.start()
             child.close()
             self._conns.append(parent)

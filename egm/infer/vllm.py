@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, SamplingOptions, require_module
 
@@ -59,7 +60,10 @@ def vllm_engine_kwargs(model_dir: str, options: dict) -> dict:
     unknown = sorted(set(options) - set(ENGINE_KEYS) - {"batch_size", "data_parallel_size"})
     if unknown:
         raise ValueError(f"unknown vllm engine option(s) {unknown}; put engine-specific ones under engine_args")
-    kwargs = {"model": str(model_dir), "limit_mm_per_prompt": {"image": 1}, "trust_remote_code": False}
+    # An absolute path: Ray's workers (a multi-node engine) do not start in our working directory,
+    # and vLLM reads a relative path that is not there as a hub repo id.
+    model = Path(model_dir).resolve() if Path(model_dir).exists() else model_dir
+    kwargs = {"model": str(model), "limit_mm_per_prompt": {"image": 1}, "trust_remote_code": False}
     for key in ENGINE_KEYS:
         if options.get(key) is not None:
             kwargs[key] = options[key]
