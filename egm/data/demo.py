@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from egm.data.splits import EVAL_SPLITS
 from egm.grounding import PROMPTS, SFT_PROMPT, format_sft_target, to_grid
 from egm.io import atomic_dir
+from egm.train.data import SFT_DATA
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -433,9 +434,8 @@ def _build(work: Path, seed: int, n_train_images: int, n_eval_per_split: int,
 
     _write_parquet(work / "processed_rl_data" / "train_grounding.parquet", rl_train)
     _write_parquet(work / "processed_rl_data" / "val_grounding.parquet", val_rows)
-    _write(work / "vanilla_grounding_reasoning_training_dataset_raw.jsonl", _jsonl(sft))
-    _write(work / "vanilla_grounding_reasoning_training_dataset_cot_subset.jsonl",
-           _jsonl(sft[:COT_SUBSET_ROWS]))
+    _write(work / SFT_DATA.format(data="raw"), _jsonl(sft))
+    _write(work / SFT_DATA.format(data="cot_subset"), _jsonl(sft[:COT_SUBSET_ROWS]))
 
     archive = _tar("coco", coco)
     chunks = [archive[i: i + part_bytes] for i in range(0, len(archive), part_bytes)]
