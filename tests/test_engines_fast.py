@@ -64,6 +64,18 @@ def test_graph_decode_matches_generate(tiny_dir, mixed_requests, reference):
     assert check["rel_error"] < 1e-5 and check["argmax_agreement"] == 1.0
 
 
+def test_decode_step_warmed_up_for_the_batch_size_while_loading(tiny_dir, mixed_requests, reference):
+    """Compilation and graph capture belong to loading (as in vLLM), not to the first answer: on
+    two H200s the first batch's warm-up made one replica per GPU no faster than one GPU."""
+    engine = FastHFEngine(str(tiny_dir), SamplingOptions(max_tokens=MAX_TOKENS), batch_size=3, length_bucket=16)
+    try:
+        assert (3, engine.decoder.ALIGN) in engine.decoder._states
+        out = engine.generate(mixed_requests)
+    finally:
+        engine.close()
+    assert [c.text for c in out] == [c.text for c in reference]
+
+
 def test_graph_decode_is_greedy_only(tiny_dir):
     with pytest.raises(ValueError, match="greedy"):
         FastHFEngine(str(tiny_dir), SamplingOptions(temperature=0.7))

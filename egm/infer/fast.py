@@ -182,6 +182,7 @@ class GraphDecoder:
                 )
             )
         self._states: dict[tuple[int, int], _State] = {}
+        self._eos = None  # generate_ids sets the stop ids; a warm-up step stops on none
         self.keep_logits = False  # checks: keep the logits of the last decode step
         self.set_compile(compile_layers)
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
@@ -190,7 +191,7 @@ class GraphDecoder:
         """Compile (or not) the per-layer blocks; captured graphs are dropped and made anew."""
         self._attn_in, self._mlp_out = attn_in, mlp_out
         if compile_layers:
-            # Each (batch, cache length) shape compiles once; a run walks through a few of them.
+            # Each batch size compiles once (the blocks' inputs do not depend on the cache length).
             dynamo = self.torch._dynamo.config
             for knob in ("recompile_limit", "cache_size_limit"):
                 if hasattr(dynamo, knob):
@@ -200,6 +201,15 @@ class GraphDecoder:
             self._mlp_out = self.torch.compile(mlp_out, dynamic=False, fullgraph=True)
         self.compile_layers = bool(compile_layers)
         self._states.clear()
+
+    def warm_up(self, batch: int) -> None:
+        """Compile and capture the decode step for `batch` rows now (the compiled blocks depend on
+        the batch alone), so that cost lands in loading, as vLLM's compilation and capture do,
+        not in the first request's answer."""
+        s = self._state(int(batch), self.ALIGN)  # on CUDA: steps run and a graph captured
+        if s.graph is None:
+            with self.torch.inference_mode():
+                self._step(s)
 
     # ---- one decode step (captured as a graph on CUDA) ----
 
@@ -469,6 +479,7 @@ class FastHFEngine(HFEngine):
             sync_every=sync_every,
         )
         self.length_bucket = max(1, int(length_bucket))
+        self.decoder.warm_up(self.batch_size)
         # predict hands this engine bigger chunks than a batch, so sorting by size has room to work.
         self.chunk_size = self.batch_size * 8
 
