@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's runs on a machine with two GPUs that has torch and transformers but none of the
-# pipeline's other packages and no network (docs/training.md, "Two GPUs: how to run issue 17's
-# runs", lists the device calls). Every run is the pipeline's own command with the arguments its
+# pipeline's other packages and no network (docs/training.md, "Two GPUs (issue 17)", lists the
+# device calls). Every run is the pipeline's own command with the arguments its
 # rule passes (options from benchmarks/multigpu.py and config/benchmarks/multigpu.yaml), once on
 # one GPU and once on two:
 #
@@ -14,6 +14,8 @@
 #   benchmarks/multigpu.sh predict ENGINE [MODEL...]   # hf or vllm; one replica per GPU on two
 #   benchmarks/multigpu.sh ray [pp|tp]        # two Ray nodes on this host, one vLLM engine across them
 #   benchmarks/multigpu.sh record             # the record so far (every run subcommand ends with it)
+#   benchmarks/multigpu.sh restore ARCHIVE    # an earlier call's multigpu-logs.tar.gz: its finished runs count
+#   benchmarks/multigpu.sh redo STEP...       # run these predict/ray steps again (their outputs go)
 #
 # The record goes to $OUT/multigpu-h200x2.json where OUT is set (else results/multigpu/), with the
 # logs packed beside it. A step that finished (status/<step>.json, exit 0) is not run again, so a
@@ -84,6 +86,31 @@ if [ "$cmd" = park ]; then
     mkdir -p "$parts/$(dirname "$p")" && cp "$repo/$p" "$parts/$p" && echo "parked $p"
   done
   ls -l "$parts"/.vllm "$parts"/.mgpu 2>/dev/null
+  exit 0
+fi
+
+if [ "$cmd" = restore ]; then
+  # The runs an earlier machine finished, from the archive `record` wrote there: their statuses,
+  # manifests, logs and predictions, so the record holds them and they are not run again. Not its
+  # environment (this machine writes its own; each run names its code) and not the prepared data
+  # and models, which the archive does not hold: those steps run again here.
+  archive=${1:?restore ARCHIVE}
+  mkdir -p "$work" && tar -xzf "$archive" -C "$work" --exclude=environment.json --exclude='status/prep-*' || exit 1
+  ls "$work/status"
+  exit 0
+fi
+
+if [ "$cmd" = redo ]; then
+  # Predictions resume from their work cache, so a step run again must lose its outputs too.
+  for step in "$@"; do
+    case "$step" in
+      predict-*) key=${step#predict-} ;;
+      ray-*) key=$(python3 "$repo/benchmarks/multigpu.py" --config "$config" get ray.model)-vllm-$step ;;
+      *) echo "redo: only predict-* and ray-* steps, not $step" >&2; exit 2 ;;
+    esac
+    rm -rf "$work/predict/results/predictions/$key" "$work/predict/logs/predict/$key.log" "$work/status/$step.json"
+    echo "redo $step: status and results/predictions/$key removed"
+  done
   exit 0
 fi
 
@@ -234,7 +261,8 @@ case "$cmd" in
   grpo)
     rollout=${1:-hf}
     prepare_train || status=$?
-    # GRPO starts from the one-GPU SFT result.
+    # GRPO starts from the one-GPU SFT result; a restored run has its record but not its weights.
+    [ -n "$dry" ] || [ -f "$train/results/checkpoints/gpus1/sft/config.json" ] || rm -f "$work/status/sft-gpus1.json"
     sft_step 1 || status=$?
     for g in 1 2; do rl_step "$g" "$rollout" || status=$?; done
     ;;

@@ -122,6 +122,49 @@ def test_speedup_below_target_and_first_loss_outside_tolerance_are_flagged(work)
     assert record["sft"]["first_step_loss"]["within_tolerance"] is False
 
 
+def test_steady_rate_leaves_the_first_chunk_out_and_each_run_names_its_code(work):
+    key = "tiny-sft-vllm-1gpu"
+    log = work / "predict" / "logs" / "predict" / f"{key}.log"
+    # The first chunk (4 records) took 10 s with kernel compilation; the next two 2 s each.
+    log.write_text(f"2026-01-01 00:00:10,500 INFO egm.infer.predict: {SPLIT}: 4/12 answered\n"
+                   f"2026-01-01 00:00:12,500 INFO egm.infer.predict: {SPLIT}: 8/12 answered\n"
+                   f"2026-01-01 00:00:14,500 INFO egm.infer.predict: {SPLIT}: 12/12 answered\n"
+                   + log.read_text().splitlines(keepends=True)[-1])  # the job's `done:` line
+    write_json(work / "predict" / "results" / "predictions" / key / "run.json",
+               {"job": {"egm": {"commit": "abc", "dirty": True}, "engine": {"backend": "vllm"}}})
+    record = multigpu.record(CONFIG, work)
+    run = record["predict"]["vllm"]["tiny-sft"]["runs"]["gpus1"]
+    assert run["steady_samples_per_s"] == 2.0 and run["egm"] == {"commit": "abc", "dirty": True}
+    # One chunk: no steady rate to give.
+    assert record["predict"]["hf"]["tiny-sft"]["runs"]["gpus1"]["steady_samples_per_s"] is None
+    assert record["predict"]["vllm"]["tiny-sft"]["speedup_steady_samples_per_s"] is None
+
+
+def test_restore_keeps_finished_runs_and_redo_forgets_one(work, tmp_path):
+    """The next machine takes an earlier call's archive: its runs count and are skipped, its
+    environment and prepared-data steps do not (that machine's data is not in the archive)."""
+    write_json(work / "status" / "prep-predict.json", {"rc": 0, "wall_s": 1.0, "limit_s": 300})
+    archive = tmp_path / "multigpu-logs.tar.gz"
+    subprocess.run(["tar", "-czf", str(archive), "status", "environment.json", "predict", "train"], cwd=work, check=True)
+    again = tmp_path / "again"
+    env = {**os.environ, "EGM_MGPU_WORK": str(again)}
+    script = str(REPO / "benchmarks" / "multigpu.sh")
+    subprocess.run(["bash", script, "restore", str(archive)], env=env, check=True, capture_output=True)
+    assert (again / "status" / "predict-tiny-sft-hf-1gpu.json").exists()
+    assert not (again / "environment.json").exists() and not (again / "status" / "prep-predict.json").exists()
+    assert multigpu.record(CONFIG, again)["predict"]["hf"]["tiny-sft"]["speedup_samples_per_s"] == 1.905
+
+    subprocess.run(["bash", script, "redo", "predict-tiny-sft-hf-2gpu", "ray-pp"], env=env, check=True,
+                   capture_output=True)
+    predictions = again / "predict" / "results" / "predictions"
+    assert not (predictions / "tiny-sft-hf-2gpu").exists() and not (predictions / "tiny-sft-vllm-ray-pp").exists()
+    assert not (again / "status" / "predict-tiny-sft-hf-2gpu.json").exists()
+    assert not (again / "status" / "ray-pp.json").exists()
+    assert (predictions / "tiny-sft-hf-1gpu").exists()
+    refused = subprocess.run(["bash", script, "redo", "sft-gpus1"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "sft-gpus1" in refused.stderr
+
+
 def test_record_command_writes_the_file(work, tmp_path):
     out = tmp_path / "out" / "multigpu-h200x2.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multigpu.py"), "record", "--work", str(work),
