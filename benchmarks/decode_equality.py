@@ -22,7 +22,6 @@ and how often the fast decode in that dtype does. A fast path no further from fl
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -73,11 +72,10 @@ def compare(labelled: list[tuple[str, Request]], reference, fast) -> dict:
 
 
 def device_name(device: str) -> str:
-    import torch
+    from latency import device_name as name_of  # benchmarks/ is this script's folder
 
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.processor() or platform.machine()})"
+    name = name_of(device)
+    return name if device == "cuda" else f"CPU ({name})"
 
 
 def main(argv=None) -> int:

@@ -66,11 +66,10 @@ def ray_key(model: str, variant: str) -> str:
 
 
 def recipe(spec: dict, extra: dict | None = None) -> dict:
-    """The recipe's content with the overrides, as the rules resolve it (common.smk `_recipe`)."""
-    from egm.train.recipes import load_recipe
+    """The recipe with the overrides, resolved as the rules resolve it, and a run's own on top."""
+    from egm.train.recipes import resolve_recipe
 
-    path = Path(spec["recipe"])
-    return {**load_recipe(path if path.is_absolute() else REPO / path), **spec["overrides"], **(extra or {})}
+    return resolve_recipe(spec["recipe"], {**spec["overrides"], **(extra or {})}, REPO)
 
 
 def train_options(config: dict, stage: str, run: str, rollout: str | None = None) -> dict:

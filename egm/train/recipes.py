@@ -96,6 +96,13 @@ def load_recipe(path: str | Path) -> dict:
     return recipe
 
 
+def resolve_recipe(path: str | Path, overrides: dict, base: str | Path) -> dict:
+    """A recipe as a training job receives it: the file's content (a relative path read from
+    `base`, the workflow's folder) with the config's overrides on top."""
+    path = Path(path)
+    return {**load_recipe(path if path.is_absolute() else Path(base) / path), **overrides}
+
+
 def check_keys(recipe: dict, stage: str) -> None:
     known = known_keys(stage)
     unknown = sorted(set(recipe) - known)

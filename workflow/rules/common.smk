@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 
 from egm.report.tables import check_expected
 from egm.train.data import SFT_DATA
-from egm.train.recipes import load_recipe
+from egm.train.recipes import resolve_recipe
 
 SPLITS = config["splits"]
 RUNS = config["train"]["runs"]
@@ -183,11 +183,6 @@ wildcard_constraints:
     run="|".join(map(re.escape, RUNS)) if RUNS else "a^",
 
 
-def _recipe(path, overrides):
-    full = path if os.path.isabs(path) else os.path.join(workflow.basedir, path)
-    return {**load_recipe(full), **overrides}
-
-
 def train_options(run, stage):
     """Everything a training stage uses, resolved: the recipe's content (not its path, so a changed
     value reruns the stage and an edited comment does not), step and row limits, the run name."""
@@ -195,7 +190,7 @@ def train_options(run, stage):
     return json_arg(
         {
             "run": run,
-            "recipe": _recipe(spec["recipe"], spec["overrides"]),
+            "recipe": resolve_recipe(spec["recipe"], spec["overrides"], workflow.basedir),
             "max_steps": spec["max_steps"],
             "limit": spec["limit"],
         }
