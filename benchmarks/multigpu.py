@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             options = predict_options(config, args.names[0], args.names[1], args.gpus)
         else:
             options = ray_options(config, args.names[0])
-        # As the rules pass it (common.smk's json_arg): compact, keys sorted.
+        # Keys sorted, as the rules' json_arg writes them (same value; without its spaces).
         print(json.dumps(options, sort_keys=True, separators=(",", ":")))
     elif args.command == "get":
         value = config
