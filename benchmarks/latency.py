@@ -34,7 +34,9 @@ device-to-device copy, measured several times in this run, best taken. Two floor
   once per new token, no KV cache.
 
 Every cell is timed `--reps` times (5 by default): `ms_per_request` is the median, `min_ms`
-and `max_ms` the spread, `all_ms` every repetition.
+and `max_ms` the spread, `all_ms` every repetition. Per model, `split` divides each method's
+medians at the two token counts into ms per new token and ms before the first decode step, and
+`phases_ms` times the parts of that fixed cost for egm's compiled method (`phases`).
 
     python benchmarks/latency.py --out benchmarks/results/latency-h100.json     # on a GPU
     python benchmarks/latency.py --tiny --out /tmp/latency-tiny.json            # CPU smoke run
@@ -352,6 +354,69 @@ def diagnose(model, decoder, make, batch: int, pad_to: int, device: str, path: P
     return out
 
 
+def phases(model, decoder, make, batch: int, pad_to: int, cache_length: int, cpu_make, device: str, reps: int) -> dict:
+    """Milliseconds of each part of a request before its first decode step (median of `reps`).
+
+    `prefill` is the prompt pass as a request runs it (a captured graph where the shape was
+    captured); `prefill_eager` the same work launched op by op, `vision_eager` its vision part,
+    `plan` its host part, `model_forward` the model's own forward (what the prompt pass was).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    inputs = make(batch, pad_to=pad_to)
+    state = decoder.cache_state(batch, cache_length)
+    plan = decoder.prefiller.plan(inputs)
+    names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+    def model_forward():
+        with torch.inference_mode():
+            model.model(**{k: inputs[k] for k in names}, use_cache=True, **{decoder_cache_kwarg(model): DynamicCache(config=model.config)})
+
+    def vision():
+        with torch.inference_mode():
+            decoder.prefiller.vision(plan, inputs["pixel_values"])
+
+    parts = {
+        "preprocess": lambda: make(batch, pad_to=pad_to),
+        "preprocess_on_cpu": lambda: cpu_make(batch, pad_to=pad_to),
+        "plan": lambda: decoder.prefiller.plan(inputs),
+        "vision_eager": vision,
+        "prefill_eager": lambda: decoder.prefill(inputs),
+        "prefill": lambda: decoder.prefill(inputs, state),
+        "model_forward": model_forward,
+    }
+    out = {name: round(1000 * timed(fn, device, reps), 2) for name, fn in parts.items()}
+    out["prefill_captured"] = bool(state.prefills)
+    gc.collect()  # the model's own forward leaves its cache in reference cycles
+    return out
+
+
+def decoder_cache_kwarg(model) -> str:
+    """The name of the cache argument of the model's forward (it was renamed in transformers 5)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+
+
+def before_and_per_token(entry: dict) -> dict:
+    """Per method and batch, from the medians at two token counts: ms per new token, and ms before
+    the first decode step (the request's fixed cost: the prompt pass gives the first token, so
+    n tokens take n - 1 decode steps) = median(n1) - (n1 - 1) x per token."""
+    cells = {}
+    for run in entry["runs"]:
+        cells.setdefault((run["method"], run["batch"]), {})[run["new_tokens"]] = run["ms_per_request"]
+    out = {}
+    for (method, batch), by_n in cells.items():
+        if len(by_n) < 2:
+            continue
+        (n1, t1), (n2, t2) = sorted(by_n.items())[0], sorted(by_n.items())[-1]
+        per_token = (t2 - t1) / (n2 - n1)
+        out.setdefault(method, {})[f"batch {batch}"] = {"ms_per_token": round(per_token, 3),
+                                                        "ms_before_first_step": round(t1 - (n1 - 1) * per_token, 2)}
+    return out
+
+
 def profile_step(decoder, device: str, path: Path) -> dict:
     """Kernels of one decode step (run eagerly, outside the graph): what a replay executes."""
     import torch
@@ -435,6 +500,7 @@ def main(argv=None) -> int:
         bw = [b for b in result["bandwidth_Bps"] if not math.isnan(b)]
         result["bandwidth_best_Bps"] = max(bw) if bw else None
         for entry in result["models"].values():
+            entry["split"] = before_and_per_token(entry)
             for run in entry["runs"]:
                 if bw:
                     floor = entry["llm_weight_bytes"] * run["new_tokens"] / max(bw)
@@ -545,7 +611,10 @@ def main(argv=None) -> int:
                         decoder = GraphDecoder(model, compile_layers=False)
                     decoder.set_compile(method == "graph_compiled")
                     t0 = time.perf_counter()
-                    run_graph(decoder, make, batch, max_new, cache_length, pad_to, device)  # capture (and compile)
+                    # Two warm-ups: the first compiles and captures the decode step, the second
+                    # captures the prompt pass (a shape is captured when it recurs).
+                    for _ in range(2):
+                        run_graph(decoder, make, batch, max_new, cache_length, pad_to, device)
                     warm_s = time.perf_counter() - t0
                     for n in tokens:
                         times = []
@@ -563,15 +632,11 @@ def main(argv=None) -> int:
                         gc.collect()  # the check's generate() leaves its cache in reference cycles
                         if device == "cuda":
                             torch.cuda.empty_cache()
-                        inputs = make(batch, pad_to=pad_to)
-                        cpu_make = Requests(processor, image, ids, vocab_text, device, dtype)
-                        entry.setdefault("phases_ms", {})[key] = {
-                            "preprocess": round(1000 * timed(lambda: make(batch, pad_to=pad_to), device), 2),
-                            "preprocess_on_cpu": round(1000 * timed(lambda: cpu_make(batch, pad_to=pad_to), device), 2),
-                            "prefill": round(1000 * timed(lambda: decoder.prefill(inputs), device), 2),
-                        }
-                        del inputs
-                        run_graph(decoder, make, batch, max_new, cache_length, pad_to, device)  # state for profiling
+                        for _ in range(2):  # the check dropped the captures: capture again
+                            run_graph(decoder, make, batch, max_new, cache_length, pad_to, device)
+                        entry.setdefault("phases_ms", {})[key] = phases(model, decoder, make, batch, pad_to, cache_length,
+                                                                        Requests(processor, image, ids, vocab_text, device,
+                                                                                 dtype), device, args.reps)
                         if args.profile_dir and batch == 1:
                             entry["profile"] = profile_step(decoder, device, Path(args.profile_dir) / f"profile-{name}.txt")
                         print(f"  {key}: checks {entry['checks'][key]} phases {entry['phases_ms'][key]} "

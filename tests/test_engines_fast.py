@@ -93,3 +93,49 @@ def test_replicas_split_and_reassemble(tiny_dir, mixed_requests, reference):
         engine.close()
     assert [c.text for c in out] == [c.text for c in reference]
     assert one[0].text == reference[0].text
+
+
+@pytest.mark.parametrize("sizes", [[(96, 96)], [(96, 96), (96, 96)], [(96, 96), (160, 96)]],
+                         ids=["one image", "images of one size", "images of two sizes"])
+def test_prefill_matches_the_models_forward(tiny_dir, sizes):
+    """The graph-ready prompt pass (host plan, then fixed-shape device work) against the model's own
+    forward: first token, rope deltas and every layer's keys and values at the real positions."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    from egm.infer.fast import pad_left
+    from egm.models.inputs import build_inputs
+
+    engine = FastHFEngine(str(tiny_dir), SamplingOptions(max_tokens=4), batch_size=len(sizes), length_bucket=16)
+    try:
+        images = []
+        for i, size in enumerate(sizes):
+            img = Image.new("RGB", size, "white")
+            ImageDraw.Draw(img).ellipse((10 + 9 * i, 20, 60, 70), fill="red")
+            images.append(img)
+        prompts = [PROMPTS["qwen3"].format(sent="the red circle" + " on the left" * i) for i in range(len(sizes))]
+        inputs = build_inputs(images, prompts, engine.tokenizer, engine.image_processor)
+        inputs = pad_left(inputs, inputs["input_ids"].shape[1] + 3, engine._pad_id)  # padding in every row
+        decoder = engine.decoder
+        length = inputs["input_ids"].shape[1]
+        state = decoder.cache_state(len(sizes), length + 4)
+        first, deltas = decoder.prefill(inputs, state)
+        cache = DynamicCache(config=decoder.model.config)
+        names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+        with torch.inference_mode():
+            cache_name = "cache" if "cache" in inspect.signature(decoder.model.model.forward).parameters else "past_key_values"
+            out = decoder.model.model(**{k: inputs[k] for k in names}, use_cache=True, **{cache_name: cache})
+            reference = torch.nn.functional.linear(out.last_hidden_state[:, -1], decoder.lm_head_w).argmax(-1)
+        real = inputs["attention_mask"].bool()
+        worst = 0.0
+        for i, layer in enumerate(cache.layers):
+            for ours, theirs in ((state.kv[i][0, :, :, :length], layer.keys), (state.kv[i][1, :, :, :length], layer.values)):
+                diff = (ours - theirs).abs().amax(dim=(1, 3))[real].max() / theirs.abs().max()
+                worst = max(worst, float(diff))
+    finally:
+        engine.close()
+    assert first.tolist() == reference.tolist()
+    assert deltas.tolist() == decoder.model.model.rope_deltas.view(-1).tolist()
+    assert worst < 1e-5

@@ -147,15 +147,17 @@ def test_paper_config_measures_every_model_and_the_figure_uses_it(tmp_path):
 def test_benchmark_script_smoke(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "latency.py"), "--tiny", "--out", str(out), "--tokens", "3",
+        [sys.executable, str(REPO / "benchmarks" / "latency.py"), "--tiny", "--out", str(out), "--tokens", "2,3",
          "--batches", "1", "--methods", "generate,graph,vllm", "--reps", "1", "--generate-reps", "1"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     runs = data["models"]["tiny"]["runs"]
-    assert [(r["method"], r["batch"], r["new_tokens"]) for r in runs] == [("generate", 1, 3), ("graph", 1, 3)]
-    assert runs[1]["agreement_with_generate"] == 1.0
+    assert [(r["method"], r["batch"], r["new_tokens"]) for r in runs] == [
+        ("generate", 1, 2), ("generate", 1, 3), ("graph", 1, 2), ("graph", 1, 3)]
+    assert runs[3]["agreement_with_generate"] == 1.0
+    assert set(data["models"]["tiny"]["split"]) == {"generate", "graph"}
     # vLLM, the peer, runs on a GPU only; the record says it was left out instead of omitting it.
     assert data["skipped"] == ["vllm: needs a GPU"]
     check_latency_record(data, methods=("generate", "graph"))
@@ -207,6 +209,14 @@ def check_latency_record(data, methods):
         missing = grid - set(got)
         assert all(any(name in s and m in s for s in data["skipped"]) for m, _, _ in missing), (name, missing)
         assert set(got) <= grid, (name, set(got) - grid)
+        for method, cells in entry.get("split", {}).items():  # records before the split have none
+            for label, cell in cells.items():
+                by_n = {r["new_tokens"]: r["ms_per_request"] for r in entry["runs"]
+                        if r["method"] == method and f"batch {r['batch']}" == label}
+                (n1, t1), (n2, t2) = min(by_n.items()), max(by_n.items())
+                per_token = (t2 - t1) / (n2 - n1)
+                assert cell["ms_per_token"] == pytest.approx(per_token, abs=6e-4), (name, method, label)
+                assert cell["ms_before_first_step"] == pytest.approx(t1 - (n1 - 1) * per_token, abs=0.006), (name, method, label)
         for run in entry["runs"]:
             what = (name, run["method"], run["batch"], run["new_tokens"])
             batch, ms = run["batch"], run["ms_per_request"]

@@ -4,9 +4,10 @@ Plain `generate` spends most of its time launching kernels and waiting on the ho
 the weight-streaming floor for the 8B at batch 1); `cache_implementation="static"` gets to about
 1.8x. The decoder here gets closer by removing everything between the GPU and the next token:
 
-- prefill (vision tower + prompt) runs through the model's own forward, once per batch;
-- the prompt's keys/values are copied into a preallocated static cache of `prompt + max_new`
-  positions, so every decode step has the same shapes and addresses;
+- prefill (vision tower + prompt, `egm.infer.prefill`) does its host work first (positions,
+  vision tables) and then only device work of fixed shapes, written straight into a
+  preallocated static cache of `prompt + max_new` positions, so every decode step has the same
+  shapes and addresses; on CUDA a prefill shape seen a second time is captured as a graph too;
 - one decode step (embedding, 3D-rope positions, every layer with fused QKV and gate/up
   weights, attention over the static cache, lm_head, greedy argmax, the bookkeeping of
   positions and finished rows) is captured once as a CUDA graph and replayed per token;
@@ -21,7 +22,6 @@ Greedy decoding only: it is the paper's evaluation setting; anything else is ref
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 import math
 import time
@@ -29,15 +29,9 @@ from dataclasses import dataclass
 
 from egm.infer.base import Completion, Request, SamplingOptions, batches_by_settings, request_max_tokens
 from egm.infer.hf import HFEngine
+from egm.infer.prefill import PrefillPlan, Prefiller, causal_padding_bias, rotate_half
 
 log = logging.getLogger(__name__)
-
-
-def _rotate_half(x):
-    import torch
-
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def attn_in(x, norm_w, qkv_w, q_norm_w, k_norm_w, cos, sin, eps: float, nh: int, kvh: int, hd: int):
@@ -55,8 +49,8 @@ def attn_in(x, norm_w, qkv_w, q_norm_w, k_norm_w, cos, sin, eps: float, nh: int,
     q, k, v = F.linear(h, qkv_w).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
     q = F.rms_norm(q.view(b, nh, hd), (hd,), q_norm_w, eps)
     k = F.rms_norm(k.view(b, kvh, hd), (hd,), k_norm_w, eps)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
     kv = torch.stack((k.view(b, kvh, 1, hd), v.view(b, kvh, 1, hd)))
     return q.view(b, kvh, nh // kvh, hd), kv
 
@@ -124,6 +118,18 @@ class _State:
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.logits = None  # kept only when the decoder is asked to (checks)
         self.graph = None
+        self.prefills: dict[tuple, _PrefillGraph] = {}  # captured prompt passes, by plan key
+        self.seen: dict[tuple, int] = {}  # prompt-pass shapes run eagerly so far
+
+
+@dataclass
+class _PrefillGraph:
+    """A captured prompt pass: its input buffers, its output and the plan whose tables it reads."""
+
+    graph: object
+    buffers: dict
+    first: object
+    plan: PrefillPlan  # keeps the vision tables the graph reads alive
 
 
 class GraphDecoder:
@@ -165,6 +171,7 @@ class GraphDecoder:
         # Text tokens have equal T/H/W positions, so Qwen3-VL's interleaved 3D rope reduces to plain
         # rope on the text position: no mrope recomposition needed in decode.
         self.inv_freq = rotary.inv_freq.detach().to(self.device, torch.float32)
+        self.rotary = rotary  # the prompt's 3D (interleaved) rope tables come from the model's own module
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
         self.layers: list[_Layer] = []
         for layer in text.layers:
@@ -181,11 +188,11 @@ class GraphDecoder:
                     down_w=mlp.down_proj.weight,
                 )
             )
+        self.prefiller = Prefiller(model, self.device, self.dtype)
         self._states: dict[tuple[int, int], _State] = {}
         self._eos = None  # generate_ids sets the stop ids; a warm-up step stops on none
         self.keep_logits = False  # checks: keep the logits of the last decode step
         self.set_compile(compile_layers)
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
 
     def set_compile(self, compile_layers: bool) -> None:
         """Compile (or not) the per-layer blocks; captured graphs are dropped and made anew."""
@@ -279,41 +286,110 @@ class GraphDecoder:
 
     # ---- generation ----
 
+    # Prompt passes with more tokens than this are not captured: the GPU is then busy enough
+    # that launches hide behind kernels, and a captured pass keeps its activations' memory.
+    PREFILL_GRAPH_TOKENS = 8192
+    PREFILL_GRAPHS_KEPT = 8
+
+    def cache_state(self, batch: int, cache_length: int) -> _State:
+        """The static cache (and captured decode step) for `batch` rows of `cache_length` positions."""
+        return self._state(int(batch), math.ceil(int(cache_length) / self.ALIGN) * self.ALIGN)
+
     def prefill(self, inputs: dict, state: _State | None = None):
         """Run the prompt through the model; returns (first new token [B], rope deltas [B]).
 
-        The prompt's keys/values go into `state`'s static cache (when given); the model's own
-        cache is emptied here and now: cache objects can sit in reference cycles, and at batch 64
-        each holds gigabytes that would otherwise wait for the garbage collector.
+        The prompt's keys/values go into `state`'s static cache (when given). With a state on
+        CUDA, a prompt-pass shape seen once before is captured as a graph and replayed.
         """
-        from transformers import DynamicCache
-
         torch = self.torch
-        cache = DynamicCache(config=self.model.config)
+        plan = self.prefiller.plan(inputs)
+        device_inputs = {
+            "input_ids": inputs["input_ids"],
+            "attention_mask": inputs["attention_mask"],
+            "pixel_values": inputs["pixel_values"].to(self.dtype),
+        }
         # Inference mode here too, not only in generate_ids: called on its own (the latency
         # benchmark times it), an autograd-recording prompt pass at batch 64 filled the H200.
         with torch.inference_mode():
-            out = self.model.model(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                pixel_values=inputs["pixel_values"],
-                image_grid_thw=inputs["image_grid_thw"],
-                mm_token_type_ids=inputs["mm_token_type_ids"],
-                use_cache=True,
-                **{self._cache_kwarg: cache},
-            )
-            first = torch.nn.functional.linear(out.last_hidden_state[:, -1], self.lm_head_w).argmax(dim=-1)
-            del out
-            deltas = self.model.model.rope_deltas
-            if deltas is None:
-                raise RuntimeError("the model did not record its rope deltas during prefill")
-            prompt = inputs["input_ids"].shape[1]
-            for i, layer in enumerate(cache.layers):
-                if state is not None:
-                    state.kv[i][0, :, :, :prompt].copy_(layer.keys)
-                    state.kv[i][1, :, :, :prompt].copy_(layer.values)
-                layer.keys = layer.values = None
-            return first, deltas.view(-1)
+            deltas = plan.deltas.to(self.device)
+            captured = self._prefill_graph(state, plan, device_inputs) if state is not None else None
+            if captured is None:
+                first = self.run_prefill(plan, **device_inputs, position_ids=plan.position_ids.to(self.device),
+                                         image_index=plan.image_index.to(self.device),
+                                         kv=state.kv if state is not None else None)
+                return first, deltas
+            buffers = captured.buffers
+            for name, value in device_inputs.items():
+                buffers[name].copy_(value)
+            buffers["position_ids"].copy_(plan.position_ids)
+            buffers["image_index"].copy_(plan.image_index)
+            captured.graph.replay()
+            return captured.first.clone(), deltas
+
+    def _prefill_graph(self, s: _State, plan: PrefillPlan, device_inputs: dict) -> _PrefillGraph | None:
+        """The captured prompt pass for this plan's shapes, captured now if it was seen before."""
+        torch = self.torch
+        key = plan.key
+        if key in s.prefills:
+            s.prefills[key] = s.prefills.pop(key)  # most recently used last: the first is evicted
+            return s.prefills[key]
+        batch, length = key[0], key[1]
+        if not self.use_graphs or batch * length > self.PREFILL_GRAPH_TOKENS:
+            return None
+        s.seen[key] = s.seen.get(key, 0) + 1
+        if s.seen[key] < 2:  # shapes that never recur are not worth a capture
+            return None
+        if len(s.prefills) >= self.PREFILL_GRAPHS_KEPT:
+            s.prefills.pop(next(iter(s.prefills)))
+        buffers = {name: value.clone() for name, value in device_inputs.items()}
+        buffers["position_ids"] = plan.position_ids.to(self.device)
+        buffers["image_index"] = plan.image_index.to(self.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: library handles and allocator pools
+            self.run_prefill(plan, **buffers, kv=s.kv)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            first = self.run_prefill(plan, **buffers, kv=s.kv)
+        s.prefills[key] = _PrefillGraph(graph, buffers, first, plan)
+        return s.prefills[key]
+
+    def run_prefill(self, plan: PrefillPlan, input_ids, attention_mask, pixel_values, position_ids, image_index, kv=None):
+        """The prompt pass as device work of fixed shapes (a graph can hold it): the first greedy
+        token [B]; the prompt's keys/values go into `kv` (the static cache's layers) when given."""
+        import torch.nn.functional as F
+
+        image, deepstack = self.prefiller.vision(plan, pixel_values)
+        x = F.embedding(input_ids, self.embed_w)
+        b, length, hidden = x.shape
+        flat = x.view(-1, hidden)
+        flat.index_copy_(0, image_index, image.to(x.dtype))
+        cos, sin = self.rotary(x, position_ids)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, L, 1, hd]: the same for every head
+        bias = causal_padding_bias(attention_mask, x.dtype)
+        nh, kvh, hd = self.nh, self.kvh, self.hd
+        for i, w in enumerate(self.layers):
+            h = F.rms_norm(x, (hidden,), w.norm_w, self.eps)
+            q, k, v = F.linear(h, w.qkv_w).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
+            q = F.rms_norm(q.view(b, length, nh, hd), (hd,), w.q_norm_w, self.eps)
+            k = F.rms_norm(k.view(b, length, kvh, hd), (hd,), w.k_norm_w, self.eps)
+            q = (q * cos + rotate_half(q) * sin).transpose(1, 2)
+            k = (k * cos + rotate_half(k) * sin).transpose(1, 2)
+            v = v.view(b, length, kvh, hd).transpose(1, 2)
+            if kv is not None:
+                kv[i][0, :, :, :length].copy_(k)
+                kv[i][1, :, :, :length].copy_(v)
+            group = nh // kvh
+            o = F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
+                                               attn_mask=bias, scale=self.scale)
+            x = mlp_out(x, o.transpose(1, 2).reshape(b, length, nh * hd), w.o_w, w.post_norm_w, w.gate_up_w,
+                        w.down_w, self.eps)
+            if i < len(deepstack):  # DeepStack: vision features of early blocks join early layers
+                flat = x.view(-1, hidden)
+                flat.index_copy_(0, image_index, flat.index_select(0, image_index) + deepstack[i].to(x.dtype))
+        last = F.rms_norm(x[:, -1], (hidden,), self.final_norm_w, self.eps)
+        return F.linear(last, self.lm_head_w).argmax(dim=-1)
 
     def check_step(self, inputs: dict, cache_length: int | None = None, eager_reference: bool = True) -> dict:
         """Logits of the first decode step, this decoder against the model's own `generate`.
