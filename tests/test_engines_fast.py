@@ -139,3 +139,36 @@ def test_prefill_matches_the_models_forward(tiny_dir, sizes):
     assert first.tolist() == reference.tolist()
     assert deltas.tolist() == decoder.model.model.rope_deltas.view(-1).tolist()
     assert worst < 1e-5
+
+
+def test_prefill_device_work_never_reads_the_gpu_back(tiny_dir):
+    """What a CUDA graph captures must not sync with the host: the device part of the prompt pass
+    runs on meta tensors (shapes without data), where any `.item()`, `.tolist()`, `nonzero`,
+    boolean-mask index or data-dependent branch raises."""
+    import dataclasses
+
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from egm.infer.fast import GraphDecoder
+    from egm.infer.prefill import VisionTables
+    from egm.models.inputs import build_inputs
+
+    engine = FastHFEngine(str(tiny_dir), SamplingOptions(max_tokens=4), batch_size=2, length_bucket=16)
+    try:
+        images = [Image.new("RGB", (96, 96), "white"), Image.new("RGB", (160, 96), "white")]
+        inputs = build_inputs(images, [PROMPTS["qwen3"].format(sent="x")] * 2, engine.tokenizer, engine.image_processor)
+        plan = engine.decoder.prefiller.plan(inputs)  # the host part, on real data
+        config = engine.model.config
+    finally:
+        engine.close()
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(config)
+    decoder = GraphDecoder(model, use_graphs=False)
+    meta = dataclasses.replace(plan, tables=VisionTables(*(t.to("meta") for t in dataclasses.astuple(plan.tables))))
+    state = decoder.cache_state(2, inputs["input_ids"].shape[1] + 4)
+    with torch.inference_mode():
+        first = decoder.run_prefill(meta, inputs["input_ids"].to("meta"), inputs["attention_mask"].to("meta"),
+                                    inputs["pixel_values"].to("meta"), plan.position_ids.to("meta"),
+                                    plan.image_index.to("meta"), kv=state.kv)
+    assert first.shape == (2,) and first.device.type == "meta"
