@@ -51,6 +51,25 @@ def test_vllm_gets_the_model_directory_as_an_absolute_path(tmp_path, monkeypatch
     assert vllm_engine_kwargs("org/not-a-local-dir", {})["model"] == "org/not-a-local-dir"
 
 
+def test_vllm_pipeline_parallel_names_qwen3_vl_text_architecture(tiny_dir, tmp_path):
+    """vLLM 0.25 refused pipeline-parallel Qwen3-VL (its text config names no architecture): the
+    two-node Ray run failed so on two H200s. Only with pipeline parallelism, and never over a
+    name the config has or the user's own overrides."""
+    expected = {"text_config": {"architectures": ["Qwen3ForCausalLM"]}}
+    assert vllm_engine_kwargs(str(tiny_dir), {"pipeline_parallel_size": 2})["hf_overrides"] == expected
+    assert "hf_overrides" not in vllm_engine_kwargs(str(tiny_dir), {"pipeline_parallel_size": 1})
+    assert "hf_overrides" not in vllm_engine_kwargs(str(tiny_dir), {"tensor_parallel_size": 2})
+    mine = {"text_config": {"architectures": ["Mine"]}}
+    assert vllm_engine_kwargs(str(tiny_dir), {"pipeline_parallel_size": 2,
+                                              "engine_args": {"hf_overrides": mine}})["hf_overrides"] == mine
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config["text_config"]["architectures"] = ["Qwen3ForCausalLM"]
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "config.json").write_text(json.dumps(config))
+    assert "hf_overrides" not in vllm_engine_kwargs(str(named), {"pipeline_parallel_size": 2})
+
+
 def test_offline_prompts_are_the_papers_request(tiny_dir):
     from transformers import AutoTokenizer
 
@@ -325,6 +344,41 @@ def test_a_replica_may_start_processes_of_its_own():
     finally:
         engine.close()
     assert [a.text for a in answers] == ["0:0", "1:0", "2:0", "3:0"]
+
+
+# What this module's process had when it was imported: in a replica, before any worker code ran.
+ENVIRONMENT_AT_IMPORT = {key: os.environ.get(key) for key in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}
+
+
+class EngineReportingItsStart(EngineBase):
+    name = "start"
+
+    def generate(self, requests):
+        seen = f"{ENVIRONMENT_AT_IMPORT['CUDA_VISIBLE_DEVICES']}|{ENVIRONMENT_AT_IMPORT['OMP_NUM_THREADS']}"
+        return [Completion(seen, 1, 0.0) for _ in requests]
+
+
+def load_engine_reporting_its_start(backend, model_dir, sampling, options):
+    return EngineReportingItsStart()
+
+
+def test_a_replica_starts_with_its_gpus_and_its_share_of_the_cpus(monkeypatch):
+    """On two H200s two hf replicas answered slower than one: a replica must see only its GPUs
+    from its first instruction (a CUDA device count fixes them for good), and every replica's
+    OpenMP pool taking every core starved them all."""
+    from egm.infer.replicas import ReplicatedEngine
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # as a job with two GPUs is started
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    engine = ReplicatedEngine(load_engine_reporting_its_start, "start", "m", SamplingOptions(), {"batch_size": 1},
+                              [["0"], ["1"]])
+    try:
+        answers = engine.generate([Request(str(i), "x.png", "p") for i in range(2)])
+    finally:
+        engine.close()
+    assert [a.text for a in answers] == ["0|4", "1|4"]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1" and "OMP_NUM_THREADS" not in os.environ  # restored
 
 
 def test_local_ray_run_starts_every_node_runs_the_command_and_stops_them(tmp_path, monkeypatch):

@@ -1,9 +1,10 @@
 """Data parallelism for engines that hold one GPU (or one tensor-parallel group) each.
 
-A ReplicatedEngine starts one worker process per GPU group, each seeing only its own GPUs
-(CUDA_VISIBLE_DEVICES set before anything imports CUDA), loads the inner engine in all of them
-at once, and splits every `generate` call into contiguous shards, one per replica, answered in
-parallel and put back in request order.
+A ReplicatedEngine starts one worker process per GPU group, each seeing only its own GPUs and
+its share of the CPU threads from its first instruction (the environment it is started with:
+CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS), loads the inner engine in all of them at once, and
+splits every `generate` call into contiguous shards, one per replica, answered in parallel and
+put back in request order.
 
 predict hands it as many requests at a time as the inner engine asks for alone, times the
 replicas: each replica then gets exactly the chunks one engine would get from a run on one GPU
@@ -12,11 +13,12 @@ group (the same batches, so the same answers where the engine is deterministic),
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from egm.infer.base import Completion, Engine, EngineBase, Request, SamplingOptions
 
@@ -25,7 +27,6 @@ log = logging.getLogger(__name__)
 
 def _worker(conn, load: Callable[..., Engine], backend: str, model_dir: str, sampling: SamplingOptions, options: dict,
             gpus: list[str]) -> None:
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     try:
         engine = load(backend, model_dir, sampling, {**options, "data_parallel_size": 1})
     except BaseException:
@@ -43,6 +44,34 @@ def _worker(conn, load: Callable[..., Engine], backend: str, model_dir: str, sam
                 conn.send(("error", traceback.format_exc()))
     finally:
         engine.close()
+
+
+def replica_environment(gpus: list[str], replicas: int, environ: dict | None = None) -> dict:
+    """What a replica's process starts with: its GPUs, and its share of the CPUs for OpenMP.
+
+    Set when the process starts, not by the worker: anything that asks CUDA for its devices
+    first (a device count on import) fixes the visible set for the process's lifetime. Without
+    a share, every replica's OpenMP pool takes every core, and on two H200s two hf replicas
+    answered slower than one. A thread count the user set stays.
+    """
+    env = os.environ if environ is None else environ
+    threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // max(1, replicas)))
+    return {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "OMP_NUM_THREADS": threads}
+
+
+@contextlib.contextmanager
+def _environment(values: dict) -> Iterator[None]:
+    """os.environ with `values` set, restored after (a spawned process inherits it at start)."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def replicated_chunk_size(batch_size: int, inner_chunk_sizes: list[int | None], replicas: int) -> int:
@@ -83,7 +112,8 @@ class ReplicatedEngine(EngineBase):
             proc = ctx.Process(target=_worker,
                                args=(child, load, backend, str(model_dir), sampling, dict(options), list(gpus)),
                                daemon=False)
-            proc.start()
+            with _environment(replica_environment(gpus, len(gpu_groups))):
+                proc.start()
             child.close()
             self._conns.append(parent)
             self._procs.append(proc)
