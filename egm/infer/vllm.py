@@ -53,6 +53,31 @@ def vllm_request_sampling_kwargs(sampling: SamplingOptions, request: Request) ->
     return kwargs
 
 
+# The causal-LM architecture of a multimodal config's nested text config, by its model type.
+TEXT_ARCHITECTURES = {"qwen3_vl": "Qwen3ForCausalLM", "qwen3_vl_moe": "Qwen3MoeForCausalLM"}
+
+
+def pipeline_text_overrides(model_dir: str) -> dict:
+    """`hf_overrides` naming the text model's architecture, for pipeline-parallel Qwen3-VL.
+
+    vLLM 0.25 builds Qwen3-VL's language model from the nested text config, which names no
+    architecture; under pipeline parallelism its config check then fails ("No model
+    architectures are specified": vLLM issue 43271, fixed upstream after 0.25), as it did for
+    our two-node Ray run on two H200s. Empty where the config names one or is not Qwen3-VL.
+    """
+    import json
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    text = config.get("text_config") or {}
+    architecture = TEXT_ARCHITECTURES.get(config.get("model_type"))
+    if architecture is None or text.get("architectures"):
+        return {}
+    return {"text_config": {"architectures": [architecture]}}
+
+
 def vllm_engine_kwargs(model_dir: str, options: dict) -> dict:
     """Keyword arguments of `vllm.LLM`: the known option names, then `engine_args` verbatim."""
     options = dict(options)
@@ -67,7 +92,9 @@ def vllm_engine_kwargs(model_dir: str, options: dict) -> dict:
     for key in ENGINE_KEYS:
         if options.get(key) is not None:
             kwargs[key] = options[key]
-    kwargs.update(extra)
+    if int(options.get("pipeline_parallel_size") or 1) > 1 and pipeline_text_overrides(model_dir):
+        kwargs["hf_overrides"] = pipeline_text_overrides(model_dir)
+    kwargs.update(extra)  # the config's own hf_overrides, if any, win
     return kwargs
 
 
