@@ -172,3 +172,25 @@ def test_prefill_device_work_never_reads_the_gpu_back(tiny_dir):
                                     inputs["pixel_values"].to("meta"), plan.position_ids.to("meta"),
                                     plan.image_index.to("meta"), kv=state.kv)
     assert first.shape == (2,) and first.device.type == "meta"
+
+
+def test_stop_ids_stay_where_a_captured_step_reads_them(tiny_dir):
+    """A captured decode step reads the stop ids at their address at capture time. Made anew per
+    call, the old tensor was freed while graphs still read it; on the H200 later allocations
+    reused the memory and whole batches stopped after 33 or 49 tokens. Same stop set: same
+    tensor; a new set: new tensor, and the graphs that read the old one are dropped."""
+    from egm.models.inputs import build_inputs
+
+    engine = FastHFEngine(str(tiny_dir), SamplingOptions(max_tokens=4), batch_size=1, length_bucket=16)
+    try:
+        decoder = engine.decoder
+        inputs = build_inputs([Image.new("RGB", (96, 96), "white")], [PROMPTS["qwen3"].format(sent="x")],
+                              engine.tokenizer, engine.image_processor)
+        decoder.generate_ids(inputs, 3, [5, 7])
+        stops = decoder._eos
+        decoder.generate_ids(inputs, 3, [7, 5, 5])
+        assert decoder._eos is stops and len(decoder._states) == 1
+        decoder.generate_ids(inputs, 3, [5])
+        assert decoder._eos is not stops and decoder._eos.tolist() == [5]
+    finally:
+        engine.close()

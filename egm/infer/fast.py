@@ -452,12 +452,15 @@ class GraphDecoder:
         if length < prompt + max_new_tokens:
             raise ValueError(f"cache length {length} < prompt {prompt} + {max_new_tokens} new tokens")
         length = math.ceil(length / self.ALIGN) * self.ALIGN
-        self._eos = torch.tensor(sorted(set(eos_ids)), device=self.device) if eos_ids else None
-        # The graph closes over self._eos: a different eos set needs a fresh capture.
+        # A captured step reads the stop ids at the address they had when it was captured: the
+        # tensor is made anew only with a new stop set, and the graphs go with the old one. (Made
+        # per call, the captured step read freed memory that later allocations reused: on the
+        # H200 whole batches stopped after 33 or 49 tokens.)
         eos_key = tuple(sorted(set(eos_ids))) if eos_ids else None
         if getattr(self, "_eos_key", "unset") != eos_key:
             self._states.clear()
             self._eos_key = eos_key
+            self._eos = torch.tensor(eos_key, device=self.device) if eos_key else None
         s = self._state(batch, length)
 
         with torch.inference_mode():
