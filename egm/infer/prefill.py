@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class VisionTables:
-    """What the vision tower adds for one set of image grids before its first block."""
+    """What the vision tower adds before its first block, for one image or a batch's images."""
 
     position: object  # [patches, width] float32: the learned position embedding, resampled
     cos: object  # rotary tables as the tower hands them to its blocks
@@ -41,7 +41,7 @@ class VisionTables:
 class PrefillPlan:
     """Host-side work for one batch; `key` says which captured graph can run it."""
 
-    key: tuple  # (batch, prompt length, patch counts per image, vision grids)
+    key: tuple  # (batch, prompt length, each image's grid)
     position_ids: object  # [3, B, L] long, CPU
     deltas: object  # [B] long, CPU: next text position = valid tokens + delta
     image_index: object  # [visual tokens] long, CPU: flat (row-major) positions of the image tokens
@@ -54,7 +54,8 @@ class _ProbeDone(Exception):
 
 
 def vision_tables(visual, grid_thw, device, dtype) -> VisionTables:
-    """The tower's position embedding and rotary tables for these grids, read off the tower itself."""
+    """The tower's position embedding and rotary tables for these grids ([images, 3]), read off
+    the tower itself."""
     import torch
 
     captured = {}
@@ -89,7 +90,9 @@ class Prefiller:
     """Plans a batch's prompt pass and runs its vision part; the text part is the decoder's
     (`GraphDecoder.run_prefill`), which owns the fused text weights."""
 
-    TABLES_KEPT = 64  # image grids whose vision tables stay cached (a few MB each at most)
+    # Image sizes whose vision tables stay cached: one image's are a few MB (5.5 for 640x480);
+    # a batch's are put together from its images' each time, not cached (hundreds of MB at 64).
+    TABLES_KEPT = 64
 
     def __init__(self, model, device, dtype):
         self.model, self.device, self.dtype = model, device, dtype
@@ -116,13 +119,23 @@ class Prefiller:
             raise ValueError(f"{image_index.numel()} image tokens in the prompts but {merged} image features "
                              f"for grids {grid.tolist()}")
         grids = tuple(tuple(int(v) for v in row) for row in grid.tolist())
-        tables = self._tables.get(grids)
-        if tables is None:
-            if len(self._tables) >= self.TABLES_KEPT:
-                self._tables.pop(next(iter(self._tables)))
-            tables = self._tables[grids] = vision_tables(self.visual, grid, self.device, self.dtype)
         key = (int(ids.shape[0]), int(ids.shape[1]), grids)
-        return PrefillPlan(key, position_ids, deltas.view(-1), image_index, patches, tables)
+        return PrefillPlan(key, position_ids, deltas.view(-1), image_index, patches, self.tables(grids))
+
+    def tables(self, grids: tuple) -> VisionTables:
+        """The batch's vision tables: each image size's, probed once, put together in order."""
+        import torch
+
+        parts = []
+        for grid in grids:
+            if grid not in self._tables:
+                if len(self._tables) >= self.TABLES_KEPT:
+                    self._tables.pop(next(iter(self._tables)))
+                self._tables[grid] = vision_tables(self.visual, torch.tensor([grid]), self.device, self.dtype)
+            parts.append(self._tables[grid])
+        if len(parts) == 1:
+            return parts[0]
+        return VisionTables(*(torch.cat(column) for column in zip(*((t.position, t.cos, t.sin) for t in parts))))
 
     # ---- device ----
 
