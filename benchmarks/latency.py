@@ -371,7 +371,8 @@ def phases(model, decoder, make, batch: int, pad_to: int, cache_length: int, cpu
 
     def model_forward():
         with torch.inference_mode():
-            model.model(**{k: inputs[k] for k in names}, use_cache=True, **{decoder_cache_kwarg(model): DynamicCache(config=model.config)})
+            cache = {decoder_cache_kwarg(model): DynamicCache(config=model.config)}
+            model.model(**{k: inputs[k] for k in names}, use_cache=True, **cache)
 
     def vision():
         with torch.inference_mode():

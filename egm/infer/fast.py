@@ -355,7 +355,8 @@ class GraphDecoder:
         s.prefills[key] = _PrefillGraph(graph, buffers, first, plan)
         return s.prefills[key]
 
-    def run_prefill(self, plan: PrefillPlan, input_ids, attention_mask, pixel_values, position_ids, image_index, kv=None):
+    def run_prefill(self, plan: PrefillPlan, input_ids, attention_mask, pixel_values, position_ids, image_index,
+                    kv=None):
         """The prompt pass as device work of fixed shapes (a graph can hold it): the first greedy
         token [B]; the prompt's keys/values go into `kv` (the static cache's layers) when given."""
         import torch.nn.functional as F

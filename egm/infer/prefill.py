@@ -1,21 +1,22 @@
-"""The prompt pass of the fast hf decode, with no host round trip inside it, so one CUDA graph holds it.
+"""The prompt pass of the fast hf decode, with no host round trip inside it, so a CUDA graph holds it.
 
-The model's own forward is host-bound at small batches (on the H200, 133 ms for the 8B at batch 1
-against about 10 ms of arithmetic at its measured matrix rate): thousands of small kernels launched one by one, the vision
-tower's attention split by image with lengths read back from the GPU, the 3D rope index built by
-a Python loop over tokens, the deepstack features scattered through boolean masks (each a sync).
-Here the work is split in two:
+The model's own forward is host-bound at small batches (on the H200, 59 ms for the 8B at batch
+1 against about 10 ms of arithmetic at the measured matrix rate): thousands of small kernels
+launched one by one, the vision tower's attention split by image with lengths read back from
+the GPU, the 3D rope index built by a Python loop over tokens, the DeepStack features scattered
+through boolean masks (each a sync). Here the work is split in two:
 
 - `Prefiller.plan` (host, per batch): what depends only on shapes and token layout, from the CPU
   copies of the processor's small tensors: the 3D text positions and rope deltas (the model's
-  own `get_rope_index`), where the image tokens sit, the patch count of each image, and per image
-  grid (cached) the vision tower's position embeddings and rotary tables;
+  own `get_rope_index`), where the image tokens sit, the patch count of each image, and per
+  image size (cached) the vision tower's position embeddings and rotary tables;
 - device work of fixed shapes: `Prefiller.vision` (patch embedding plus position embedding, the
-  vision blocks with attention per image, images of one size in one batched call, the deepstack
-  mergers and the merger), then `egm.infer.fast.GraphDecoder.run_prefill` for the text: token embeddings with the image features written at the image
-  tokens, every layer with the decoder's fused weights (causal attention under the padding mask,
-  keys and values written straight into the decoder's static cache), deepstack features added
-  after the first layers, and the last position's norm, lm_head and argmax.
+  vision blocks with attention per image, images of one size in one batched call, the DeepStack
+  mergers and the merger), then `egm.infer.fast.GraphDecoder.run_prefill` for the text: token
+  embeddings with the image features written at the image tokens, every layer with the
+  decoder's fused weights (causal attention under the padding mask, keys and values written
+  straight into the decoder's static cache), DeepStack features added after the first layers,
+  and the last position's norm, lm_head and argmax.
 
 The vision tables come from the model itself, not a copy of its formulas: the tower is run up to
 its first block with the patch embedding giving float32 zeros, so the block receives exactly the
@@ -81,7 +82,8 @@ def vision_tables(visual, grid_thw, device, dtype) -> VisionTables:
         for hook in hooks:
             hook.remove()
     if "hidden" not in captured:
-        raise RuntimeError("the vision tower did not reach its first block; its forward is not the one this prefill knows")
+        raise RuntimeError("the vision tower did not reach its first block: "
+                           "its forward is not the one this prefill knows")
     cos, sin = captured["rotary"]
     return VisionTables(position=captured["hidden"].float(), cos=cos, sin=sin)
 
