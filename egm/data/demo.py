@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from egm.data.splits import EVAL_SPLITS
 from egm.grounding import PROMPTS, SFT_PROMPT, format_sft_target, to_grid
 from egm.io import atomic_dir
-from egm.train.data import SFT_DATA
+from egm.train.data import RL_DATA, SFT_DATA
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -432,8 +432,8 @@ def _build(work: Path, seed: int, n_train_images: int, n_eval_per_split: int,
         for i, r in enumerate(val)
     ]
 
-    _write_parquet(work / "processed_rl_data" / "train_grounding.parquet", rl_train)
-    _write_parquet(work / "processed_rl_data" / "val_grounding.parquet", val_rows)
+    _write_parquet(work / RL_DATA.format(part="train"), rl_train)
+    _write_parquet(work / RL_DATA.format(part="val"), val_rows)
     _write(work / SFT_DATA.format(data="raw"), _jsonl(sft))
     _write(work / SFT_DATA.format(data="cot_subset"), _jsonl(sft[:COT_SUBSET_ROWS]))
 

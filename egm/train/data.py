@@ -25,6 +25,8 @@ from egm.data.paths import relocate_image_path
 
 # The SFT JSONL files of the data set repo, by `data`: raw (the full set) or cot_subset (1k rows).
 SFT_DATA = "vanilla_grounding_reasoning_training_dataset_{data}.jsonl"
+# The RL parquet files of the data set repo, by `part`: train or val.
+RL_DATA = "processed_rl_data/{part}_grounding.parquet"
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import shlex
 from snakemake.exceptions import WorkflowError
 
 from egm.report.tables import check_expected
-from egm.train.data import SFT_DATA
+from egm.train.data import RL_DATA, SFT_DATA
 from egm.train.recipes import resolve_recipe
 
 SPLITS = config["splits"]
@@ -101,7 +101,7 @@ def demo_mirror_dir():
 # outputs and, with the archive parts, checks before fetching that the repo has each of them.
 DATASET_FILES = {
     "splits": [f"metadata/eval/{split}.jsonl" for split in SPLITS],
-    "rl": [f"processed_rl_data/{part}_grounding.parquet" for part in RL_PARTS],
+    "rl": [RL_DATA.format(part=part) for part in RL_PARTS],
     "flip": "coco_flip.tar",
     # The SFT data of each run that trains an SFT stage.
     "sft": sorted({SFT_DATA.format(data=spec["sft"]["data"]) for spec in RUNS.values() if spec["rl"]["from"] == "sft"}),

@@ -95,7 +95,7 @@ rule validate_split:
 
 rule validate_rl_parquet:
     input:
-        parquet=f"{DATASET_DIR}/processed_rl_data/{{part}}_grounding.parquet",
+        parquet=f"{DATASET_DIR}/{RL_DATA.format(part='{part}')}",
         images=expand("resources/manifests/images-{archive}.json", archive=["coco", "coco_flip"]),
     output:
         "results/validation/rl_{part}.json",
@@ -113,7 +113,7 @@ rule validate_rl_parquet:
 
 rule rewrite_rl_parquet:
     input:
-        parquet=f"{DATASET_DIR}/processed_rl_data/{{part}}_grounding.parquet",
+        parquet=f"{DATASET_DIR}/{RL_DATA.format(part='{part}')}",
         images=expand("resources/manifests/images-{archive}.json", archive=["coco", "coco_flip"]),
         validation="results/validation/rl_{part}.json",
     output:
