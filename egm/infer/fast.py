@@ -370,6 +370,7 @@ class GraphDecoder:
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, L, 1, hd]: the same for every head
         bias = causal_padding_bias(attention_mask, x.dtype)
         nh, kvh, hd = self.nh, self.kvh, self.hd
+        group = nh // kvh  # query heads per key/value head
         for i, w in enumerate(self.layers):
             h = F.rms_norm(x, (hidden,), w.norm_w, self.eps)
             q, k, v = F.linear(h, w.qkv_w).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
@@ -381,7 +382,6 @@ class GraphDecoder:
             if kv is not None:
                 kv[i][0, :, :, :length].copy_(k)
                 kv[i][1, :, :, :length].copy_(v)
-            group = nh // kvh
             o = F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
                                                attn_mask=bias, scale=self.scale)
             x = mlp_out(x, o.transpose(1, 2).reshape(b, length, nh * hd), w.o_w, w.post_norm_w, w.gate_up_w,

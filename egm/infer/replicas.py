@@ -46,7 +46,7 @@ def _worker(conn, load: Callable[..., Engine], backend: str, model_dir: str, sam
         engine.close()
 
 
-def replica_environment(gpus: list[str], replicas: int, environ: dict | None = None) -> dict:
+def replica_environment(gpus: list[str], replicas: int) -> dict:
     """What a replica's process starts with: its GPUs, and its share of the CPUs for OpenMP.
 
     Set when the process starts, not by the worker: anything that asks CUDA for its devices
@@ -54,8 +54,7 @@ def replica_environment(gpus: list[str], replicas: int, environ: dict | None = N
     a share, every replica's OpenMP pool takes every core, and on two H200s two hf replicas
     answered slower than one. A thread count the user set stays.
     """
-    env = os.environ if environ is None else environ
-    threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // max(1, replicas)))
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // max(1, replicas)))
     return {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "OMP_NUM_THREADS": threads}
 
 

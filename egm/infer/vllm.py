@@ -92,8 +92,9 @@ def vllm_engine_kwargs(model_dir: str, options: dict) -> dict:
     for key in ENGINE_KEYS:
         if options.get(key) is not None:
             kwargs[key] = options[key]
-    if int(options.get("pipeline_parallel_size") or 1) > 1 and pipeline_text_overrides(model_dir):
-        kwargs["hf_overrides"] = pipeline_text_overrides(model_dir)
+    overrides = pipeline_text_overrides(model_dir) if int(options.get("pipeline_parallel_size") or 1) > 1 else {}
+    if overrides:
+        kwargs["hf_overrides"] = overrides
     kwargs.update(extra)  # the config's own hf_overrides, if any, win
     return kwargs
 
