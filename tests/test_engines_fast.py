@@ -194,3 +194,57 @@ def test_stop_ids_stay_where_a_captured_step_reads_them(tiny_dir):
         assert decoder._eos is not stops and decoder._eos.tolist() == [5]
     finally:
         engine.close()
+
+
+
+KERNEL_RUN = """
+import json, sys
+from egm.infer import kernels
+from egm.infer.base import Request, SamplingOptions
+from egm.infer.fast import FastHFEngine
+
+calls = {"gemv": 0, "attention": 0}
+gemv, attention = kernels.gemv, kernels.attention
+
+def counted(name, fn):
+    def run(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+    return run
+
+kernels.gemv, kernels.attention = counted("gemv", gemv), counted("attention", attention)
+model_dir, max_tokens, requests = json.loads(sys.argv[1])
+engine = FastHFEngine(model_dir, SamplingOptions(max_tokens=max_tokens), batch_size=1, length_bucket=16,
+                      use_kernels=True)
+calls.update(gemv=0, attention=0)  # the warm-up's step
+out = engine.generate([Request(*r) for r in requests])
+print(json.dumps({"texts": [c.text for c in out], "tokens": [c.completion_tokens for c in out],
+                  "layers": len(engine.decoder.layers), "calls": calls}))
+"""
+
+
+def test_batch_one_decode_through_the_triton_kernels(tiny_dir, mixed_requests, reference):
+    """Batch-1 steps through egm.infer.kernels (matrix-vector products and attention), run here by
+    Triton's interpreter in a process of its own (it must be chosen before Triton is imported):
+    the same answers as generate, and the kernels really ran, every projection and every layer's
+    attention of every step."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    requests = mixed_requests[:2]  # the interpreter is slow: two images of two sizes
+    args = json.dumps([str(tiny_dir), MAX_TOKENS, [[r.id, r.image_path, r.prompt] for r in requests]])
+    run = subprocess.run([sys.executable, "-c", KERNEL_RUN, args], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["texts"] == [c.text for c in reference[:2]]
+    assert out["tokens"] == [c.completion_tokens for c in reference[:2]]
+    # Each request's decode steps (its first token comes from the prompt pass); a row that stops
+    # early still runs to the end of its block of steps, so at least this many.
+    steps = sum(t - 1 for t in out["tokens"])
+    layers = out["layers"]
+    assert out["calls"]["attention"] % layers == 0 and out["calls"]["attention"] >= layers * steps
+    assert out["calls"]["gemv"] == (4 * layers + 1) * out["calls"]["attention"] // layers

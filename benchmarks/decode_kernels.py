@@ -1,0 +1,257 @@
+"""Batch-1 decode kernels of a Qwen3-VL architecture against the library ones and the copy bandwidth.
+
+Matrix-vector products: for each weight shape one decode step multiplies a single token with
+(fused QKV, output projection, fused gate/up, down projection, lm_head), bf16, one row:
+
+- `cublas`: `F.linear` (`torch.matmul`'s library choice), what the decoder used before;
+- `triton`: `egm.infer.kernels.gemv` with its launch configuration (`GEMV_CONFIG`);
+- `triton_best`: the best of a sweep of that kernel's launch configurations (block rows, block
+  columns, warps, pipeline stages), and the sweep itself under `sweep`;
+- `inductor`: the product written as `(w * x).sum(-1)` in fp32 and compiled by `torch.compile`,
+  once with default heuristics and once with coordinate-descent tuning (`inductor_tuned`).
+
+Attention (`attention`): one step's grouped queries [1, KV heads, group, head dim] against a
+layer's cache of `--cache-lengths` positions (the last 50 masked, as padding would be):
+`sdpa` (`F.scaled_dot_product_attention` with the additive mask, its default backend) against
+`egm.infer.kernels.attention`.
+
+Timing: each weight (each cache) has enough copies that one pass over them is several times the
+L2 (a decode step reads each weight once and ~15 GB in between, so none is ever in the cache);
+one pass is captured as a CUDA graph, so launches cost what they cost inside the decoder's
+captured step. Each cell is the median of `--reps` replays (min and max beside it) divided by
+the copies. GB/s = weight bytes / time; `of_copy` = that over the best device-to-device copy
+bandwidth (bytes read + written / time) measured in the same run, the floor `latency.py` uses.
+`step_ms` adds one step's products up: per layer QKV + O + gate/up + down, times the layers,
+plus lm_head. `max_rel_error` is against an fp32 computation on the same data.
+
+    python benchmarks/decode_kernels.py --out benchmarks/results/decode-kernels-h200.json   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.latency import build_config, copy_bandwidth, device_name  # noqa: E402
+from egm.infer import kernels  # noqa: E402
+
+SWEEP = {"block_n": (4, 8, 16, 32), "block_k": (256, 512, 1024), "warps": (2, 4, 8), "stages": (1, 3)}
+
+
+def shapes(name: str) -> dict:
+    """name -> ((N, K), uses per step) of one decode step's projections."""
+    config, _ = build_config(name)
+    t = config.text_config
+    hd = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    layers = t.num_hidden_layers
+    return {
+        "qkv": ((t.num_attention_heads * hd + 2 * t.num_key_value_heads * hd, t.hidden_size), layers),
+        "o": ((t.hidden_size, t.num_attention_heads * hd), layers),
+        "gate_up": ((2 * t.intermediate_size, t.hidden_size), layers),
+        "down": ((t.hidden_size, t.intermediate_size), layers),
+        "lm_head": ((t.vocab_size, t.hidden_size), 1),
+    }
+
+
+def time_pass(calls, reps: int) -> list[float]:
+    """Seconds per call: the calls captured once as a graph, replayed `reps` times."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm-up: compiles, autotunes, library handles
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) / 1000 / len(calls))
+    del graph
+    return out
+
+
+def cell(times: list[float], nbytes: int, bandwidth: float, error: float) -> dict:
+    med = statistics.median(times)
+    return {"us": round(med * 1e6, 2), "min_us": round(min(times) * 1e6, 2), "max_us": round(max(times) * 1e6, 2),
+            "GBps": round(nbytes / med / 1e9, 1), "of_copy": round(nbytes / med / bandwidth, 3),
+            "max_rel_error": float(f"{error:.3g}")}
+
+
+def time_attention(name: str, lengths: list[int], reps: int, pass_gb: float, bandwidth: float) -> dict:
+    """`sdpa` and egm's kernel for one decode step's attention in one layer, per cache length."""
+    import torch
+    import torch.nn.functional as F
+
+    config, _ = build_config(name)
+    t = config.text_config
+    kvh, group = t.num_key_value_heads, t.num_attention_heads // t.num_key_value_heads
+    hd = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    scale = hd**-0.5
+    out = {}
+    for length in lengths:
+        nbytes = 2 * kvh * length * hd * 2
+        copies = max(2, math.ceil(pass_gb * 1e9 / 10 / nbytes))
+        q = torch.randn(1, kvh, group, hd, device="cuda", dtype=torch.bfloat16)
+        caches = [torch.randn(2, 1, kvh, length, hd, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        bias = torch.zeros(1, 1, 1, length, device="cuda", dtype=torch.bfloat16)
+        bias[..., length - 50:] = float("-inf")
+        outs = [torch.empty_like(q) for _ in range(copies)]
+        reference = F.scaled_dot_product_attention(q.float(), caches[0][0].float(), caches[0][1].float(),
+                                                   attn_mask=bias.float(), scale=scale)
+
+        def error(y):
+            return float((y.float() - reference).abs().max() / reference.abs().max())
+
+        methods = {
+            "sdpa": lambda kv, o: F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias, scale=scale),
+            "triton": lambda kv, o: kernels.attention(q, kv[0], kv[1], bias, scale, o),
+        }
+        entry = {"kv_heads": kvh, "group": group, "head_dim": hd, "cache_bytes": nbytes, "copies": copies}
+        for method, fn in methods.items():
+            try:
+                y = fn(caches[0], outs[0])
+                y = outs[0] if y is None else y
+                times = time_pass([lambda kv=kv, o=o: fn(kv, o) for kv, o in zip(caches, outs)], reps)
+                entry[method] = cell(times, nbytes, bandwidth, error(y))
+            except Exception as err:
+                entry[method] = {"error": f"{type(err).__name__}: {err}"[:500]}
+        out[f"cache {length}"] = entry
+        print("attention", length, json.dumps(entry), flush=True)
+        del caches, outs
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="qwen3-vl-8b")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--pass-gb", type=float, default=1.5, help="weight bytes per timed pass (copies of one shape)")
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--cache-lengths", default="512,1024")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    bandwidth = max(copy_bandwidth("cuda"))
+    dtype = torch.bfloat16
+    result = {"benchmark": "benchmarks/decode_kernels.py", "device": device_name("cuda"), "torch": torch.__version__,
+              "model": args.model, "reps": args.reps, "copy_bandwidth_Bps": bandwidth, "shapes": {}}
+    try:
+        import triton
+
+        result["triton"] = triton.__version__
+    except ImportError:
+        result["triton"] = None
+
+    def reduction(x, w):
+        return (w.float() * x.float()).sum(-1).to(x.dtype)
+
+    for name, ((n, k), uses) in shapes(args.model).items():
+        nbytes = n * k * 2
+        copies = max(2, math.ceil(args.pass_gb * 1e9 / nbytes))
+        weights = [torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5 for _ in range(copies)]
+        x = torch.randn(k, device="cuda", dtype=dtype)
+        outs = [torch.empty(n, device="cuda", dtype=dtype) for _ in range(copies)]
+        reference = (weights[0].float() @ x.float())
+
+        def error(y):
+            return float((y.float() - reference).abs().max() / reference.abs().max())
+
+        entry = {"N": n, "K": k, "uses_per_step": uses, "weight_bytes": nbytes, "copies": copies}
+        methods = {
+            "cublas": lambda w, o: torch.nn.functional.linear(x.view(1, k), w),
+            "triton": lambda w, o: kernels.gemv(x, w, o),
+        }
+        compiled = torch.compile(reduction, dynamic=False)
+        methods["inductor"] = lambda w, o: compiled(x, w)
+        for method, fn in methods.items():
+            try:
+                y = fn(weights[0], outs[0])
+                y = outs[0] if y is None else y
+                times = time_pass([lambda w=w, o=o: fn(w, o) for w, o in zip(weights, outs)], args.reps)
+                entry[method] = cell(times, nbytes, bandwidth, error(y.view(-1)))
+            except Exception as err:  # one failed method must not lose the others
+                entry[method] = {"error": f"{type(err).__name__}: {err}"[:500]}
+        try:
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(coordinate_descent_tuning=True):
+                tuned = torch.compile(lambda x, w: reduction(x, w), dynamic=False)
+                y = tuned(x, weights[0])
+                times = time_pass([lambda w=w: tuned(x, w) for w in weights], args.reps)
+            entry["inductor_tuned"] = cell(times, nbytes, bandwidth, error(y))
+        except Exception as err:
+            entry["inductor_tuned"] = {"error": f"{type(err).__name__}: {err}"[:500]}
+        if not args.no_sweep and result["triton"]:
+            sweep = {}
+            for config in itertools.product(*SWEEP.values()):
+                if config[0] * config[1] > 16384:  # register budget of the fp32 partial sums
+                    continue
+                try:
+                    kernels.gemv(x, weights[0], outs[0], config)
+                    err = error(outs[0])
+                    times = time_pass([lambda w=w, o=o: kernels.gemv(x, w, o, config) for w, o in zip(weights, outs)],
+                                      max(3, args.reps // 2))
+                    sweep["-".join(map(str, config))] = cell(times, nbytes, bandwidth, err)
+                except Exception as err:
+                    sweep["-".join(map(str, config))] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            good = {c: v for c, v in sweep.items() if "us" in v and v["max_rel_error"] < 1e-2}
+            if good:
+                best = min(good, key=lambda c: good[c]["us"])
+                config = tuple(int(v) for v in best.split("-"))
+                times = time_pass([lambda w=w, o=o: kernels.gemv(x, w, o, config) for w, o in zip(weights, outs)],
+                                  args.reps)
+                entry["triton_best"] = dict(cell(times, nbytes, bandwidth, good[best]["max_rel_error"]), config=best)
+            entry["sweep"] = sweep
+        result["shapes"][name] = entry
+        print(name, json.dumps({m: entry[m] for m in entry if m not in ("sweep",)}), flush=True)
+        del weights, outs
+        torch.cuda.empty_cache()
+
+    result["attention"] = time_attention(args.model, [int(n) for n in args.cache_lengths.split(",")], args.reps,
+                                         args.pass_gb, bandwidth)
+    step = {}
+    for method in ("cublas", "triton", "triton_best", "inductor", "inductor_tuned"):
+        cells = [(e.get(method), e["uses_per_step"]) for e in result["shapes"].values()]
+        if all(c and "us" in c for c, _ in cells):
+            step[method] = round(sum(c["us"] * uses for c, uses in cells) / 1000, 3)
+    total_bytes = sum(e["weight_bytes"] * e["uses_per_step"] for e in result["shapes"].values())
+    result["step_ms"] = step
+    result["step_floor_ms"] = round(total_bytes / bandwidth * 1000, 3)
+    result["total_s"] = round(time.perf_counter() - t_start, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print("step (ms):", step, "floor", result["step_floor_ms"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
