@@ -5,7 +5,8 @@ tokens (42: the baselines' mean answer length in the paper, 101: EGM-8B's), batc
 Methods:
 
 - `generate`: plain `model.generate` (eager, dynamic cache): the reference path;
-- `graph`: `egm.infer.fast.GraphDecoder` (static cache, one CUDA graph per decode step);
+- `graph`: `egm.infer.fast.GraphDecoder` (static cache, one CUDA graph per decode step; at
+  batch 1 its projections and attention through `egm.infer.kernels` where Triton is present);
 - `graph_compiled`: the same with each layer's pre/post-attention blocks compiled first;
 - `vllm`: vLLM in this process, the peer: the same architecture written as a weightless
   directory (`egm.models.architectures`) and loaded with `load_format: dummy` through

@@ -14,7 +14,7 @@ the weight-streaming floor for the 8B at batch 1); `cache_implementation="static
   optionally the per-layer pre/post-attention blocks are compiled first (`torch.compile`),
   which fuses norms, rope and the MLP's elementwise work into few kernels;
 - at batch 1 the projections and the attention go through `egm.infer.kernels` (Triton kernels
-  shaped for one token: on the H200 a step takes 4.65 ms against 5.37 with the library's);
+  shaped for one token; on the H200 the 8B decodes a token in 4.65 ms, vLLM in 5.53);
 - the host never waits per token: it replays `sync_every` steps, then reads one flag.
 
 The same code runs eagerly on CPU (no graphs), which is how it is tested against `generate`.

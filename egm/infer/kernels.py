@@ -1,17 +1,19 @@
 """Triton kernels for batch-1 decode steps: matrix-vector products and attention over the cache.
 
 At batch 1 a decode step streams every weight once and attends one token to the cache; the
-general kernels are shaped for bigger work. On the H200 (`benchmarks/decode_kernels.py`, 8B):
+general kernels are shaped for bigger work. On the H200 (`benchmarks/decode_kernels.py`, 8B,
+`benchmarks/results/decode-kernels-h200.json`):
 
-- `linear`: the matrix-product library reached about two thirds of the copy bandwidth on the
-  attention projections. Here each program owns a few weight rows, walks them along the shared
-  dimension with wide loads and keeps fp32 partial sums in registers until one reduction at the
-  end. Weights are read once per step and not again before the next, so they are loaded with
-  the evict-first hint: the L2 keeps the activations and the KV cache instead.
-- `decode_attention`: cuDNN's fused attention took ~14 us per layer for one query against a few
-  hundred cached positions, all of it start-up and latency, not bytes. Here the cache is split
+- `linear`: the matrix-product library reached 58-76 % of the copy bandwidth on the attention
+  and down projections (a step's products: 4.32 ms). Here each program owns a few weight rows,
+  walks them along the shared dimension with wide loads and keeps fp32 partial sums in
+  registers until one reduction at the end (78-104 %; 3.85 ms). Weights are read once per step
+  and not again before the next, so they are loaded with the evict-first hint: the L2 keeps the
+  activations and the KV cache instead.
+- `decode_attention`: cuDNN's fused attention took 15.6 us a layer for one token against 512
+  cached positions (2 MB), all of it start-up and latency, not bytes. Here the cache is split
   into blocks of positions, one program per (KV head, block) with the KV head's query heads
-  together (flash-decoding), then one small pass merges the blocks' softmax partials.
+  together (flash-decoding), then one small pass merges the blocks' softmax partials: 7.3 us.
 
 Each applies to one sequence (batch 1) with contiguous operands and falls back to the torch
 operation otherwise, so the same decoder code runs everywhere; whether the kernels are used at
@@ -27,7 +29,7 @@ import functools
 
 # (BLOCK_N rows per program, BLOCK_K columns per load, warps, pipeline stages). Of the sweep in
 # benchmarks/decode_kernels.py on the H200, the one best over a whole 8B decode step (within
-# 0.6 % of the best per shape).
+# about 1 % of each shape's own best).
 GEMV_CONFIG = (4, 1024, 2, 3)
 # Cache positions per attention program.
 ATTENTION_BLOCK = 64
