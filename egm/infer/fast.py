@@ -168,8 +168,7 @@ class GraphDecoder:
             use_kernels = self.device.type == "cuda" and kernels.available()
         if use_kernels:
             kernels.register()
-        self.use_kernels = bool(use_kernels)
-        self._linear = kernels.linear if use_kernels else None
+        self._linear = kernels.linear if use_kernels else F.linear
         self._attention = kernels.decode_attention if use_kernels else F.scaled_dot_product_attention
 
         text = model.model.language_model
@@ -256,7 +255,7 @@ class GraphDecoder:
             x = self._mlp_out(x, o.reshape(b, 1, self.nh * self.hd), w.o_w, w.post_norm_w, w.gate_up_w, w.down_w, self.eps,
                               self._linear)
         x = F.rms_norm(x, (self.hidden,), self.final_norm_w, self.eps)
-        logits = (self._linear or F.linear)(x.view(b, self.hidden), self.lm_head_w)
+        logits = self._linear(x.view(b, self.hidden), self.lm_head_w)
         if s.logits is not None:
             s.logits.copy_(logits)
         nxt = logits.argmax(dim=-1)
