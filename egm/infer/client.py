@@ -38,7 +38,11 @@ class ServerDied(ServerError):
 
 
 def image_data_url(path: str) -> str:
-    """The image file's own bytes as a base64 data URL (no re-encoding: the server sees the file)."""
+    """The image file's own bytes as a base64 data URL (no re-encoding: the server sees the file).
+
+    The authors label every image `image/jpeg` (sglang_infer.py line 15); for the COCO images,
+    all JPEG, the URL is byte for byte theirs. Other files get their own type: both servers
+    decode the bytes whatever the label says, and a label that names the true type misleads none."""
     with open(path, "rb") as handle:
         data = handle.read()
     mime = _sniff_mime(data) or mimetypes.guess_type(path)[0] or "application/octet-stream"
@@ -111,7 +115,9 @@ def request_body(model: str, image_url: str, prompt: str, sampling: SamplingOpti
     continues (vLLM's and SGLang's `continue_final_message`, without a new generation prompt);
     `stop` strings are kept at the end of the answer (vLLM: include_stop_str_in_output, SGLang:
     no_stop_trim; each server ignores the other's field)."""
-    body = {"model": model, "messages": chat_messages(image_url, prompt, assistant_prefix), "stream": False,
+    # The authors' request (sglang_infer.py lines 101-117): these fields and no others; the
+    # OpenAI client they used sends no `stream` key, and neither do we.
+    body = {"model": model, "messages": chat_messages(image_url, prompt, assistant_prefix),
             **sampling_fields(sampling, extensions)}
     if max_tokens is not None:
         body["max_tokens"] = int(max_tokens)

@@ -16,6 +16,17 @@ Engine options:
   engine_args (a list of extra command-line arguments),
   host, port (0/None: a free one), ready_timeout_s, request_timeout_s, log_dir,
   trust_remote_code (off; only for self-made test models), device (transformers only)
+
+The command lines follow the authors' launch scripts (EGM-AReaL
+`examples/agrounding/evaluation/sglang_infer.sh` and `vllm_infer.sh`, the same files in zgq1879/EGM
+`verl/scripts/`): SGLang's `python -m sglang.launch_server --model-path M --dp-size 8 --tp-size 1
+--dtype auto --mem-fraction-static 0.8` (sglang_infer.sh lines 12-19) and vLLM's `python -m
+vllm.entrypoints.openai.api_server --model M --data-parallel-size 8 --tensor-parallel-size 1 --dtype
+auto --gpu-memory-utilization 0.9` (vllm_infer.sh lines 12-20). Three deliberate differences, none of
+which reaches the model: the server listens on 127.0.0.1, not 0.0.0.0 (the job's own client is its
+only user); the port is a free one, not 30000/8000 (several jobs may share a node); and vLLM gets no
+`--trust-remote-code` (Qwen3-VL is built into transformers, and remote code stays off unless the
+config asks for it).
 """
 
 from __future__ import annotations
@@ -42,6 +53,10 @@ log = logging.getLogger(__name__)
 
 SERVER_KINDS = ("vllm", "sglang", "transformers")
 MODULES = {"vllm": "vllm", "sglang": "sglang", "transformers": "fastapi"}
+# The share of GPU memory each server takes when the config names none: the authors' values
+# (sglang_infer.sh line 19 `--mem-fraction-static 0.8`; vllm_infer.sh line 20
+# `--gpu-memory-utilization 0.9`, which is also vLLM's own default).
+AUTHORS_MEMORY_FRACTION = {"sglang": 0.8, "vllm": 0.9}
 
 
 @dataclass
@@ -77,14 +92,15 @@ def server_command(spec: ServerSpec) -> list[str]:
     """The command line that starts `spec`'s server."""
     if spec.kind not in SERVER_KINDS:
         raise ValueError(f"unknown server {spec.kind!r}; use one of {', '.join(SERVER_KINDS)}")
+    memory = spec.gpu_memory_utilization or AUTHORS_MEMORY_FRACTION.get(spec.kind)
     if spec.kind == "vllm":
-        cmd = [_executable("vllm"), "serve", spec.model_dir, "--host", spec.host, "--port", str(spec.port),
-               "--served-model-name", spec.served_name, "--tensor-parallel-size", str(spec.tensor_parallel_size),
-               "--data-parallel-size", str(spec.data_parallel_size), "--dtype", spec.dtype]
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", spec.model_dir,
+               "--host", spec.host, "--port", str(spec.port), "--served-model-name", spec.served_name,
+               "--data-parallel-size", str(spec.data_parallel_size),
+               "--tensor-parallel-size", str(spec.tensor_parallel_size), "--dtype", spec.dtype,
+               "--gpu-memory-utilization", str(memory)]
         if spec.max_model_len:
             cmd += ["--max-model-len", str(spec.max_model_len)]
-        if spec.gpu_memory_utilization:
-            cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
         if spec.load_format:
             cmd += ["--load-format", spec.load_format]
         if spec.enforce_eager:
@@ -92,12 +108,10 @@ def server_command(spec: ServerSpec) -> list[str]:
     elif spec.kind == "sglang":
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", spec.model_dir, "--host", spec.host,
                "--port", str(spec.port), "--served-model-name", spec.served_name,
-               "--tp-size", str(spec.tensor_parallel_size), "--dp-size", str(spec.data_parallel_size),
-               "--dtype", spec.dtype]
+               "--dp-size", str(spec.data_parallel_size), "--tp-size", str(spec.tensor_parallel_size),
+               "--dtype", spec.dtype, "--mem-fraction-static", str(memory)]
         if spec.max_model_len:
             cmd += ["--context-length", str(spec.max_model_len)]
-        if spec.gpu_memory_utilization:
-            cmd += ["--mem-fraction-static", str(spec.gpu_memory_utilization)]
         if spec.load_format:
             cmd += ["--load-format", spec.load_format]
         if spec.enforce_eager:
@@ -111,6 +125,23 @@ def server_command(spec: ServerSpec) -> list[str]:
     if spec.trust_remote_code:
         cmd.append("--trust-remote-code")
     return cmd + [str(a) for a in spec.engine_args]
+
+
+def server_spec(model_dir: str, server: str = "vllm", tensor_parallel_size: int = 1, data_parallel_size="auto",
+                dtype: str = "auto", max_model_len: int | None = None, gpu_memory_utilization: float | None = None,
+                load_format: str | None = None, enforce_eager: bool = False, engine_args: list | None = None,
+                host: str = "127.0.0.1", port: int | None = None, trust_remote_code: bool = False,
+                device: str | None = None, gpus: list[str] | None = None) -> ServerSpec:
+    """The server a job starts from its engine options (`gpus`: the job's GPUs, default the visible ones)."""
+    tp = int(tensor_parallel_size)
+    return ServerSpec(
+        kind=server, model_dir=str(model_dir), host=host, port=int(port or free_port(host)),
+        tensor_parallel_size=tp,
+        data_parallel_size=1 if server == "transformers" else resolve_data_parallel(data_parallel_size, tp, gpus),
+        dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+        load_format=load_format, enforce_eager=bool(enforce_eager), engine_args=list(engine_args or []),
+        trust_remote_code=bool(trust_remote_code), device=device,
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -261,13 +292,11 @@ class ServerEngine(EngineBase):
             model = model_name or self._first_model(base_url)
         else:
             require_module(MODULES[server], f"server {server}", CONTAINERS.get(server))
-            tp = int(tensor_parallel_size)
-            spec = ServerSpec(
-                kind=server, model_dir=str(model_dir), host=host, port=int(port or free_port(host)),
-                tensor_parallel_size=tp,
-                data_parallel_size=1 if server == "transformers" else resolve_data_parallel(data_parallel_size, tp),
+            spec = server_spec(
+                model_dir, server, tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
                 dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                load_format=load_format, enforce_eager=bool(enforce_eager), engine_args=list(engine_args or []), trust_remote_code=bool(trust_remote_code), device=device,
+                load_format=load_format, enforce_eager=enforce_eager, engine_args=engine_args, host=host, port=port,
+                trust_remote_code=trust_remote_code, device=device,
             )
             log_path = Path(log_dir) / f"{Path(model_dir).name}.{server}.{spec.port}.log"
             self.server = ManagedServer(spec, log_path)
