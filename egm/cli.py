@@ -129,8 +129,11 @@ def cmd_validate_split(args: argparse.Namespace) -> None:
 
     report = validate_split(args.split, args.image_root)
     for bad in report["bad_records"]:
-        log.warning("%s: bad record: %s", bad["where"], bad["reason"])
+        log.warning("%s: bad record, scored as a miss: %s", bad["where"], bad["reason"])
     write_json(args.out, report)
+    if report["differs_from_release"]:
+        log.warning("%s: %d lines, the released file has %d (scored over the lines it has)", report["name"],
+                    report["lines"], report["released_lines"])
     if report["error"]:
         log.warning("%s: NO VALID RECORD, it will have no score (the other splits go on): %s",
                     report["name"], report["error"])
@@ -153,12 +156,14 @@ def cmd_validate_parquet(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    from egm.data.splits import released_size
     from egm.data.validation import unscored
     from egm.io import read_json, sha256_file, write_json
     from egm.metrics import read_prediction_rows, summarize_predictions
     from egm.provenance import code_record, image_record
 
     metrics = summarize_predictions(read_prediction_rows(args.predictions), args.model, args.split)
+    metrics.update(released_size(args.split, metrics["n_records"]))
     metrics.update(unscored(metrics, read_json(args.validation) if args.validation else None))
     if args.run_record:
         metrics["provenance"] = {

@@ -24,8 +24,8 @@ Where we differ, on purpose, so that the paper's numbers and these come from the
 - An answer without a box: lmms-eval scores [0, 0, 0, 0] in its place, IoU 0, but its centre
   (0, 0) is "inside" a ground truth touching the image's top-left corner. Here it is a miss for
   every metric, Center_ACC included, as the paper counts it for Acc@0.5.
-- Bad records (invalid data) are left out of the denominator, as for the paper's metrics;
-  lmms-eval has no such records.
+- Bad records (invalid data) are misses for every metric, as for the paper's: every line of a
+  split is a sample; lmms-eval has no such records.
 """
 
 from __future__ import annotations
@@ -107,9 +107,11 @@ def mean(values: Iterable[float]) -> float:
 def summarize_predictions(rows: Iterable[dict], model: str, split: str) -> dict:
     """Split metrics from prediction rows (streamed once); IoU is recomputed from the raw answer.
 
-    Bad records (invalid data, not model failures) are counted and listed but excluded from
-    the denominator; an answer with no parseable box scores IoU 0 and is counted. "lmms_eval"
-    holds lmms-eval's RefCOCO metrics (LMMS_METRICS, fractions) over the same scored records.
+    The denominator is every row, as the authors count every line of the split file: an answer
+    with no parseable box and a bad record (invalid data, never sent to the model) both score
+    IoU 0; both are counted, and the bad ones listed by `file:line` with the reason. Tokens and
+    latency average over the answered records. "lmms_eval" holds lmms-eval's RefCOCO metrics
+    (LMMS_METRICS, fractions) over the same samples.
     """
     scored, bad, unparseable, n_records = [], [], 0, 0
     tokens, latencies = [], []
@@ -117,7 +119,9 @@ def summarize_predictions(rows: Iterable[dict], model: str, split: str) -> dict:
     for row in rows:
         n_records += 1
         if row.get("status") == "bad_record":
-            bad.append({"line": row["line"], "reason": row.get("error")})
+            bad.append({"where": row.get("where") or f"line {row['line']}", "line": row["line"],
+                        "reason": row.get("error")})
+            scored.append(0.0)
             continue
         result = evaluate_answer(row["answer"], row["bbox"], row["width"], row["height"])
         if result["parsed_box"] is None:
@@ -133,6 +137,7 @@ def summarize_predictions(rows: Iterable[dict], model: str, split: str) -> dict:
         "split": split,
         "n_records": n_records,
         "n_scored": len(scored),
+        "n_answered": len(scored) - len(bad),
         "n_bad_records": len(bad),
         "n_unparseable": unparseable,
         "acc_at_0.5": nan_to_none(acc_at_05(scored)),

@@ -43,14 +43,16 @@ def test_summarize_predictions_counts_bad_and_unparseable():
     rows = [
         _row(1, '"bbox_2d": [0, 0, 500, 500]', tokens=10, latency=1.0),  # IoU 1
         _row(2, "no idea", tokens=30, latency=3.0),  # unparseable -> IoU 0
-        {"line": 3, "status": "bad_record", "error": "image missing"},
+        {"line": 3, "where": "s.jsonl:3", "status": "bad_record", "error": "image missing"},
     ]
     m = summarize_predictions(rows, "m", "s")
-    assert m["n_records"] == 3 and m["n_scored"] == 2 and m["n_bad_records"] == 1
+    # Every line is a sample (the authors' denominator): the bad record is a miss, not left out.
+    assert m["n_records"] == 3 and m["n_scored"] == 3 and m["n_answered"] == 2 and m["n_bad_records"] == 1
     assert m["n_unparseable"] == 1
-    assert m["acc_at_0.5"] == 0.5 and m["mean_iou"] == 0.5
+    assert m["acc_at_0.5"] == 1 / 3 and m["mean_iou"] == 1 / 3
+    # Tokens and latency are the answered records' (the bad one was never sent).
     assert m["mean_completion_tokens"] == 20 and m["mean_latency_s"] == 2.0
-    assert m["bad_records"] == [{"line": 3, "reason": "image missing"}]
+    assert m["bad_records"] == [{"where": "s.jsonl:3", "line": 3, "reason": "image missing"}]
 
 
 def test_summarize_predictions_recomputes_iou_from_the_answer():
@@ -61,7 +63,9 @@ def test_summarize_predictions_recomputes_iou_from_the_answer():
 
 def test_summarize_predictions_all_bad_gives_nulls():
     m = summarize_predictions([{"line": 1, "status": "bad_record", "error": "x"}], "m", "s")
-    assert m["acc_at_0.5"] is None and m["n_scored"] == 0
+    # A miss over one sample; nothing answered, so the split has no score (egm.data.validation.unscored).
+    assert m["acc_at_0.5"] == 0.0 and m["n_scored"] == 1 and m["n_answered"] == 0
+    assert m["mean_completion_tokens"] is None
 
 
 def test_read_prediction_rows_names_file_and_line(tmp_path):
@@ -111,15 +115,17 @@ def test_summarize_predictions_lmms_metrics_over_scored_records():
     m = summarize_predictions(rows, "m", "s")
     lmms = m["lmms_eval"]
     assert set(lmms) == set(LMMS_METRICS)
-    assert m["acc_at_0.5"] == 0.0 and lmms["ACC@0.5"] == 1 / 3
-    assert lmms["ACC@0.1"] == 1 / 3 and lmms["ACC@0.9"] == 0.0  # row 3 is below 0.1
-    assert lmms["Center_ACC"] == 2 / 3  # rows 1 and 3; the unparseable row 2 misses
+    # Over all 4 samples: the bad record misses every metric.
+    assert m["acc_at_0.5"] == 0.0 and lmms["ACC@0.5"] == 1 / 4
+    assert lmms["ACC@0.1"] == 1 / 4 and lmms["ACC@0.9"] == 0.0  # row 3 is below 0.1
+    assert lmms["Center_ACC"] == 2 / 4  # rows 1 and 3; the unparseable row 2 and the bad row 4 miss
     assert lmms["IoU"] == m["mean_iou"]
 
 
-def test_summarize_predictions_all_bad_gives_null_lmms_metrics():
+def test_summarize_predictions_all_bad_gives_zero_lmms_metrics():
     m = summarize_predictions([{"line": 1, "status": "bad_record", "error": "x"}], "m", "s")
-    assert m["lmms_eval"] == dict.fromkeys(LMMS_METRICS)
+    assert m["lmms_eval"] == dict.fromkeys(LMMS_METRICS, 0.0)
+    assert summarize_predictions([], "m", "s")["lmms_eval"] == dict.fromkeys(LMMS_METRICS)
 
 
 def test_evaluate_answer_unparseable_scores_zero():

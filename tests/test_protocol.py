@@ -190,3 +190,71 @@ def test_request_body_on_the_wire_is_the_authors(recording_server, tmp_path):
     }
     assert all(body == expected for body in recording_server.bodies), recording_server.bodies[0]
     assert all(type(recording_server.bodies[0][k]) is type(v) for k, v in expected.items())
+
+
+def test_every_line_is_a_sample_bad_ones_misses_each_reported(recording_server, tmp_path):
+    """validate-split, predict (through the server backend, at the recording server) and score, as
+    the rules run them, on a short refcoco_testB holding a repeated id, an unparseable line, a
+    size mismatch, a missing image and a malformed box: scored over every line."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from egm.report.tables import refcoco_table
+
+    images = tmp_path / "images" / "coco"
+    images.mkdir(parents=True)
+    Image.new("RGB", (100, 100), "red").save(images / "a.jpg", format="JPEG")
+    Image.new("RGB", (80, 100), "red").save(images / "narrow.jpg", format="JPEG")
+
+    def record(**fields):
+        # The recording server answers [10, 20, 30, 40] in 0-1000: [1, 2, 3, 4] px on a 100x100 image.
+        return json.dumps({"id": "a", "image": "/coco/a.jpg", "sent": "the red one", "bbox": [1, 2, 3, 4],
+                           "width": 100, "height": 100} | fields)
+
+    lines = [
+        record(),                                   # 1
+        record(),                                   # 2: the same id again, a sample like any other
+        '{"id": 3, "image": ',                      # 3: not JSON
+        record(id=4, image="/coco/narrow.jpg"),     # 4: the image is 80x100, the record says 100x100
+        record(id=5),                               # 5
+        record(id=6, image="/coco/gone.jpg"),       # 6: no such image
+        record(id=7, bbox=[5, 5, 5]),               # 7: a malformed box
+    ]
+    split = tmp_path / "refcoco_testB.jsonl"
+    split.write_text("\n".join(lines) + "\n")
+    bad_lines = {3: "malformed JSON", 4: "record says 100x100", 6: "file not found", 7: "bbox"}
+    egm = [sys.executable, "-m", "egm"]
+
+    def run(*args):
+        result = subprocess.run([*egm, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result
+
+    run("validate-split", str(split), "--image-root", str(tmp_path / "images"), "--out", "validation.json")
+    report = json.loads((tmp_path / "validation.json").read_text())
+    assert (report["valid"], report["bad"], report["lines"]) == (3, 4, 7)
+    assert report["released_lines"] == 5095 and report["differs_from_release"]  # flagged, not refused
+    assert {r["where"]: r["reason"] for r in report["bad_records"]}.keys() == {f"{split}:{n}" for n in bad_lines}
+    for bad in report["bad_records"]:
+        assert bad_lines[int(bad["where"].rsplit(":", 1)[1])] in bad["reason"], bad
+
+    (tmp_path / "model.json").write_text(json.dumps({"files": []}))
+    options = {"prompt": "qwen3", "backend": "server", "gpus": 0,
+               "engine_options": {"url": f"http://127.0.0.1:{recording_server.server_address[1]}/v1",
+                                  "model_name": "egm"},
+               "inference": {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 20,
+                             "repetition_penalty": 1.0, "presence_penalty": 0.0, "batch_size": 64, "limit": None}}
+    run("predict", "--model-dir", str(tmp_path), "--model-manifest", "model.json", "--splits", str(split),
+        "--image-root", str(tmp_path / "images"), "--out-dir", "pred", "--options", json.dumps(options))
+    assert len(recording_server.bodies) == 3  # lines 1, 2 and 5: only valid records are sent
+    run("score", "pred/refcoco_testB.jsonl", "metrics.json", "--model", "m", "--split", "refcoco_testB",
+        "--validation", "validation.json")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["n_records"], metrics["n_scored"], metrics["n_answered"], metrics["n_bad_records"]) == (7, 7, 3, 4)
+    assert metrics["acc_at_0.5"] == 3 / 7 and metrics["mean_iou"] == 3 / 7  # the 3 answered are exact hits
+    assert sorted(b["where"] for b in metrics["bad_records"]) == sorted(f"{split}:{n}" for n in bad_lines)
+    assert metrics["released_lines"] == 5095 and metrics["differs_from_release"]
+    notes = " ".join(refcoco_table([metrics], {"m": {"display": "M"}}, ["refcoco_testB"]).attrs["notes"])
+    assert "RefCOCO testB 7 (released 5095)" in notes, notes

@@ -96,13 +96,14 @@ def test_all_bad_kinds_together_and_duplicates(tmp_path, image_root):
         handle.write(b'{"image": "\xff\xfe"}\n')
     split = load_split(path, image_root)
     n = len(BAD_LINES)
-    # Line n+2 repeats id "a"; line n+3 falls back to its line number; a numeric id is str()-ed.
-    assert [r.id for r in split.records] == ["a", str(n + 3), "1"]
-    assert [b.line for b in split.bad] == list(range(2, n + 2)) + [n + 2, n + 5]
-    assert "duplicate id 'a'" in split.bad[-2].reason
+    # Line n+2 repeats id "a", a record like any other (ids may repeat; records are keyed by line);
+    # line n+3 falls back to its line number; a numeric id is str()-ed.
+    assert [r.id for r in split.records] == ["a", "a", str(n + 3), "1"]
+    assert [r.line for r in split.records] == [1, n + 2, n + 3, n + 4]
+    assert [b.line for b in split.bad] == list(range(2, n + 2)) + [n + 5]
     assert "UTF-8" in split.bad[-1].reason
     summary = split.summary()
-    assert summary["records"] == 3 and summary["bad"] == n + 2
+    assert summary["records"] == 4 and summary["bad"] == n + 1
 
 
 def test_no_image_check_skips_filesystem(tmp_path):

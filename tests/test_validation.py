@@ -107,9 +107,11 @@ def test_rl_parquet_report_and_failure(tmp_path, image_root):
 
 def test_unscored_metrics_say_why():
     report = {"error": "x/refcocog_test.jsonl: no valid record (0 bad: the file has no records)"}
-    assert unscored({"n_scored": 3}, report) == {}
-    assert unscored({"n_scored": 0}, report) == {"no_score": "no valid record", "no_score_reason": report["error"]}
-    assert unscored({"n_scored": 0}, {"error": None})["no_score"] == "nothing scored"
+    assert unscored({"n_scored": 3, "n_answered": 3}, report) == {}
+    # Bad records are samples (misses) but not answers: a split of only bad records has no score.
+    assert unscored({"n_scored": 2, "n_answered": 0}, report) == {"no_score": "no valid record",
+                                                                  "no_score_reason": report["error"]}
+    assert unscored({"n_scored": 0, "n_answered": 0}, {"error": None})["no_score"] == "nothing scored"
 
 
 def _metrics(model, split, acc, **extra):

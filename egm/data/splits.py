@@ -10,10 +10,12 @@ Decisions:
   prediction, so the record could never count as correct; it is flagged instead.
 - width/height must be positive integers; floats with an integral value (640.0) are accepted
   and booleans are not.
-- `id` is str(record["id"]) when present and not null, else the 1-based line number; an id
-  already taken by an earlier *valid* record makes the later line bad.
+- `id` is str(record["id"]) when present and not null, else the 1-based line number. Ids may
+  repeat (the authors never look at them): records are keyed by their line.
 - blank lines are skipped without being counted (an editor's trailing empty line is not a
-  record).
+  record; the authors' JSON-lines loader skips them too).
+- every other line is a sample of the split's denominator, as the authors count it: a bad
+  record is reported by `file:line` and scored as a miss (IoU 0) downstream (egm.metrics).
 - the image size is read from the file header only (no decode) and compared with the record's
   width/height as stored, without EXIF rotation, which is what the boxes refer to.
 """
@@ -41,6 +43,28 @@ EVAL_SPLITS: tuple[str, ...] = (
     "refcocog_val",
     "refcocog_test",
 )
+
+
+# Lines of each released split file (JamesZGQ/EGM_Datasets metadata/eval/): every line is a sample
+# of the paper's denominator. A file of another length is flagged in the validation report and the
+# tables' notes, not refused (a demo, a `limit`, or a different revision of the data).
+RELEASED_SPLIT_LINES: dict[str, int] = {
+    "refcoco_val": 10834,
+    "refcoco_testA": 5657,
+    "refcoco_testB": 5095,
+    "refcoco+_val": 10758,
+    "refcoco+_testA": 5726,
+    "refcoco+_testB": 4889,
+    "refcocog_val": 4896,
+    "refcocog_test": 9602,
+}
+
+
+def released_size(split: str, lines: int) -> dict:
+    """`lines` of split `split` against the released file's: the fields reports carry."""
+    released = RELEASED_SPLIT_LINES.get(split)
+    return {"lines": lines, "released_lines": released,
+            "differs_from_release": released is not None and lines != released}
 
 
 class SplitError(ValueError):
@@ -191,7 +215,6 @@ def read_split(path: Path, image_root: str, check_images: bool = True, limit: in
         raise SplitError(f"{path}: eval split file not found")
 
     split = SplitData(path=path)
-    ids: set[str] = set()
     sizes: dict[str, tuple[int, int] | str] = {}
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -201,8 +224,6 @@ def read_split(path: Path, image_root: str, check_images: bool = True, limit: in
                 obj = _parse(raw)
                 image, sent, box, width, height = _fields(obj)
                 rid = str(obj["id"]) if obj.get("id") is not None else str(number)
-                if rid in ids:
-                    raise InvalidRecord(f"id: duplicate id {rid!r}")
                 image_path = relocate_image_path(image, image_root)
                 if check_images:
                     got = image_size(image_path, sizes)
@@ -211,7 +232,6 @@ def read_split(path: Path, image_root: str, check_images: bool = True, limit: in
             except InvalidRecord as bad:
                 split.bad.append(BadRecord(number, str(bad)))
                 continue
-            ids.add(rid)
             split.records.append(EvalRecord(number, rid, image, image_path, sent, box, width, height))
             if limit is not None and len(split.records) >= limit:
                 break

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from egm.data.paths import relocate_image_path
-from egm.data.splits import InvalidRecord, image_size, is_number, positive_int, read_split
+from egm.data.splits import InvalidRecord, image_size, is_number, positive_int, read_split, released_size
 
 # Bad records listed in a report (all are counted): enough to see the pattern, small to read.
 LISTED = 100
@@ -37,15 +37,18 @@ def split_name(path: str | Path) -> str:
 
 
 def validate_split(path: str | Path, image_root: str, listed: int = LISTED) -> dict:
-    """The report of one eval split: valid records, bad ones as `file:line` and reason."""
+    """The report of one eval split: valid records, bad ones as `file:line` and reason (each a
+    miss in the split's score), and the file's length against the released one's."""
     split = read_split(Path(path), image_root)
+    name = split_name(path)
     return {
         "kind": "eval split",
-        "name": split_name(path),
+        "name": name,
         "path": str(path),
         "image_root": image_root,
         "valid": len(split.records),
         "bad": len(split.bad),
+        **released_size(name, len(split.records) + len(split.bad)),
         "bad_records": [{"where": f"{path}:{b.line}", "reason": b.reason} for b in split.bad[:listed]],
         "error": split.problem,
     }
@@ -133,9 +136,9 @@ def unscored(metrics: dict, report: dict | None) -> dict:
     `report` is the split's validation report: its error is the reason when the split had no
     valid record.
     """
-    if metrics.get("n_scored"):
+    if metrics.get("n_answered"):
         return {}
     reason = (report or {}).get("error")
     if reason:
         return {"no_score": NO_VALID_RECORD, "no_score_reason": reason}
-    return {"no_score": "nothing scored", "no_score_reason": "the split's prediction file holds no scored record"}
+    return {"no_score": "nothing scored", "no_score_reason": "the split's prediction file holds no answered record"}

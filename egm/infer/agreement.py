@@ -15,7 +15,8 @@ from egm.metrics import read_prediction_rows
 
 
 def _by_key(path: Path) -> dict[tuple[str, str], dict]:
-    return {(row["split"], str(row["id"])): row for row in read_prediction_rows(path) if row.get("status") == "ok"}
+    # By line: ids may repeat within a split (egm.data.splits).
+    return {(row["split"], str(row["line"])): row for row in read_prediction_rows(path) if row.get("status") == "ok"}
 
 
 def engine_agreement(dir_a: Path, dir_b: Path, splits: Iterable[str], max_listed: int = 50) -> dict:
@@ -45,7 +46,7 @@ def engine_agreement(dir_a: Path, dir_b: Path, splits: Iterable[str], max_listed
             n_differing += 1
             if len(differences) < max_listed:
                 differences.append({
-                    "split": key[0], "id": key[1],
+                    "split": key[0], "line": int(key[1]), "id": ra.get("id"),
                     "a": {k: ra[k] for k in ("parsed_box", "iou", "completion_tokens", "answer")},
                     "b": {k: rb[k] for k in ("parsed_box", "iou", "completion_tokens", "answer")},
                 })

@@ -144,7 +144,9 @@ def predict_split(
         answer_s = time.perf_counter() - answering
 
     rows = [done[rec.line] for rec in split.records]
-    rows += [{"split": split_name, "line": bad.line, "status": "bad_record", "error": bad.reason} for bad in split.bad]
+    # Bad records stay in the file, each a miss in the split's score (every line is a sample).
+    rows += [{"split": split_name, "line": bad.line, "where": f"{split.path}:{bad.line}", "status": "bad_record",
+              "error": bad.reason} for bad in split.bad]
     rows.sort(key=lambda row: row["line"])
     with atomic_write(out_path, "w", encoding="utf-8") as handle:
         for row in rows:

@@ -168,6 +168,25 @@ def no_score_notes(summaries: Iterable[ModelSummary]) -> list[str]:
     return notes
 
 
+def split_size_notes(metrics: Iterable[Mapping[str, Any]], splits: Sequence[str]) -> list[str]:
+    """One note naming the configured splits scored over another number of lines than the
+    released files hold (a demo, a `limit`, another revision of the data): their scores are not
+    over the paper's samples."""
+    seen: dict[str, set[int]] = {}
+    released: dict[str, int] = {}
+    for entry in metrics:
+        split = str(entry.get("split"))
+        if split in splits and entry.get("differs_from_release"):
+            seen.setdefault(split, set()).add(as_count(entry.get("n_records")))
+            released[split] = as_count(entry.get("released_lines"))
+    if not seen:
+        return []
+    listed = "; ".join(f"{SPLIT_LABELS.get(s, s)} {'/'.join(map(str, sorted(seen[s])))} (released {released[s]})"
+                       for s in order_splits(list(seen)))
+    return [f"Split sizes differ from the released data set's, so these scores are not over the paper's samples "
+            f"(lines scored here, and in the released file): {listed}."]
+
+
 # --------------------------------------------------------------------------- tables
 
 

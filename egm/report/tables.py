@@ -14,7 +14,8 @@ import pandas as pd
 
 from egm.report import paper
 from egm.report.common import (
-    MISSING, ModelSummary, finite_mean, no_score_label, no_score_notes, order_splits, row_provenance, summarise,
+    MISSING, ModelSummary, finite_mean, no_score_label, no_score_notes, order_splits, row_provenance, split_size_notes,
+    summarise,
 )
 from egm.report.paper import AVG, SPLITS
 
@@ -63,7 +64,7 @@ def refcoco_table(
     df[float_columns] = df[float_columns].astype("float64")
     df[["bad records", "unparseable"]] = df[["bad records", "unparseable"]].astype("int64")
     # Notes ride with the frame so any caller of write_table gets them without extra arguments.
-    df.attrs["notes"] = refcoco_notes(configured) + no_score_notes(summaries)
+    df.attrs["notes"] = refcoco_notes(configured) + split_size_notes(metrics, configured) + no_score_notes(summaries)
     df.attrs["cell_labels"] = {
         (position, split): no_score_label(label)
         for position, m in enumerate(summaries)
@@ -255,9 +256,9 @@ def expected_verdict(df: pd.DataFrame) -> str:
 def refcoco_notes(splits: Sequence[str]) -> list[str]:
     configured = order_splits(splits)
     notes = [
-        "Acc@0.5 (%): share of scored samples whose predicted box has IoU > 0.5 with the "
-        "ground truth; unparseable answers count as misses, bad records (invalid data) are "
-        "left out of the denominator.",
+        "Acc@0.5 (%): share of the split's samples (every line of its file, as the authors count "
+        "them) whose predicted box has IoU > 0.5 with the ground truth; unparseable answers and "
+        "bad records (invalid data, listed by file:line in the metrics) count as misses.",
         f"Avg: unweighted mean over the {len(configured)} configured split(s); "
         f"{MISSING} if the model lacks a score on any of them.",
         "mean IoU (%), tokens (mean completion tokens) and latency (ms, mean per sample, "

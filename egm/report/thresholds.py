@@ -38,7 +38,8 @@ def thresholds_notes(splits: Sequence[str]) -> list[str]:
         "pixels vs normalised coordinates.",
         "An answer without a box is a miss on every metric (IoU 0). lmms-eval scores [0, 0, 0, 0] "
         "instead, which counts for its Center_ACC when the ground truth touches the image's top-left "
-        "corner. Bad records (invalid data) are left out of the denominator (scored: records counted).",
+        "corner. Bad records (invalid data) are misses too: every line of a split is a sample (scored: "
+        "lines counted).",
         f"{AVG}: unweighted mean over the {len(order_splits(splits))} configured split(s); "
         "missing if the model lacks a score on any of them.",
     ]
