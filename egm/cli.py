@@ -184,6 +184,13 @@ def _load_metrics(paths: list[str]) -> list[dict]:
     return [read_json(p) for p in paths]
 
 
+def _paper_version(report: dict) -> str:
+    """The published version of the paper's table a report compares with (rules always pass it)."""
+    from egm.report.paper import DEFAULT_VERSION
+
+    return report.get("paper_version") or DEFAULT_VERSION
+
+
 def _models_in_order(report: dict) -> dict:
     """The report's models in the config's order (the JSON object itself arrives key-sorted)."""
     models = report["models"]
@@ -203,7 +210,8 @@ def cmd_report_table(args: argparse.Namespace) -> None:
     refcoco, vs_paper, *vs_expected = map(Path, args.out_prefixes)
     write_table(refcoco_table(metrics, models, splits), refcoco, title="RefCOCO/+/g Acc@0.5 (%)")
     write_table(
-        paper_comparison(metrics, models, splits, tolerance=args.report["tolerance"]),
+        paper_comparison(metrics, models, splits, tolerance=args.report["tolerance"],
+                         paper_version=_paper_version(args.report)),
         vs_paper,
         title="Reproduced vs paper, Acc@0.5 (%)",
     )
@@ -229,7 +237,8 @@ def cmd_report_tradeoff(args: argparse.Namespace) -> None:
 
     metrics = _load_metrics(args.metrics)
     latency = latency_by_model(_load_metrics(args.latency)) if args.latency else None
-    tradeoff_figure(metrics, _models_in_order(args.report), Path(args.out_prefix), args.report["splits"], latency=latency)
+    tradeoff_figure(metrics, _models_in_order(args.report), Path(args.out_prefix), args.report["splits"], latency=latency,
+                    paper_version=_paper_version(args.report))
 
 
 def cmd_latency(args: argparse.Namespace) -> None:
@@ -267,7 +276,8 @@ def cmd_report_scaling(args: argparse.Namespace) -> None:
 def cmd_report_tokens(args: argparse.Namespace) -> None:
     from egm.report.tokens import tokens_figure
 
-    tokens_figure(_load_metrics(args.metrics), _models_in_order(args.report), Path(args.out_prefix), args.report["splits"])
+    tokens_figure(_load_metrics(args.metrics), _models_in_order(args.report), Path(args.out_prefix), args.report["splits"],
+                  paper_version=_paper_version(args.report))
 
 
 def cmd_report_latency(args: argparse.Namespace) -> None:

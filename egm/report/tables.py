@@ -77,9 +77,11 @@ def refcoco_table(
 
 
 def paper_comparison(
-    metrics: list[dict], models: dict, splits: list[str], tolerance: float = 0.5
+    metrics: list[dict], models: dict, splits: list[str], tolerance: float = 0.5,
+    paper_version: str = paper.DEFAULT_VERSION,
 ) -> pd.DataFrame:
-    """Long table of our Acc@0.5 (%) against the paper's, for models with a `paper` entry.
+    """Long table of our Acc@0.5 (%) against the paper's (`paper_version`'s table), for models
+    with a `paper` entry.
 
     Rows cover every split and the Avg the paper reports for that model, run or not. Our Avg
     here is over the paper's 8 splits, so it is missing unless all 8 were run: an Avg over
@@ -88,7 +90,7 @@ def paper_comparison(
     """
     configured = order_splits(splits)
     summaries = {m.key: m for m in summarise(metrics, models, configured)}
-    known = set(paper.paper_models())
+    known = set(paper.paper_models(paper_version))
     rows = []
     labels: dict[tuple[int, str], str] = {}
     for key, spec in models.items():
@@ -103,7 +105,7 @@ def paper_comparison(
         summary = summaries.get(key)
         display = str(spec.get("display") or key)
         for split in (*SPLITS, AVG):
-            reference = paper.paper_acc(paper_model, split)
+            reference = paper.paper_acc(paper_model, split, paper_version)
             if reference is None:
                 continue
             paper_value, source = reference
@@ -134,7 +136,8 @@ def paper_comparison(
     df.attrs["cell_labels"] = labels
     df[["paper", "reproduced", "diff"]] = df[["paper", "reproduced", "diff"]].astype("float64")
     compared = {spec.get("paper") for spec in models.values() if spec}
-    df.attrs["notes"] = comparison_notes(df, tolerance, [m for m in paper.REFCOCO_ACC if m not in compared]) + \
+    table = paper.paper_table(paper_version)
+    df.attrs["notes"] = comparison_notes(df, tolerance, [m for m in table.rows if m not in compared], table) + \
         no_score_notes(s for k, s in summaries.items() if (models.get(k) or {}).get("paper"))
     df.attrs["empty_note"] = NO_COUNTERPART_NOTE
     df.attrs["provenance"] = row_provenance(s for k, s in summaries.items() if (models.get(k) or {}).get("paper"))
@@ -273,10 +276,17 @@ def refcoco_notes(splits: Sequence[str]) -> list[str]:
     return notes
 
 
-def comparison_notes(df: pd.DataFrame, tolerance: float, not_configured: Sequence[str] = ()) -> list[str]:
+def comparison_notes(df: pd.DataFrame, tolerance: float, not_configured: Sequence[str] = (),
+                     table: paper.PaperTable | None = None) -> list[str]:
     """What the comparison shows, and plainly what it could not: paper rows with no model in
     this config, cells without a number, and the amodal tables (data not public)."""
-    notes = [f"Paper values: {paper.TABLE_SOURCE}."]
+    table = table or paper.paper_table()
+    notes = [f"Paper values ({table.key}): {table.source}; Acc@0.5, %. The other published version: "
+             f"{', '.join(v for v in paper.VERSIONS if v != table.key)} (report.paper_version)."]
+    off = paper.PRINTED_AVG_OFF.get(table.key)
+    if off:
+        notes.append(f"In this version the printed Avg of {', '.join(off)} is not the mean of its 8 splits; "
+                     "we compare with the printed value.")
     if not df.empty:
         counts = df["verdict"].value_counts()
         compared = int(counts.get("match", 0) + counts.get("differs", 0))

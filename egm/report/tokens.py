@@ -65,16 +65,17 @@ def token_points(
     return points, skipped
 
 
-def paper_references() -> tuple[list[TokenPoint], list[TokenLine]]:
-    """The paper's token counts: points where it gives the model's Avg, lines where it cannot."""
+def paper_references(version: str = paper.DEFAULT_VERSION) -> tuple[list[TokenPoint], list[TokenLine]]:
+    """The paper's token counts: points where it gives the model's Avg (in `version`'s table), lines
+    where it cannot."""
     points: list[TokenPoint] = []
     unpaired: dict[float, list[str]] = {}
     for name, tokens in paper.MEAN_COMPLETION_TOKENS.items():
-        reference = paper.paper_acc(name, paper.AVG)
+        reference = paper.paper_acc(name, paper.AVG, version)
         if reference is None:
             unpaired.setdefault(tokens, []).append(name)
             continue
-        point = paper.tradeoff_point(name)
+        point = paper.tradeoff_point(name, version)
         points.append(TokenPoint(name, tokens, reference[0], point.params_b if point else math.nan))
     lines = [TokenLine(tuple(names), tokens) for tokens, names in unpaired.items()]
     return points, lines
@@ -102,11 +103,12 @@ def tokens_figure(
     models: Mapping[str, Mapping[str, Any]],
     out_prefix: Path,
     splits: Sequence[str],
+    paper_version: str = paper.DEFAULT_VERSION,
 ) -> list[Path]:
     """Avg Acc@0.5 (%) against mean generated tokens per sample (log x) -> `{out_prefix}.png`, `.pdf`."""
     configured = order_splits(splits)
     ours, skipped = token_points(metrics, models, configured)
-    references, lines = paper_references()
+    references, lines = paper_references(paper_version)
 
     fig = Figure(figsize=(8.0, 5.6), layout="constrained")
     FigureCanvasAgg(fig)

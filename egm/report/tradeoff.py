@@ -29,7 +29,8 @@ def latency_by_model(files: list[dict]) -> dict[str, float]:
 
 
 def tradeoff_figure(
-    metrics: list[dict], models: dict, out_prefix: Path, splits: list[str], latency: dict[str, float] | None = None
+    metrics: list[dict], models: dict, out_prefix: Path, splits: list[str], latency: dict[str, float] | None = None,
+    paper_version: str = paper.DEFAULT_VERSION,
 ) -> None:
     """Avg Acc@0.5 (%) against mean latency (ms, log x) -> `{out_prefix}.png` and `.pdf`.
 
@@ -56,7 +57,7 @@ def tradeoff_figure(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
 
-    points = paper.TRADEOFF_POINTS
+    points = paper.tradeoff_points(paper_version)
     ax.scatter(
         [p.latency_ms for p in points],
         [p.avg_acc for p in points],
@@ -98,6 +99,7 @@ def tradeoff_figure(
 
     subtitle = [
         average_note(configured) + "; marker area grows with parameter count.",
+        f"Paper points: the plot's, accuracy from the {paper_version} table where it has the model. "
         "Latency: ours measured on this run's hardware; the paper does not state its hardware."
         + (" Ours from the latency protocol run (results/latency/) where present." if latency else ""),
         *placement_notes(ours, skipped),

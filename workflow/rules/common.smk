@@ -229,12 +229,17 @@ def out_prefixes(wildcards, output):
     return " ".join(dict.fromkeys(os.path.splitext(path)[0] for path in output))
 
 
+PAPER_VERSION = config["report"]["paper_version"]
+
+
 def report_options(**extra):
     models = {
         name: {key: entry.get(key) for key in ("display", "paper", "params_b")} for name, entry in MODELS.items()
     }
     # json_arg sorts dict keys; "order" keeps the config's model order (base -> SFT -> RL rows).
-    return json_arg({"models": models, "order": list(MODELS), "splits": SPLITS, **extra})
+    return json_arg(
+        {"models": models, "order": list(MODELS), "splits": SPLITS, "paper_version": PAPER_VERSION, **extra}
+    )
 
 
 ALL_METRICS = expand("results/metrics/{model}/{split}.json", model=MODELS, split=SPLITS)
