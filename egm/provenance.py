@@ -28,7 +28,7 @@ SHORT = 12  # hex digits of a commit or digest shown in Markdown tables
 # Table columns, in order; values are strings (unknown: "").
 FIELDS = (
     "model_key", "model_repo", "model_revision", "model_commit", "data_repo", "data_revision", "data_commit",
-    "engine", "device", "image", "image_sha256", "egm", "config_sha256",
+    "engine", "protocol", "device", "image", "image_sha256", "egm", "config_sha256",
 )
 
 
@@ -183,18 +183,37 @@ def describe_device() -> dict:
 # --------------------------------------------------------------------------- records
 
 
-def engine_record(backend: str | None, engine_options: Mapping[str, Any] | None = None) -> dict:
-    """The backend and the package (with version) that answered; for the server backend the
-    engine it started, or "external" when it only sent requests to a given URL."""
+def protocol_record(backend: str | None, engine_options: Mapping[str, Any] | None, in_flight: int | None) -> dict:
+    """How the requests were served, the stamp that tells the authors' protocol (an SGLang server,
+    data parallel 8, tensor parallel 1, 64 in flight) from ours: server or offline, the data and
+    tensor parallel sizes (data parallel "auto" resolved against the job's GPUs), requests in
+    flight (a server's concurrency; an offline engine's batch)."""
+    from egm.infer.gpus import resolve_data_parallel
+
     options = dict(engine_options or {})
+    tp = int(options.get("tensor_parallel_size") or 1) if backend in ("vllm", "sglang", "server") else 1
     if backend == "server":
-        if options.get("url"):
-            return {"backend": backend, "package": "external", "version": None}
-        package = options.get("server", "vllm")
+        mode = "external server" if options.get("url") else "server"
+        in_flight = int(options.get("concurrency") or in_flight or 0) or None
+        single = options.get("url") or options.get("server") == "transformers"
     else:
-        package = ENGINE_PACKAGES.get(backend or "", backend)
-    return {"backend": backend, "package": package, "version": package_version(package) if package else None,
-            "torch": package_version("torch")}
+        mode, single = "offline", False
+    dp = None if options.get("url") else 1 if single else resolve_data_parallel(options.get("data_parallel_size"), tp)
+    return {"mode": mode, "data_parallel": dp, "tensor_parallel": tp, "in_flight": in_flight}
+
+
+def engine_record(backend: str | None, engine_options: Mapping[str, Any] | None = None,
+                  in_flight: int | None = None) -> dict:
+    """The backend and the package (with version) that answered; for the server backend the
+    engine it started, or "external" when it only sent requests to a given URL; and the protocol."""
+    options = dict(engine_options or {})
+    if backend == "server" and options.get("url"):
+        package, version = "external", None
+    else:
+        package = options.get("server", "vllm") if backend == "server" else ENGINE_PACKAGES.get(backend or "", backend)
+        version = package_version(package) if package else None
+    return {"backend": backend, "package": package, "version": version, "torch": package_version("torch"),
+            "protocol": protocol_record(backend, options, in_flight)}
 
 
 def job_record(backend: str | None = None, engine_options: Mapping[str, Any] | None = None,
@@ -206,7 +225,9 @@ def job_record(backend: str | None = None, engine_options: Mapping[str, Any] | N
         "python": platform.python_version(),
     }
     if backend is not None:
-        record["engine"] = engine_record(backend, engine_options)
+        settings = config if isinstance(config, Mapping) else {}
+        in_flight = settings.get("concurrency") or (settings.get("inference") or {}).get("batch_size")
+        record["engine"] = engine_record(backend, engine_options, in_flight)
     if device:
         record["device"] = describe_device()
     if config is not None:
@@ -255,6 +276,12 @@ def flatten(provenance: Mapping[str, Any] | None, model_key: str = "") -> dict[s
     if code.get("commit"):
         egm += f" @ {code['commit']}" + ("-dirty" if code.get("dirty") else "")
     engine_text = " ".join(str(v) for v in (engine.get("backend"), engine.get("package"), engine.get("version")) if v)
+    stamp = engine.get("protocol") or {}
+    protocol = ", ".join(part for part in (
+        str(stamp.get("mode") or ""),
+        f"dp {stamp['data_parallel']} x tp {stamp['tensor_parallel']}" if stamp.get("data_parallel") else "",
+        f"{stamp['in_flight']} in flight" if stamp.get("in_flight") else "",
+    ) if part)
     return {
         "model_key": model_key or str(p.get("model_key") or ""),
         "model_repo": str(model.get("repo_id") or ""),
@@ -264,6 +291,7 @@ def flatten(provenance: Mapping[str, Any] | None, model_key: str = "") -> dict[s
         "data_revision": str(data.get("revision") or ""),
         "data_commit": commit(data),
         "engine": engine_text,
+        "protocol": protocol,
         "device": str((job.get("device") or {}).get("name") or ""),
         "image": str(image.get("name") or "none"),
         "image_sha256": str(image.get("sha256") or ""),

@@ -258,3 +258,24 @@ def test_every_line_is_a_sample_bad_ones_misses_each_reported(recording_server, 
     assert metrics["released_lines"] == 5095 and metrics["differs_from_release"]
     notes = " ".join(refcoco_table([metrics], {"m": {"display": "M"}}, ["refcoco_testB"]).attrs["notes"])
     assert "RefCOCO testB 7 (released 5095)" in notes, notes
+
+
+def test_each_row_carries_the_protocol_stamp(monkeypatch, tmp_path):
+    """A predict job of the paper config on 8 GPUs stamps its provenance, and so its table row,
+    with the engine, server or offline, data x tensor parallel and requests in flight."""
+    from egm.provenance import FIELDS, flatten, job_record
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(EIGHT_GPUS))
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    options = {"backend": "server", "engine_options": config["models"]["egm-8b"]["engine_options"],
+               "inference": config["inference"], "gpus": 8}
+    job = job_record(options["backend"], options["engine_options"], config=options, device=False)
+    assert job["engine"]["protocol"] == {"mode": "server", "data_parallel": 8, "tensor_parallel": 1, "in_flight": 64}
+    row = flatten({"job": job})
+    assert "protocol" in FIELDS and row["protocol"] == "server, dp 8 x tp 1, 64 in flight"
+    assert row["engine"].startswith("server sglang")
+    big = config["models"]["qwen3-vl-235b-a22b-instruct"]["engine_options"]
+    stamp = flatten({"job": job_record("server", big, config=options, device=False)})["protocol"]
+    assert stamp == "server, dp 1 x tp 8, 64 in flight"
+    offline = flatten({"job": job_record("vllm", {}, config=options, device=False)})["protocol"]
+    assert offline == "offline, dp 8 x tp 1, 64 in flight"

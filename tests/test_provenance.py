@@ -103,16 +103,20 @@ def test_engine_record_names_the_package_that_answered(tmp_path, monkeypatch):
     _fake_distribution(site, "torch", "0.0.0.post80")
     monkeypatch.syspath_prepend(str(site))
 
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert prov.engine_record("vllm") == {"backend": "vllm", "package": "vllm", "version": "0.0.0.post77",
-                                          "torch": "0.0.0.post80"}
+                                          "torch": "0.0.0.post80", "protocol": {
+                                              "mode": "offline", "data_parallel": 1, "tensor_parallel": 1,
+                                              "in_flight": None}}
     assert prov.engine_record("hf")["package"] == "transformers"
     assert prov.engine_record("hf")["version"] == "0.0.0.post79"
     assert prov.engine_record("fast")["version"] == "0.0.0.post79"
     server = prov.engine_record("server", {"server": "sglang"})
     assert (server["package"], server["version"]) == ("sglang", "0.0.0.post78")
     assert prov.engine_record("server")["version"] == "0.0.0.post77"  # vLLM is the default server
-    assert prov.engine_record("server", {"url": "http://127.0.0.1:1"}) == {
-        "backend": "server", "package": "external", "version": None}
+    external = prov.engine_record("server", {"url": "http://127.0.0.1:1"})
+    assert (external["package"], external["version"]) == ("external", None)
+    assert external["protocol"]["mode"] == "external server" and external["protocol"]["data_parallel"] is None
     # A package that is not installed has no version, rather than an error or a guess.
     missing = prov.engine_record("server", {"server": "egm-no-such-engine"})
     assert (missing["package"], missing["version"]) == ("egm-no-such-engine", None)
