@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,9 @@ INFERENCE = {"max_tokens": 192, "temperature": 0.0, "top_p": 1.0, "top_k": 20, "
 PAIRS = (("server", "vllm"), ("server", "hf"), ("vllm", "hf"))
 KILL_AFTER = 200  # answers in before the server is stopped (of 512, with 64 in flight)
 STEP_TIMEOUT_S = 420
+# A step is started only with this much of --budget-s left (a device call must end on its own,
+# record written): the longest, the killed server and its rerun, takes two server starts.
+STEP_NEEDS_S = {"server": 150, "vllm": 150, "hf": 120, "kill": 200}
 
 
 def predict_command(model_dir: str, manifest: Path, splits: list[str], image_root: str, out_dir: Path,
@@ -100,6 +104,7 @@ def step_kill(args, work: Path) -> dict:
     lines = [line for path in args.splits for line in Path(path).read_text().splitlines() if line.strip()]
     split.write_text("\n".join(lines) + "\n")
     out = work / "pred-kill"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: every answer comes from this step's server
     cmd = predict_command(args.model_dir, work / "model.json", [str(split)], args.image_root, out, "server")
     log = work / "pred-kill.log"
     server_logs = work / "logs" / "server"
@@ -196,7 +201,9 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/egm-agreement")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", default="server,vllm,hf,kill")
+    parser.add_argument("--budget-s", type=float, default=0, help="seconds this call may take (0: no limit)")
     args = parser.parse_args()
+    started = time.monotonic()
     args.model_dir = str(Path(args.model_dir).resolve())
     args.splits = [str(Path(p).resolve()) for p in args.splits]
     args.image_root = str(Path(args.image_root).resolve())
@@ -208,6 +215,10 @@ def main() -> None:
         status = work / "status" / f"{step}.json"
         if status.exists() and read_json(status).get("rc") == 0 or (step == "kill" and status.exists()):
             print(f"{step}: done before", flush=True)
+            continue
+        left = args.budget_s - (time.monotonic() - started)
+        if args.budget_s and left < STEP_NEEDS_S[step]:
+            print(f"{step}: skipped, {left:.0f} s left of the call's budget", flush=True)
             continue
         print(f"== {time.strftime('%T')} {step}", flush=True)
         result = step_kill(args, work) if step == "kill" else step_answer(step, args, work)

@@ -153,3 +153,47 @@ def test_cached_answer_is_reused_only_for_the_same_record(tiny_dir, tmp_path):
     rows = read_rows(out / "refcoco_val.jsonl")
     assert [r["sent"] for r in rows] == ["the shape 0", "the other shape", "the shape 2"]
     assert "the other shape" in rows[1]["prompt"]
+
+
+class MockSlowFirstCallEngine:
+    """A stand-in engine (no model): every call takes 0.05 s, the first one 0.6 s more, as a
+    compile or a graph capture would. Answers name the request."""
+
+    generate_each = None
+    chunk_size = None
+    data_parallel_size = 1
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, requests):
+        from egm.infer.base import Completion
+
+        started = time.perf_counter()
+        time.sleep(0.05 + (0.6 if not self.calls else 0.0))
+        self.calls.append([r.id for r in requests])
+        took = time.perf_counter() - started
+        return [Completion(text='"bbox_2d": [100, 100, 500, 600]', completion_tokens=3, latency_s=took)
+                for _ in requests]
+
+    def close(self):
+        pass
+
+
+def test_per_record_latency_excludes_the_engines_warm_up(tmp_path):
+    """The first batch of a job carries the engine's first-call cost; the recorded latency of its
+    records must not (issue 30): it is paid by a warm-up answer that is thrown away and reported apart."""
+    from egm.infer.base import LazyEngine
+    from egm.infer.predict import predict_model
+
+    split, manifest = make_split(tmp_path, n=12)
+    engine = MockSlowFirstCallEngine()
+    with LazyEngine(lambda: engine) as lazy:
+        [summary] = predict_model([split], tmp_path / "pred", str(tmp_path / "images"), lazy, "qwen3",
+                                  batch_size=4, key="k")
+    rows = read_rows(tmp_path / "pred" / "refcoco_val.jsonl")
+    latencies = [row["latency_s"] for row in rows]
+    assert len(rows) == 12 and max(latencies) < 0.3, latencies  # the first batch too
+    assert summary["warmup_s"] >= 0.6
+    # The warm-up answered the first batch once more, and nothing was recorded from it.
+    assert engine.calls[0] == engine.calls[1] == ["0", "1", "2", "3"] and len(engine.calls) == 4
