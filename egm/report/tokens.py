@@ -145,7 +145,8 @@ def tokens_figure(
 
     handles = [marker_handle(OUR_LEGEND, ours=True)]
     if references:
-        handles.append(marker_handle("paper: table Avg at the text's token count (approx.)", ours=False))
+        handles.append(marker_handle(f"paper: {paper_version} table Avg at the text's token count (approx.)",
+                                     ours=False))
     for line in lines:
         handles.append(Line2D([], [], color=PAPER_COLOUR, linestyle="--",
                               label=f"paper: {_join_names(line.names)}, ≈{line.tokens:g} tokens"
