@@ -290,7 +290,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from egm.plan.plan import run_plan
 
     run_plan([Path(c) for c in args.configfile], args.gpu, args.gpus, args.targets or None, args.json, args.markdown,
-             args.check, Path(args.directory), forceall=not args.only_missing)
+             args.check, Path(args.directory), forceall=not args.only_missing, records_dir=args.records)
 
 
 def cmd_report_training(args: argparse.Namespace) -> None:
@@ -475,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-missing", action="store_true",
                    help="only the jobs that would run now (default: every job, as on a fresh machine)")
     p.add_argument("--directory", default=".", help="the workflow's directory (Snakefile, results/, .snakemake/)")
+    p.add_argument("--records", type=Path, default=None,
+                   help="the measurement records (default: benchmarks/results of --directory)")
     p.add_argument("targets", nargs="*", help="Snakemake targets (files or rules); none: rule all")
     p.set_defaults(func=cmd_plan)
 

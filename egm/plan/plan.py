@@ -81,7 +81,7 @@ def make_plan(configfiles: list[Path], gpu: str, n_gpus: int, targets: list[str]
     model = CostModel(load_gpus(), gpu, records, workdir)
     estimates = {j.jobid: asdict(model.estimate(j, config)) for j in jobs}
     rows = [{"jobid": j.jobid, "job": j.name, "rule": j.rule, "wildcards": j.wildcards, "gpus": j.gpus,
-             "depends_on": sorted(j.depends_on), "benchmark": j.benchmark, "outputs": j.outputs[:3],
+             "depends_on": sorted(j.depends_on), "benchmark": j.benchmark, "outputs": j.outputs,
              "estimate": estimates[j.jobid]} for j in jobs]
     per_rule = {}
     by_rule = defaultdict(list)
@@ -259,12 +259,13 @@ def markdown(plan: dict, checked: list[dict] | None = None) -> str:
 
 
 def run_plan(configfiles: list[Path], gpu: str, n_gpus: int, targets: list[str] | None, out_json: Path | None,
-             out_md: Path | None, do_check: bool, workdir: Path = Path("."), forceall: bool = True) -> dict:
+             out_md: Path | None, do_check: bool, workdir: Path = Path("."), forceall: bool = True,
+             records_dir: Path | None = None) -> dict:
     """`egm plan`: the plan (and with do_check the finished run's measurements beside it),
     written as JSON and Markdown; the Markdown also goes to stdout when no file is named."""
     from egm.io import atomic_write, write_json
 
-    plan = make_plan(configfiles, gpu, n_gpus, targets, workdir, forceall=forceall)
+    plan = make_plan(configfiles, gpu, n_gpus, targets, workdir, records_dir=records_dir, forceall=forceall)
     checked = check(plan, workdir) if do_check else None
     if checked is not None:
         plan["check"] = checked
