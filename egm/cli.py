@@ -290,7 +290,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from egm.plan.plan import run_plan
 
     run_plan([Path(c) for c in args.configfile], args.gpu, args.gpus, args.targets or None, args.json, args.markdown,
-             args.check, Path(args.directory), forceall=not args.only_missing, records_dir=args.records)
+             args.check, Path(args.directory), forceall=not args.only_missing, records_dir=args.records,
+             saved=args.saved)
 
 
 def cmd_report_training(args: argparse.Namespace) -> None:
@@ -472,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="the plan as JSON")
     p.add_argument("--markdown", type=Path, default=None, help="the tables as Markdown (default: stdout)")
     p.add_argument("--check", action="store_true", help="put each job's measurement beside its estimate")
+    p.add_argument("--saved", type=Path, default=None,
+                   help="with --check: the plan (--json) written before the run, instead of planning anew")
     p.add_argument("--only-missing", action="store_true",
                    help="only the jobs that would run now (default: every job, as on a fresh machine)")
     p.add_argument("--directory", default=".", help="the workflow's directory (Snakefile, results/, .snakemake/)")

@@ -119,6 +119,10 @@ def test_a_model_that_does_not_fit_is_flagged_with_the_smallest_layout(workdir):
     fine = _plan(workdir, paper(workdir))
     ok = next(j for j in fine["jobs"] if j["job"] == "predict model=qwen3-vl-235b-a22b-instruct")
     assert ok["estimate"]["memory"]["fits"]
+    # ... but not on a run of one GPU, which it asks 8 of.
+    alone = _plan(workdir, paper(workdir), "H100", 1)
+    assert "predict model=qwen3-vl-235b-a22b-instruct" in alone["total"]["does_not_fit"]
+    assert "sft run=egm-8b-repro" in alone["total"]["more_gpus_than_the_run"]
     # ... and not a 24 GB card, where it would need 32.
     small = _plan(workdir, paper(workdir), "RTX 4090", 8)
     big = next(j for j in small["jobs"] if j["job"] == "predict model=qwen3-vl-235b-a22b-instruct")
@@ -192,3 +196,20 @@ def test_cli_writes_the_plan(workdir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "egm", "plan", "--configfile", str(paper(workdir)), "--gpu", "B300",
                           "--directory", str(workdir)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 1 and "B300" in bad.stderr
+
+
+def test_records_are_counted_in_the_offline_mirror_before_the_fetch(workdir):
+    config = yaml.safe_load((REPO / "config" / "gpu-smoke.yaml").read_text())
+    configfile = write_config(workdir, config, "smoke.yaml")
+    target = ["results/predictions/qwen3-vl-8b-vllm/run.json"]
+    before = _plan(workdir, configfile, targets=target)
+    job = next(j for j in before["jobs"] if j["rule"] == "predict")
+    # Not the paper's data set: no published sizes to fall back on, so no number.
+    assert job["estimate"]["unpriced"].startswith("records unknown")
+    folder = workdir / config["hub"]["mirror"] / config["dataset"]["repo_id"] / "metadata" / "eval"
+    folder.mkdir(parents=True)
+    for split in config["splits"]:
+        (folder / f"{split}.jsonl").write_text("{}\n" * 5)
+    after = _plan(workdir, configfile, targets=target)
+    est = next(j for j in after["jobs"] if j["rule"] == "predict")["estimate"]
+    assert est["drivers"]["records"] == 5 * len(config["splits"]) and est["gpu_seconds"] > 0

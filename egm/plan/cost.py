@@ -44,6 +44,7 @@ PUBLISHED_SPLIT_SIZES = {
 }
 # Qwen3-VL-235B-A22B's language model: 94 layers, 4 KV heads of 128 (its config.json).
 KV_BYTES_235B = 94 * 4 * 128 * 2 * BF16_BYTES
+PAPER_DATASET = "JamesZGQ/EGM_Datasets"  # the data set those sizes are of
 SFT_SAMPLES_PAPER = 570_000  # EGM.md section 4: "about 4450 steps (about 570k samples with flips)"
 
 
@@ -62,8 +63,11 @@ class Estimate:
 class CostModel:
     """Prices jobs on `gpu` (a gpus.json row) from the records under `records_dir`."""
 
-    def __init__(self, gpus: dict, gpu: str, records_dir: Path = RECORDS_DIR, workdir: Path = Path(".")):
+    def __init__(self, gpus: dict, gpu: str, records_dir: Path = RECORDS_DIR, workdir: Path = Path("."),
+                 n_gpus: int | None = None):
         self.gpus = gpus
+        # The run's GPUs: a job asking for more gets these, and its memory is checked on them.
+        self.n_gpus = n_gpus
         self.gpu_name = find_gpu(gpu, gpus)
         self.gpu = gpus[self.gpu_name]
         self.records_dir = Path(records_dir)
@@ -153,20 +157,24 @@ class CostModel:
             return None
         return total / count, f"our predictions: results/predictions/{model} ({count} answers)"
 
-    def split_records(self, config: dict) -> tuple[int, str]:
+    def split_records(self, config: dict) -> tuple[int | None, str]:
         """Records of the configured eval splits: the demo's count, the fetched split files, or
         the published sizes."""
         splits = config["splits"]
         if "demo" in config:
             n = config["demo"]["n_eval_per_split"]
             return n * len(splits), f"config demo.n_eval_per_split ({n} x {len(splits)} splits)"
-        folder = self.workdir / "resources" / "hub" / config["dataset"]["repo_id"] / "metadata" / "eval"
-        files = [folder / f"{s}.jsonl" for s in splits]
-        if all(f.exists() for f in files):
-            return sum(len(f.read_text().splitlines()) for f in files), f"the fetched split files ({folder})"
-        missing = [s for s in splits if s not in PUBLISHED_SPLIT_SIZES]
-        if missing:
-            raise ValueError(f"no published size for split(s) {missing}: fetch the data set first")
+        # The fetched data set, else the offline mirror it will be fetched from.
+        mirror = config.get("hub", {}).get("mirror")
+        roots = [self.workdir / "resources" / "hub"] + ([self.workdir / mirror] if isinstance(mirror, str) else [])
+        for root in roots:
+            folder = root / config["dataset"]["repo_id"] / "metadata" / "eval"
+            files = [folder / f"{s}.jsonl" for s in splits]
+            if all(f.exists() for f in files):
+                n = sum(1 for f in files for line in f.read_text().splitlines() if line.strip())
+                return n, f"the split files ({folder.relative_to(self.workdir)})"
+        if config["dataset"]["repo_id"] != PAPER_DATASET or any(s not in PUBLISHED_SPLIT_SIZES for s in splits):
+            return None, f"records unknown: the split files of {config['dataset']['repo_id']} are not here yet"
         return sum(PUBLISHED_SPLIT_SIZES[s] for s in splits), "published RefCOCO/+/g split sizes"
 
     # Memory.
@@ -206,6 +214,9 @@ class CostModel:
         return {"per_gpu_gb": round(need(n) / 1e9, 1), "card_gb": self.gpu["memory_gb"], "fits": need(n) <= card,
                 "smallest_zero3_gpus": smallest}
 
+    def _at_most(self, gpus: int) -> int:
+        return min(gpus, self.n_gpus) if self.n_gpus else gpus
+
     # Jobs.
 
     def estimate(self, job, config: dict) -> Estimate:
@@ -224,6 +235,9 @@ class CostModel:
         est = Estimate(gpus=0, gpu_seconds=0.0)
         if job.rule == "score" and self.cpu:
             n, how = self.split_records(config)
+            if n is None:
+                est.unpriced = how
+                return est
             per_split = n / len(config["splits"])
             rate = self.cpu["score"]["records_per_s"]
             est.wall_s = self.cpu["python_startup_s_median"] + per_split / rate
@@ -285,7 +299,11 @@ class CostModel:
         elif job.rule in ("scaling", "scaling_single_point"):
             scaling = options.get("scaling") or config.get("scaling") or {}
             n_per = scaling.get("n_per_split")
-            records = (n_per * len(config["splits"])) if n_per else self.split_records(config)[0]
+            records, records_from = (n_per * len(config["splits"]), "scaling.n_per_split") if n_per else \
+                self.split_records(config)
+            if records is None:
+                est.unpriced = records_from
+                return est
             budgets = scaling.get("budgets", ["unlimited"]) if job.rule == "scaling" else ["unlimited"]
             answer = scaling.get("answer_max_tokens", cap)
             work_ms = 0.0
@@ -300,6 +318,9 @@ class CostModel:
                                    "min(answer_max_tokens, expected) tokens")
         else:
             records, records_from = self.split_records(config)
+            if records is None:
+                est.unpriced = records_from
+                return est
             limit = (options.get("inference") or {}).get("limit")
             if limit:
                 records = min(records, limit * len(config["splits"]))
@@ -322,7 +343,7 @@ class CostModel:
         if big:
             est.assumptions.append("235B: the 8B's measurement x active parameters (22e9 / the 8B's), work split "
                                    f"evenly over tensor parallel {tp}")
-        est.memory = self.memory(arch, picked["entry"], max(1, concurrency // replicas), tokens, tp)
+        est.memory = self.memory(arch, picked["entry"], max(1, concurrency // replicas), tokens, self._at_most(tp))
         return est
 
     def _engine_load(self, picked: dict, serving: bool) -> tuple[float, str]:
@@ -343,7 +364,7 @@ class CostModel:
         options = job.params.get("options") or {}
         recipe = options.get("recipe") or {}
         n = max(job.gpus, 1)
-        est.memory = self.training_memory(parameters, job.gpus)
+        est.memory = self.training_memory(parameters, self._at_most(job.gpus))
         if not self.train:
             est.unpriced = "no training record (train-h100.json)"
             return est

@@ -42,9 +42,11 @@ def gpu_of(record: dict, gpus: dict) -> str:
 
 def find_gpu(name: str, gpus: dict) -> str:
     """The gpus.json row a user means by `name` ("H100", "a100", "H200 SXM"): the one row whose
-    name starts with it, case aside."""
+    name starts with it, case aside; or a device name as the driver reports it ("NVIDIA H100
+    80GB HBM3"), which starts with the row's `record_device`."""
     hits = [row for row in gpus if row.lower() == name.lower()] or [
-        row for row in gpus if row.lower().startswith(name.lower())]
+        row for row in gpus if row.lower().startswith(name.lower())] or [
+        row for row in gpus if name.startswith(gpus[row].get("record_device", row))]
     if len(hits) != 1:
         raise ValueError(f"GPU {name!r} names {len(hits)} rows of {GPUS_FILE.name}; one of: {sorted(gpus)}")
     return hits[0]

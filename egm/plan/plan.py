@@ -66,7 +66,8 @@ def _sum(rows: list[dict]) -> dict:
     unpriced = [r["job"] for r in rows if r["estimate"]["unpriced"] and r["gpus"]]
     unfit = [r["job"] for r in rows if r["estimate"]["memory"] and not r["estimate"]["memory"]["fits"]]
     return {"jobs": len(rows), "gpu_jobs": sum(1 for r in rows if r["gpus"]), "gpu_hours": round(gpu_s / 3600, 2),
-            "unpriced_gpu_jobs": unpriced, "does_not_fit": unfit}
+            "unpriced_gpu_jobs": unpriced, "does_not_fit": unfit,
+            "more_gpus_than_the_run": [r["job"] for r in rows if r.get("short_of_gpus")]}
 
 
 def make_plan(configfiles: list[Path], gpu: str, n_gpus: int, targets: list[str] | None = None,
@@ -78,11 +79,11 @@ def make_plan(configfiles: list[Path], gpu: str, n_gpus: int, targets: list[str]
     if n_gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {n_gpus}")
     jobs, config = planned_jobs(snakefile, configfiles, targets, workdir, forceall)
-    model = CostModel(load_gpus(), gpu, records, workdir)
+    model = CostModel(load_gpus(), gpu, records, workdir, n_gpus)
     estimates = {j.jobid: asdict(model.estimate(j, config)) for j in jobs}
     rows = [{"jobid": j.jobid, "job": j.name, "rule": j.rule, "wildcards": j.wildcards, "gpus": j.gpus,
              "depends_on": sorted(j.depends_on), "benchmark": j.benchmark, "outputs": j.outputs,
-             "estimate": estimates[j.jobid]} for j in jobs]
+             "estimate": estimates[j.jobid], "short_of_gpus": j.gpus > n_gpus} for j in jobs]
     per_rule = {}
     by_rule = defaultdict(list)
     for row in rows:
@@ -217,7 +218,8 @@ def markdown(plan: dict, checked: list[dict] | None = None) -> str:
              f"**Run total: {plan['total']['gpu_hours']} GPU-hours, {plan['total']['wall_h']} h wall on "
              f"{plan['n_gpus']} x {plan['gpu']}**, {plan['total']['jobs']} jobs ({plan['total']['gpu_jobs']} GPU jobs; "
              f"{len(plan['total']['unpriced_gpu_jobs'])} GPU jobs without an estimate; "
-             f"{len(plan['total']['does_not_fit'])} whose model does not fit as configured).", "",
+             f"{len(plan['total']['does_not_fit'])} whose model does not fit on the GPUs they get; "
+             f"{len(plan['total']['more_gpus_than_the_run'])} asking for more GPUs than the run has).", "",
              "## GPU jobs", "",
              "| job | GPUs | drivers | GPU-hours | wall (own GPUs) | memory per GPU | sources and assumptions |",
              "|---|---|---|---|---|---|---|"]
@@ -260,12 +262,21 @@ def markdown(plan: dict, checked: list[dict] | None = None) -> str:
 
 def run_plan(configfiles: list[Path], gpu: str, n_gpus: int, targets: list[str] | None, out_json: Path | None,
              out_md: Path | None, do_check: bool, workdir: Path = Path("."), forceall: bool = True,
-             records_dir: Path | None = None) -> dict:
+             records_dir: Path | None = None, saved: Path | None = None) -> dict:
     """`egm plan`: the plan (and with do_check the finished run's measurements beside it),
-    written as JSON and Markdown; the Markdown also goes to stdout when no file is named."""
-    from egm.io import atomic_write, write_json
+    written as JSON and Markdown; the Markdown also goes to stdout when no file is named.
 
-    plan = make_plan(configfiles, gpu, n_gpus, targets, workdir, records_dir=records_dir, forceall=forceall)
+    saved: a plan written before the run, checked instead of a new one (a plan made after the
+    run would take its tokens per answer from the run's own predictions)."""
+    from egm.io import atomic_write, read_json, write_json
+
+    if saved:
+        plan = read_json(saved)
+        missing = {"jobs", "per_rule", "total", "gpu", "n_gpus"} - set(plan)
+        if missing:
+            raise ValueError(f"{saved}: not a plan written by `egm plan --json` (no {sorted(missing)})")
+    else:
+        plan = make_plan(configfiles, gpu, n_gpus, targets, workdir, records_dir=records_dir, forceall=forceall)
     checked = check(plan, workdir) if do_check else None
     if checked is not None:
         plan["check"] = checked
