@@ -213,3 +213,19 @@ def test_records_are_counted_in_the_offline_mirror_before_the_fetch(workdir):
     after = _plan(workdir, configfile, targets=target)
     est = next(j for j in after["jobs"] if j["rule"] == "predict")["estimate"]
     assert est["drivers"]["records"] == 5 * len(config["splits"]) and est["gpu_seconds"] > 0
+
+
+def test_a_predict_job_records_what_it_cost(tiny_dir, tmp_path):
+    from tests.test_predict import make_split, predict_cmd
+
+    split, manifest = make_split(tmp_path, n=3)
+    out = tmp_path / "pred"
+    run = tmp_path / "run.json"
+    done = subprocess.run(predict_cmd(tiny_dir, split, manifest, out, tmp_path) + ["--run-record", str(run)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cost = json.loads(run.read_text())["cost"]
+    rows = [json.loads(line) for line in (out / "refcoco_val.jsonl").read_text().splitlines()]
+    assert cost["tokens_generated"] == sum(r["completion_tokens"] for r in rows) > 0
+    assert cost["wall_s"] > 0 and cost["gpu_seconds"] == cost["wall_s"] * cost["gpus"]
+    assert cost["peak_gpu_mem_gib"] is None and cost["peak_gpu_mem_from"].startswith("not measured")
