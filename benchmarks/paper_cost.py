@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from egm.io import atomic_write, write_json  # noqa: E402
+from egm.plan.cost import GPU_RULES  # noqa: E402
 from egm.plan.plan import make_plan  # noqa: E402
 
 SETUPS = (("H100", 1), ("H100", 8), ("H200", 8), ("A100", 8))
@@ -141,10 +142,53 @@ def document(result: dict) -> str:
         "- CPU: the demo's plan against its own run, per rule: `benchmarks/results/demo-plan-check-cpu.json`",
         "  (`benchmarks/demo_plan_check.py`).",
         "- GPU: `benchmarks/gpu_pipeline.sh run` plans the smoke targets before it runs them and writes",
-        "  `plan-check.json` (each job's estimate beside its benchmark file) under `$OUT`.",
+        "  `plan-check.json` (each job's estimate beside its benchmark file) under `$OUT`; kept as",
+        "  `benchmarks/results/gpu-plan-check-*.json`.",
         "",
     ]
+    for name, check in result["checks"].items():
+        lines += [f"### `{name}`", "", check_note(check), "",
+                  "| rule | jobs | estimated (s) | measured (s) | error | why no estimate |", "|---|---|---|---|---|---|"]
+        for rule, row in check["per_rule"].items():
+            err = "n/a" if row["error_pct"] is None else f"{row['error_pct']:+.1f} %"
+            lines.append(f"| {rule} | {row['jobs']} | {row['estimated_s'] if row['estimated_s'] is not None else 'n/a'} | "
+                         f"{row['measured_s'] if row['measured_s'] is not None else 'not run'} | {err} | "
+                         f"{'; '.join(row['unpriced']) or '-'} |")
+        model_jobs = [j for j in check.get("jobs", []) if j["rule"] in GPU_RULES]
+        if model_jobs:
+            lines += ["", "Per model job:", "", "| job | GPUs | estimated (s) | measured (s) | error |", "|---|---|---|---|---|"]
+            for j in model_jobs:
+                est = "no estimate" if j["estimated_wall_s"] is None else f"{j['estimated_wall_s']:.1f}"
+                meas = "not run" if j["measured_wall_s"] is None else f"{j['measured_wall_s']:.1f}"
+                err = "n/a" if j["error_pct"] is None else f"{j['error_pct']:+.1f} %"
+                lines.append(f"| {j['job']} | {j['gpus']} | {est} | {meas} | {err} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def check_note(check: dict) -> str:
+    machine = check.get("machine") or {}
+    load = machine.get("load_average_1_5_15_before")
+    where = f"{check['plan']['n_gpus']} x {check['plan']['gpu']} planned"
+    if load:
+        where += (f"; run on {machine.get('cores_used')} of {machine.get('cpu_count')} CPU cores, load average "
+                  f"{load[0]} before and {machine['load_average_1_5_15_after'][0]} after (a shared machine: measured "
+                  "times include waiting for a core)")
+    return f"{check.get('config', '')}: {where}; whole run {check.get('run_wall_s', 'n/a')} s."
+
+
+def read_checks(records: Path) -> dict:
+    """The committed plan-against-run records, by file name."""
+    import json
+
+    out = {}
+    for path in sorted(records.glob("*plan-check*.json")):
+        data = json.loads(path.read_text())
+        if "check_per_rule" in data:  # `egm plan --check --json` as the GPU run wrote it
+            data = {"per_rule": data["check_per_rule"], "plan": {"gpu": data["gpu"], "n_gpus": data["n_gpus"]},
+                    "config": ", ".join(data["config"]), "jobs": data["check"]}
+        out[path.name] = data
+    return out
 
 
 def main(argv=None) -> int:
@@ -170,6 +214,7 @@ def main(argv=None) -> int:
     result = {"script": "benchmarks/paper_cost.py", "config": "config/config.yaml", "setups": setups,
               "rl_per_100_steps": rl}
     write_json(args.out, result)
+    result["checks"] = read_checks(records)
     with atomic_write(args.doc) as f:
         f.write(document(result))
     for s in setups:
