@@ -163,7 +163,8 @@ def test_check_pairs_each_job_with_its_measurement(workdir):
     assert row["measured_from"] == job["benchmark"] and row["recorded"]["tokens_generated"] == 7
     # A job that did not run is not given a measurement.
     assert all(r["measured_wall_s"] is None for name, r in rows.items() if name != "predict model=egm-8b")
-    assert check_per_rule(list(rows.values()))["predict"]["error_pct"] == pytest.approx(-50.0, abs=0.1)
+    per_rule = check_per_rule(list(rows.values()))
+    assert per_rule["predict"]["error_pct"] == pytest.approx(-50.0, abs=0.1) and per_rule["predict"]["paired"] == 1
 
     bench.write_text("s\tmax_rss\n")
     with pytest.raises(ValueError, match=str(bench.name)):

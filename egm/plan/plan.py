@@ -187,15 +187,18 @@ def check(plan: dict, workdir: Path) -> list[dict]:
 
 
 def check_per_rule(rows: list[dict]) -> dict:
+    """Per rule: the sums over the jobs that have both an estimate and a measurement (`paired`),
+    and why the others have no estimate."""
     out = {}
     for rule in sorted({r["rule"] for r in rows}):
         group = [r for r in rows if r["rule"] == rule]
-        est = [r["estimated_wall_s"] for r in group if r["estimated_wall_s"] is not None]
-        meas = [r["measured_wall_s"] for r in group if r["measured_wall_s"] is not None]
-        e, m = (sum(est) if len(est) == len(group) else None), (sum(meas) if meas else None)
-        out[rule] = {"jobs": len(group), "estimated_s": None if e is None else round(e, 1),
-                     "measured_s": None if m is None else round(m, 1),
-                     "error_pct": round(100 * (e - m) / m, 1) if e is not None and m else None,
+        paired = [r for r in group if r["estimated_wall_s"] is not None and r["measured_wall_s"]]
+        e = sum(r["estimated_wall_s"] for r in paired)
+        m = sum(r["measured_wall_s"] for r in paired)
+        out[rule] = {"jobs": len(group), "paired": len(paired),
+                     "estimated_s": round(e, 1) if paired else None, "measured_s": round(m, 1) if paired else None,
+                     "measured_unpaired_s": round(sum(r["measured_wall_s"] or 0 for r in group if r not in paired), 1),
+                     "error_pct": round(100 * (e - m) / m, 1) if paired else None,
                      "unpriced": sorted({r["unpriced"] for r in group if r["unpriced"]})}
     return out
 
