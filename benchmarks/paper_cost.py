@@ -54,6 +54,7 @@ def summarise(plan: dict) -> dict:
     return {"gpu": plan["gpu"], "n_gpus": plan["n_gpus"], "total": plan["total"], "per_rule_gpu_hours": per_rule,
             "jobs": [{"job": j["job"], "gpus": j["gpus"], "gpu_hours": None if j["estimate"]["gpu_seconds"] is None
                       else round(j["estimate"]["gpu_seconds"] / 3600, 3), "memory": j["estimate"]["memory"],
+                      "drivers": j["estimate"]["drivers"],
                       "unpriced": j["estimate"]["unpriced"]} for j in plan["jobs"] if j["gpus"]]}
 
 
@@ -67,6 +68,12 @@ def document(result: dict) -> str:
     rules = sorted({r for s in rows for r in s["per_rule_gpu_hours"]})
     total = base["total"]["gpu_hours"]
     top = sorted(base["per_rule_gpu_hours"].items(), key=lambda kv: -kv[1])
+    jobs = {j["job"]: j for j in base["jobs"]}
+    big = next(j for name, j in jobs.items() if name.startswith("predict model=qwen3-vl-235b"))
+    records = next(j["drivers"]["records"] for name, j in jobs.items() if name.startswith("predict"))
+    one = {j["job"]: j for j in rows[0]["jobs"]}
+    big_one = next(j for name, j in one.items() if name.startswith("predict model=qwen3-vl-235b"))
+    sft_one = next(j for name, j in one.items() if name.startswith("sft"))
     lines = [
         "# What the paper reproduction costs",
         "",
@@ -101,14 +108,16 @@ def document(result: dict) -> str:
         f"RL parquet's rows, unknown before the data is fetched; at the verl recipe's 256 prompts x 16",
         f"samples a step it costs about {result['rl_per_100_steps'][1]['gpu_hours']} GPU-hours per 100 steps on",
         "8 x H100 (priced from GRPO steps with transformers' generate rollouts: vLLM rollouts, as the",
-        "recipe uses, would be cheaper). Evaluation (predict over 52,878 records per model, the latency",
+        f"recipe uses, would be cheaper). Evaluation (predict over {records:,} records per model, the latency",
         "protocol, the scaling sweep) is a few GPU-hours in all.",
         "",
         "Memory: on 8 cards of 80 GB every model fits as configured (the 235B with tensor parallel 8:",
-        "about 71 GB a card with the KV cache of 64 requests). On one 80 GB card the 235B does not",
-        "(470 GB of bf16 weights: 8 cards at least), nor does ZeRO-3 SFT of the 8B (16 bytes a parameter,",
-        "140 GB: 2 cards at least); the table's 1 x H100 column prices the work, not a run that could",
-        "happen there. On 24 GB cards the 235B would need 32 (`make plan PLAN_GPU='RTX 4090'`).",
+        f"about {big['memory']['per_gpu_gb']} GB a card with the KV cache of 64 requests). On one 80 GB card the 235B",
+        f"does not ({big_one['memory']['per_gpu_gb']} GB: {big_one['memory']['smallest_tensor_parallel']} cards at least), "
+        "nor does ZeRO-3 SFT of the 8B",
+        f"(16 bytes a parameter: {sft_one['memory']['per_gpu_gb']} GB, {sft_one['memory']['smallest_zero3_gpus']} cards "
+        "at least); the table's 1 x H100 column prices the work, not a run that could",
+        "happen there. On 24 GB cards the 235B would need more (`make plan PLAN_GPU='RTX 4090'`).",
         "",
         "## What the authors state about their compute",
         "",
@@ -132,7 +141,8 @@ def document(result: dict) -> str:
         "  tensor parallel 8 (optimistic: no communication cost).",
         "- SFT: `train-h100.json`'s mean step (2B architecture, random weights, 8 samples of about 203",
         "  tokens), per sample and parameter, scaled by bf16 throughput; perfect scaling over 8 GPUs is",
-        "  assumed, although `multigpu-h200x2.json` measured ZeRO-3 on two GPUs at 0.48x one GPU's",
+        "  assumed, although `multigpu-h200x2.json` measured ZeRO-3 on two GPUs at "
+        f"{result['zero3_two_gpu_speedup']}x one GPU's",
         "  steps: the SFT figure is a floor, not a ceiling.",
         "- Not modelled, and where the checks below miss by more than the 30 % aimed at: egm's hf",
         "  backend's model load from disk and its graph capture (the latency records build random",
@@ -222,8 +232,11 @@ def main(argv=None) -> int:
             est = job["estimate"]
             rl.append({"gpu": gpu, "n_gpus": n, "steps": RL_STEPS, "gpu_hours": round(est["gpu_seconds"] / 3600, 1),
                        "sources": est["sources"], "assumptions": est["assumptions"]})
+    import json
+
+    multigpu = json.loads((records / "multigpu-h200x2.json").read_text())
     result = {"script": "benchmarks/paper_cost.py", "config": "config/config.yaml", "setups": setups,
-              "rl_per_100_steps": rl}
+              "rl_per_100_steps": rl, "zero3_two_gpu_speedup": multigpu["sft"]["speedup_steps_per_s"]}
     write_json(args.out, result)
     result["checks"] = read_checks(records)
     with atomic_write(args.doc) as f:
