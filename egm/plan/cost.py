@@ -225,8 +225,7 @@ class CostModel:
             return self._cpu_job(job, config)
         est = Estimate(gpus=job.gpus)
         if job.gpus == 0:
-            est.unpriced = "a GPU rule run on the CPU (gpus: 0): no CPU measurement of model jobs is committed"
-            return est
+            return self._model_job_on_cpu(job, config, est)
         if rule in ("sft", "rl"):
             return self._training(job, config, est)
         return self._inference(job, config, est)
@@ -245,6 +244,47 @@ class CostModel:
             est.sources = [f"load-cpu-2core.json: score {rate:.0f} records/s (2-core CPU)", how]
         else:
             est.unpriced = "CPU job: no GPU time; its wall time is not modelled"
+        return est
+
+    def _model_job_on_cpu(self, job, config: dict, est: Estimate) -> Estimate:
+        """A model job with gpus: 0 (the demo): answers priced by the CPU decode record of the
+        demo's tiny model (seconds per generated token, float32 `generate`); training has no CPU
+        record."""
+        record = self._read("decode-equality-cpu.json")
+        model = job.wildcards.get("model")
+        entry = self._model_entry(config, model) if model else {}
+        if job.rule not in ("predict", "scaling", "scaling_single_point") or record is None or \
+                self.architecture(entry.get("params_b") or 0) is not None:
+            est.unpriced = "a model job on the CPU (gpus: 0) with no CPU record of its kind"
+            return est
+        run = record["dtypes"]["float32"]
+        per_token_s = run["generate_s"] / run["tokens"]
+        options = job.params.get("options") or {}
+        cap = (options.get("inference") or {}).get("max_tokens") or config["inference"]["max_tokens"]
+        tokens, tokens_from = self.expected_tokens(model, entry, cap)
+        if job.rule == "predict":
+            records, records_from = self.split_records(config)
+            if records is None:
+                est.unpriced = records_from
+                return est
+            answers = records * tokens
+        else:
+            scaling = options.get("scaling") or config.get("scaling") or {}
+            records = scaling.get("n_per_split", 1) * len(config["splits"])
+            records_from = "scaling.n_per_split"
+            answer = scaling.get("answer_max_tokens", cap)
+            budgets = scaling.get("budgets", ["unlimited"]) if job.rule == "scaling" else ["unlimited"]
+            answers = records * sum(tokens if b in ("unlimited", None) else min(int(b), tokens) + min(answer, tokens)
+                                    for b in budgets)
+        est.gpu_seconds = 0.0
+        est.wall_s = answers * per_token_s
+        est.drivers = {"records": records, "tokens_per_answer": round(tokens, 1), "tokens": round(answers)}
+        est.sources = [f"decode-equality-cpu.json: float32 generate {run['generate_s']} s for {run['tokens']} tokens "
+                       f"of the tiny model at batch {record['batch_size']} ({1000 * per_token_s:.2f} ms a token, "
+                       f"{record['device']})", records_from]
+        est.assumptions = [f"tokens per answer {tokens:.0f}: {tokens_from}",
+                           "the job's batch and decode path cost what the record's did; model load and process "
+                           "start not included"]
         return est
 
     def _model_entry(self, config: dict, model: str) -> dict:
