@@ -47,6 +47,12 @@ def test_the_plan_is_snakemakes_dry_run_and_follows_the_config(workdir):
     assert len(planned["jobs"]) == len({j["jobid"] for j in planned["jobs"]})
     rules = [j["rule"] for j in planned["jobs"]]
     assert rules.count("predict") == 3  # tiny-base, tiny-sft, tiny-rl
+    # On the CPU: answers priced by the tiny model's CPU decode record, training named as unpriced.
+    predict = next(j for j in planned["jobs"] if j["job"] == "predict model=tiny-base")["estimate"]
+    assert predict["sources"][0].startswith("decode-equality-cpu.json") and predict["wall_s"] > 0
+    assert predict["drivers"]["tokens"] == 8 * 4 * 16  # 8 splits x 4 records x the 16-token cap
+    sft = next(j for j in planned["jobs"] if j["rule"] == "sft")["estimate"]
+    assert sft["unpriced"] and sft["wall_s"] is None
 
     # One more model in the config: one more predict job, and its scores, in the plan.
     config = small_demo_config()
