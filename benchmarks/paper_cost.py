@@ -148,8 +148,10 @@ def document(result: dict) -> str:
         "  backend's model load from disk and its graph capture (the latency records build random",
         "  weights in memory, under a second), so an hf job's fixed cost is low; models without a latency",
         "  record of their size (the tiny demo model on any device; CPU model jobs) get no estimate;",
-        "  a job's process start and imports (a few seconds, most of a CPU job's wall time); and on a",
-        "  shared machine, the wait for a core.",
+        "  a job's process start, its imports (torch, transformers) and its model load: seconds that are",
+        "  most of a small CPU job's wall time, so on the demo the plan is several times too low (the CPU",
+        "  decode record is also at batch 64, the demo answers in batches of 8 or 16); and on a shared",
+        "  machine, the wait for a core.",
         "- Every job's table row in `make plan` names the record and measurement it uses, and every",
         "  assumption; a job with nothing measured behind it has no number.",
         "",
@@ -190,7 +192,11 @@ def _s(value) -> str:
 def check_note(check: dict) -> str:
     machine = check.get("machine") or {}
     load = machine.get("load_average_1_5_15_before")
-    where = f"{check['plan']['n_gpus']} x {check['plan']['gpu']} planned"
+    total = check["plan"].get("total") or {}
+    if total.get("gpu_jobs") == 0:
+        where = "every job on the CPU (no GPU job)"
+    else:
+        where = f"{check['plan']['n_gpus']} x {check['plan']['gpu']} planned"
     if load:
         where += (f"; run on {machine.get('cores_used')} of {machine.get('cpu_count')} CPU cores, load average "
                   f"{load[0]} before and {machine['load_average_1_5_15_after'][0]} after (a shared machine: measured "
