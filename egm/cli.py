@@ -108,9 +108,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from egm.io import write_json
     from egm.options import PredictOptions, parse_options
 
-    from egm.plan.measure import job_cost, tokens_in
+    from egm.plan.measure import GpuMemoryPeak, job_cost, tokens_in
 
-    started = time.monotonic()
+    started, memory = time.monotonic(), GpuMemoryPeak().start()
     options = parse_options(PredictOptions, args.options)
     _require_gpus(options.gpus, f"predict {args.model_dir}")
     provenance = _provenance(args, args.options)  # first: a bad manifest fails before the engine loads
@@ -121,7 +121,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.run_record:
         # What the job cost (`egm plan --check` puts it beside the plan's estimate).
         answers = [Path(args.out_dir) / f"{s['split']}.jsonl" for s in summaries]
-        provenance["cost"] = job_cost(started, options.gpus, tokens_in(p for p in answers if p.exists()))
+        provenance["cost"] = job_cost(started, options.gpus, tokens_in(p for p in answers if p.exists()), memory)
         write_json(args.run_record, provenance)
     unanswered = [s["split"] for s in summaries if s["problem"]]
     if unanswered:
@@ -239,16 +239,16 @@ def cmd_latency(args: argparse.Namespace) -> None:
     from egm.io import write_json
     from egm.options import LatencyOptions, parse_options
 
-    from egm.plan.measure import job_cost
+    from egm.plan.measure import GpuMemoryPeak, job_cost
 
-    started = time.monotonic()
+    started, memory = time.monotonic(), GpuMemoryPeak().start()
     options = parse_options(LatencyOptions, args.options)
     _require_gpus(options.gpus, f"latency {args.model_dir}")
     provenance = _provenance(args, args.options)
     result = run_latency(args.model, args.model_dir, args.split, args.image_root, options, provenance)
     tokens = sum(r["completion_tokens"] or 0 for part in ("protocol", "batch1") if part in result
                  for r in result[part]["requests"])
-    result["cost"] = job_cost(started, options.gpus, tokens)
+    result["cost"] = job_cost(started, options.gpus, tokens, memory)
     write_json(args.out, result)
 
 

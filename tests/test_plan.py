@@ -5,8 +5,10 @@ and --check puts a finished job's measurement beside its estimate."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -236,3 +238,28 @@ def test_a_predict_job_records_what_it_cost(tiny_dir, tmp_path):
     assert cost["tokens_generated"] == sum(r["completion_tokens"] for r in rows) > 0
     assert cost["wall_s"] > 0 and cost["gpu_seconds"] == cost["wall_s"] * cost["gpus"]
     assert cost["peak_gpu_mem_gib"] is None and cost["peak_gpu_mem_from"].startswith("not measured")
+
+
+def test_gpu_memory_peak_reads_the_jobs_gpus_from_nvidia_smi(tmp_path, monkeypatch):
+    from egm.plan.measure import GpuMemoryPeak
+
+    # A mock nvidia-smi (no GPU here): GPU 1's use rises, then falls; GPU 0 is another job's.
+    mock = tmp_path / "mock-bin"
+    mock.mkdir()
+    count = tmp_path / "calls"
+    (mock / "nvidia-smi").write_text(
+        "#!/bin/sh\nn=$(cat %s 2>/dev/null || echo 0); echo $((n+1)) > %s\n"
+        "case $n in 0) echo '0, 70000'; echo '1, 1024';; 1) echo '0, 70000'; echo '1, 6144';;"
+        " *) echo '0, 70000'; echo '1, 2048';; esac\n" % (count, count))
+    (mock / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{mock}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    sampler = GpuMemoryPeak(every=0.05).start()
+    deadline = time.monotonic() + 10
+    while int(count.read_text() if count.exists() else 0) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    peak, how = sampler.stop()
+    assert peak == 6.0 and how.startswith("nvidia-smi")  # 6144 MiB on GPU 1, not GPU 0's 70000
+
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert GpuMemoryPeak().start().stop() == (None, "not measured: no nvidia-smi")
