@@ -336,6 +336,9 @@ class CostModel:
             est.drivers = {"requests": n_req, "batch1_requests": b1, "tokens_per_answer": round(tokens, 1)}
             if one:
                 est.sources.append(f"{one['record']}: {one['method']} batch 1 on {one['card']}")
+            if replicas > 1:
+                est.assumptions.append(f"{concurrency} requests in flight over {replicas} replicas, each request "
+                                       f"priced at the batch-{PROTOCOL_BATCH} figure (high: a replica holds fewer)")
         elif job.rule in ("scaling", "scaling_single_point"):
             scaling = options.get("scaling") or config.get("scaling") or {}
             n_per = scaling.get("n_per_split")
@@ -378,6 +381,8 @@ class CostModel:
         est.assumptions.insert(0, f"tokens per answer {tokens:.0f}: {tokens_from}")
         if not serving:
             est.assumptions.append("the job's backend is not a serving engine: priced by egm's compiled decode")
+        elif "sglang" in (backend, engine.get("server")) and picked["method"] != "sglang":
+            est.assumptions.append(f"SGLang has no latency record: priced as {picked['method']}")
         if picked["card"] != self.gpu_name:
             est.assumptions.append(f"measured on {picked['card']}, projected to {self.gpu_name}")
         if big:
