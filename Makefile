@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 RUN     := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint clean-demo containers gpu-smoke-mirror
+.PHONY: setup demo test lint clean-demo containers gpu-smoke-mirror plan paper-cost
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +26,21 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(RUN) $(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The price of a run before it runs (docs/cost.md): every job Snakemake plans for the config and
+# targets, its GPU-hours, wall time and memory on PLAN_GPUS x PLAN_GPU, each with its source.
+# After a run, `make plan PLAN_ARGS=--check` puts each job's measurement beside its estimate.
+PLAN_CONFIG ?= config/config.yaml
+PLAN_GPU    ?= H100
+PLAN_GPUS   ?= 8
+PLAN_ARGS   ?=
+TARGETS     ?=
+plan: $(STAMP)
+	$(RUN) python -m egm plan --configfile $(PLAN_CONFIG) --gpu "$(PLAN_GPU)" --gpus $(PLAN_GPUS) $(PLAN_ARGS) $(TARGETS)
+
+# docs/cost.md and its record: the paper config priced on 1 and 8 H100s, 8 H200s, 8 A100s.
+paper-cost: $(STAMP)
+	$(RUN) python benchmarks/paper_cost.py --out benchmarks/results/paper-cost.json --doc docs/cost.md
 
 # `snakemake --lint` on every shipped config; any lint fails (CI runs this before the tests).
 LINT_CONFIGS := config/config.yaml config/demo.yaml config/gpu-smoke.yaml

@@ -42,6 +42,14 @@ step "python -m egm starts"; timeout 60 python -m egm --help >/dev/null 2>>"$run
 # A run cut short (SIGINT: Snakemake marks what it stopped as incomplete) still gets its record
 # written; the next run unlocks the directory and answers what is missing.
 step "unlock"; timeout 60 python3 -m snakemake --unlock --configfile config/gpu-smoke.yaml >/dev/null 2>&1
+# The price before the run (egm plan, docs/cost.md): the same targets on this card, one GPU.
+card=$(timeout 30 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+# Made once, before the first run of these targets: results/ outlives the calls on a held machine.
+step "plan on ${card:-H100}"
+before=results/plan/plan-before.json
+[ -f "$before" ] || timeout 120 python -m egm plan --configfile config/gpu-smoke.yaml \
+  --gpu "${card:-H100}" --gpus 1 --json "$before" --markdown "${before%.json}.md" "$@" >>"$runlog" 2>&1
+cp -f "$before" "${before%.json}.md" "$out/" 2>/dev/null
 step "snakemake $*"
 # Targets first: --resources and --configfile take every word after them.
 timeout -s INT -k 60 "${EGM_RUN_TIMEOUT:-0}" python3 -m snakemake "$@" --cores "$(nproc)" --keep-going \
@@ -50,9 +58,12 @@ status=$?
 step "snakemake exit $status; record"
 timeout 60 python3 benchmarks/gpu_pipeline.py --config config/gpu-smoke.yaml --out "$out/gpu-pipeline-h200.json" \
   >>"$runlog" 2>&1
+# Each job's estimate beside what it cost (benchmark files, the jobs' own cost records).
+step "plan --check"; timeout 120 python -m egm plan --check --saved "$before" --configfile config/gpu-smoke.yaml \
+  --json "$out/plan-check.json" --markdown "$out/plan-check.md" >>"$runlog" 2>&1
 step "pack"
 timeout 30 tar -czf "$out/gpu-run.tar.gz" logs results/metrics results/latency results/tables results/figures \
-  results/scaling results/predictions/*/run.json results/predictions/*/*.jsonl 2>/dev/null
+  results/scaling results/benchmarks results/predictions/*/run.json results/predictions/*/*.jsonl 2>/dev/null
 step "done"
 tail -n 40 "$runlog"
 exit $status

@@ -13,7 +13,7 @@ prompt pass) is matrix work (compute-bound). So on a GPU G
     T_G(n) = fixed x F_base / F_G + n x per_token x B_base / B_G
 
 with B the memory bandwidth and F the dense bf16 throughput published for each card
-(`benchmarks/gpus.json`; published figures on both sides, so every card is on the same footing).
+(`egm/plan/gpus.json`; published figures on both sides, so every card is on the same footing).
 What this leaves out, and where a prediction errs: per-step overheads that do not scale with
 either figure (kernel launches, host work), cards whose kernels reach a different share of their
 peak, and memory other programs take.
@@ -44,13 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from egm.io import write_json  # noqa: E402  (after the path above)
+from egm.plan.gpus import (  # noqa: E402  (the same formulas price jobs in `egm plan`)
+    ACTIVE_235B, GPUS_FILE, TOTAL_235B, fits, gpu_of, load_gpus, predict_ms, split_costs)
 from egm.report.paper import MEAN_COMPLETION_TOKENS, tradeoff_point  # noqa: E402
-
-GPUS_FILE = Path(__file__).with_name("gpus.json")
-HEADROOM = 1.2  # weights x this must fit the card's memory
-BF16_BYTES = 2
-ACTIVE_235B = 22e9  # active parameters of Qwen3-VL-235B-A22B per token (its name)
-TOTAL_235B = 235e9
 
 # (paper model, measured architecture it runs as, answer tokens, how the tokens were chosen)
 PAPER_MODELS = (
@@ -61,51 +57,6 @@ PAPER_MODELS = (
      "assumed: the 8B without EGM's"),
     ("Qwen3-VL-235B-A22B-Instruct", "qwen3-vl-8b", MEAN_COMPLETION_TOKENS["Qwen3-VL-235B-A22B (without EGM)"], "paper"),
 )
-
-
-def load_gpus(path: Path = GPUS_FILE) -> dict:
-    gpus = json.loads(Path(path).read_text())["gpus"]
-    for name, spec in gpus.items():
-        missing = {"memory_gb", "bandwidth_tbps", "bf16_dense_tflops", "source"} - set(spec)
-        if missing:
-            raise ValueError(f"{path}: GPU {name!r} lacks {sorted(missing)}")
-    return gpus
-
-
-def gpu_of(record: dict, gpus: dict) -> str:
-    """The gpus.json row of a record's device (its `record_device` is a prefix of the name)."""
-    device = record["device"]
-    for name, spec in gpus.items():
-        if device.startswith(spec.get("record_device", name)):
-            return name
-    raise ValueError(f"no GPU in {GPUS_FILE.name} matches the record's device {device!r}")
-
-
-def split_costs(record: dict, method: str) -> dict:
-    """Per measured architecture: fixed (ms), per_token (ms), the token counts and medians used."""
-    out = {}
-    for arch, entry in record["models"].items():
-        runs = {r["new_tokens"]: r["ms_per_request"] for r in entry["runs"] if r["method"] == method and r["batch"] == 1}
-        if len(runs) < 2:
-            continue
-        n1, n2 = min(runs), max(runs)
-        per_token = (runs[n2] - runs[n1]) / (n2 - n1)
-        out[arch] = {"fixed_ms": runs[n1] - n1 * per_token, "per_token_ms": per_token, "measured_ms": runs,
-                     "parameters": entry["parameters"], "llm_parameters": entry["llm_parameters"]}
-    if not out:
-        raise ValueError(f"the record has no {method} runs at batch 1 with two token counts")
-    return out
-
-
-def predict_ms(costs: dict, base: dict, gpu: dict, tokens: float, scale: float = 1.0) -> float:
-    """T_G(n) of the module docstring; `scale` multiplies both parts (a bigger model's work)."""
-    fixed = costs["fixed_ms"] * base["bf16_dense_tflops"] / gpu["bf16_dense_tflops"]
-    decode = tokens * costs["per_token_ms"] * base["bandwidth_tbps"] / gpu["bandwidth_tbps"]
-    return scale * (fixed + decode)
-
-
-def fits(parameters: float, gpu: dict) -> bool:
-    return parameters * BF16_BYTES * HEADROOM <= gpu["memory_gb"] * 1e9
 
 
 def project(record: dict, gpus: dict, method: str) -> dict:

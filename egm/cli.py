@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -107,6 +108,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from egm.io import write_json
     from egm.options import PredictOptions, parse_options
 
+    from egm.plan.measure import GpuMemoryPeak, job_cost, tokens_in
+
+    started, memory = time.monotonic(), GpuMemoryPeak().start()
     options = parse_options(PredictOptions, args.options)
     _require_gpus(options.gpus, f"predict {args.model_dir}")
     provenance = _provenance(args, args.options)  # first: a bad manifest fails before the engine loads
@@ -115,6 +119,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         # One JSON object a line: benchmarks read the answering time from the job's log.
         log.info("done: %s", json.dumps(summary, sort_keys=True))
     if args.run_record:
+        # What the job cost (`egm plan --check` puts it beside the plan's estimate).
+        answers = [Path(args.out_dir) / f"{s['split']}.jsonl" for s in summaries]
+        provenance["cost"] = job_cost(started, options.gpus, tokens_in(p for p in answers if p.exists()), memory)
         write_json(args.run_record, provenance)
     unanswered = [s["split"] for s in summaries if s["problem"]]
     if unanswered:
@@ -246,10 +253,17 @@ def cmd_latency(args: argparse.Namespace) -> None:
     from egm.io import write_json
     from egm.options import LatencyOptions, parse_options
 
+    from egm.plan.measure import GpuMemoryPeak, job_cost
+
+    started, memory = time.monotonic(), GpuMemoryPeak().start()
     options = parse_options(LatencyOptions, args.options)
     _require_gpus(options.gpus, f"latency {args.model_dir}")
     provenance = _provenance(args, args.options)
-    write_json(args.out, run_latency(args.model, args.model_dir, args.split, args.image_root, options, provenance))
+    result = run_latency(args.model, args.model_dir, args.split, args.image_root, options, provenance)
+    tokens = sum(r["completion_tokens"] or 0 for part in ("protocol", "batch1") if part in result
+                 for r in result[part]["requests"])
+    result["cost"] = job_cost(started, options.gpus, tokens, memory)
+    write_json(args.out, result)
 
 
 def cmd_scaling(args: argparse.Namespace) -> None:
@@ -285,6 +299,14 @@ def cmd_report_latency(args: argparse.Namespace) -> None:
 
     write_latency_table(_load_metrics(args.metrics), _models_in_order(args.report), args.report["splits"],
                         _load_metrics(args.latency), Path(args.out_prefix))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from egm.plan.plan import run_plan
+
+    run_plan([Path(c) for c in args.configfile], args.gpu, args.gpus, args.targets or None, args.json, args.markdown,
+             args.check, Path(args.directory), forceall=not args.only_missing, records_dir=args.records,
+             saved=args.saved)
 
 
 def cmd_report_training(args: argparse.Namespace) -> None:
@@ -457,6 +479,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=json_arg, default=None, help="JSON: models, order (display names of the stages)")
     p.add_argument("--out-prefix", required=True)
     p.set_defaults(func=cmd_report_training)
+
+    p = sub.add_parser("plan", help="price the jobs Snakemake would run (GPU-hours, wall time, memory fit); "
+                                    "--check: beside a finished run's measurements")
+    p.add_argument("--configfile", nargs="+", required=True)
+    p.add_argument("--gpu", default="H100", help="a card of egm/plan/gpus.json (a prefix of its name: H100, A100, H200)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs the run has")
+    p.add_argument("--json", type=Path, default=None, help="the plan as JSON")
+    p.add_argument("--markdown", type=Path, default=None, help="the tables as Markdown (default: stdout)")
+    p.add_argument("--check", action="store_true", help="put each job's measurement beside its estimate")
+    p.add_argument("--saved", type=Path, default=None,
+                   help="with --check: the plan (--json) written before the run, instead of planning anew")
+    p.add_argument("--only-missing", action="store_true",
+                   help="only the jobs that would run now (default: every job, as on a fresh machine)")
+    p.add_argument("--directory", default=".", help="the workflow's directory (Snakefile, results/, .snakemake/)")
+    p.add_argument("--records", type=Path, default=None,
+                   help="the measurement records (default: benchmarks/results of --directory)")
+    p.add_argument("targets", nargs="*", help="Snakemake targets (files or rules); none: rule all")
+    p.set_defaults(func=cmd_plan)
 
     from egm.train.cli import add_train_parsers
 

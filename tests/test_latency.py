@@ -100,6 +100,10 @@ def test_latency_command_writes_the_protocol_file(tiny_dir, tmp_path):
         assert protocol["summary"][key] > 0
     assert result["mean_latency_ms"] == protocol["summary"]["mean_ms"]
     assert result["batch1"]["concurrency"] == 1 and len(result["batch1"]["requests"]) == 2
+    # What the job cost (egm plan --check): every request's tokens, the wall time it took.
+    requests = protocol["requests"] + result["batch1"]["requests"]
+    assert result["cost"]["tokens_generated"] == sum(r["completion_tokens"] for r in requests) > 0
+    assert result["cost"]["wall_s"] > 0
     job = result["provenance"]["job"]
     assert job["engine"] == {**job["engine"], "backend": "hf", "package": "transformers"} and job["engine"]["version"]
     assert job["config"] == options and job["config_sha256"] == sha256_json(options)

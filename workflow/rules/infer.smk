@@ -21,6 +21,8 @@ rule predict:
         image_for(lambda wc: model_image_key(wc.model))
     resources:
         **model_job(),
+    benchmark:
+        "results/benchmarks/predict/{model}.tsv"
     log:
         "logs/predict/{model}.log",
     shell:

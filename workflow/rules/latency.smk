@@ -20,6 +20,8 @@ if LATENCY:
             image_for(lambda wc: model_image_key(wc.model, latency_entry(wc.model)))
         resources:
             **gpu_job(lambda wc: latency_entry(wc.model)["gpus"]),
+        benchmark:
+            "results/benchmarks/latency/{model}.tsv"
         log:
             "logs/latency/{model}.log",
         shell:

@@ -21,6 +21,8 @@ rule scaling:
         image_for(lambda wc: model_image_key(wc.model))
     resources:
         **model_job(),
+    benchmark:
+        "results/benchmarks/scaling/{model}.tsv"
     log:
         "logs/scaling/{model}.log",
     shell:

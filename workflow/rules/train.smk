@@ -41,6 +41,8 @@ rule sft:
     threads: train_threads
     resources:
         **train_job(),
+    benchmark:
+        "results/benchmarks/sft/{run}.tsv"
     log:
         "logs/train/{run}/sft.log",
     shell:
@@ -68,6 +70,8 @@ rule rl:
     threads: train_threads
     resources:
         **train_job(),
+    benchmark:
+        "results/benchmarks/rl/{run}.tsv"
     log:
         "logs/train/{run}/rl.log",
     shell:
