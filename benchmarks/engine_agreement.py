@@ -23,6 +23,14 @@ exactly the records that were missing (none lost, none answered twice).
         --splits resources/hub/egm-demo/EGM_Datasets/metadata/eval/*.jsonl --image-root resources/images \\
         --work /tmp/egm-agreement --out benchmarks/results/engine-agreement-h100.json [--steps server,vllm,hf,kill]
 
+On the GPU machine the model is trained there first (`--steps sft,...` with `--model-dir
+/tmp/egm-agreement/sft`, the demo's SFT on the GPU: 1500 steps of the demo recipe take seconds
+there and most of an hour on a loaded 2-core machine):
+
+    ... --steps sft,server,vllm --model-dir /tmp/egm-agreement/sft --sft-base resources/models/tiny-base \
+        --sft-base-manifest resources/manifests/model-tiny-base.json --sft-inputs resources/manifests/dataset.json \
+        --sft-data resources/hub/egm-demo/EGM_Datasets/vanilla_grounding_reasoning_training_dataset_raw.jsonl
+
 Steps already done in `--work` are not run again, so the steps may be spread over several calls;
 every call ends by writing the record of what is done so far.
 """
@@ -57,12 +65,12 @@ KILL_AFTER = 200  # answers in before the server is stopped (of 512, with 64 in 
 STEP_TIMEOUT_S = 420
 # A step is started only with this much of --budget-s left (a device call must end on its own,
 # record written): the longest, the killed server and its rerun, takes two server starts.
-STEP_NEEDS_S = {"server": 150, "vllm": 150, "hf": 120, "kill": 200}
+STEP_NEEDS_S = {"sft": 120, "server": 150, "vllm": 150, "hf": 120, "kill": 200}
 
 
 def predict_command(model_dir: str, manifest: Path, splits: list[str], image_root: str, out_dir: Path,
                     engine: str) -> list[str]:
-    options = {"prompt": "qwen3", "gpus": 1, "inference": INFERENCE, **ENGINES[engine]}
+    options = {"prompt": "qwen3", "gpus": 1 if torch_cuda() else 0, "inference": INFERENCE, **ENGINES[engine]}
     return [sys.executable, "-m", "egm", "predict", "--model-dir", model_dir, "--model-manifest", str(manifest),
             "--splits", *splits, "--image-root", image_root, "--out-dir", str(out_dir), "--options",
             json.dumps(options), "--model", f"tiny-sft-{engine}", "--run-record", str(out_dir / "run.json")]
@@ -91,6 +99,23 @@ def step_answer(engine: str, args, work: Path) -> dict:
             "answer_s": round(sum(s["answer_s"] for s in done), 2),
             "engine_load_s": round(sum(s["engine_load_s"] for s in done), 2),
             "protocol": (read_json(out / "run.json").get("job", {}).get("engine") if (out / "run.json").exists() else None)}
+
+
+def step_sft(args, work: Path) -> dict:
+    """The demo's SFT of the tiny model, as the `sft` rule runs it (demo recipe, 1500 steps), on the
+    GPU: the model the engines are compared on, trained where it takes seconds."""
+    from egm.train.recipes import resolve_recipe
+
+    recipe = resolve_recipe("config/recipes/demo_sft.yaml", {}, Path(__file__).resolve().parents[1])
+    options = {"run": "tiny", "recipe": recipe, "max_steps": args.sft_steps, "limit": None}
+    out = work / "sft"
+    gpus = "1" if torch_cuda() else "0"
+    cmd = [sys.executable, "-m", "egm", "sft", "--model-dir", args.sft_base, "--model-manifest", args.sft_base_manifest,
+           "--data", args.sft_data, "--image-root", args.image_root, "--inputs", args.sft_inputs,
+           "--out-dir", str(out), "--manifest", str(work / "sft.json"), "--work-dir", str(work / ".work-sft"),
+           "--options", json.dumps(options), "--gpus", gpus]
+    code, wall = run_predict(cmd, work / "sft.log", work)
+    return {"rc": code, "wall_s": round(wall, 1), "options": options}
 
 
 def work_lines(out: Path) -> int:
@@ -157,6 +182,12 @@ def kill_agreement(work: Path) -> dict | None:
             "equal_boxes": sum(resumed[k]["parsed_box"] == whole[k]["parsed_box"] for k in both)}
 
 
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def device() -> str:
     try:
         import torch
@@ -202,11 +233,18 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", default="server,vllm,hf,kill")
     parser.add_argument("--budget-s", type=float, default=0, help="seconds this call may take (0: no limit)")
+    # The `sft` step (the demo's SFT on the GPU, its output then being --model-dir).
+    parser.add_argument("--sft-base", help="the untrained tiny model's directory")
+    parser.add_argument("--sft-base-manifest")
+    parser.add_argument("--sft-data", help="the demo's SFT JSONL")
+    parser.add_argument("--sft-inputs", help="the data set's fetch manifest")
+    parser.add_argument("--sft-steps", type=int, default=1500, help="config/demo.yaml's SFT steps")
     args = parser.parse_args()
     started = time.monotonic()
-    args.model_dir = str(Path(args.model_dir).resolve())
+    for name in ("model_dir", "image_root", "sft_base", "sft_base_manifest", "sft_data", "sft_inputs"):
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
     args.splits = [str(Path(p).resolve()) for p in args.splits]
-    args.image_root = str(Path(args.image_root).resolve())
     work = Path(args.work)
     (work / "status").mkdir(parents=True, exist_ok=True)
     if not (work / "model.json").exists():
@@ -221,7 +259,8 @@ def main() -> None:
             print(f"{step}: skipped, {left:.0f} s left of the call's budget", flush=True)
             continue
         print(f"== {time.strftime('%T')} {step}", flush=True)
-        result = step_kill(args, work) if step == "kill" else step_answer(step, args, work)
+        result = (step_kill(args, work) if step == "kill" else step_sft(args, work) if step == "sft"
+                  else step_answer(step, args, work))
         if step == "kill":
             result["rc"] = 0 if result["none_lost"] and result["none_answered_twice"] else 1
         write_json(status, result)
