@@ -14,7 +14,7 @@ the demo generator's RL data, each in its own process (a vLLM engine does not le
   A random model writes no box, so every reward is 0 and the policy does not move: cost only.
 - sync, sync-stale: the weight-sync check. The demo's tiny model after a short SFT (made on the CPU
   machine by `check-model`; it writes boxes, so rewards differ inside a group and every step moves
-  the policy), fp32 in both trainer and vLLM, temperature 1 without top-k/top-p (TRL's log-probs
+  the policy), fp32 in both trainer and vLLM (eager), temperature 1 without top-k/top-p (TRL's log-probs
   apply the temperature only; vLLM's would also be renormalised by a truncation). TRL logs per step
   `sampling/sampling_logp_difference/mean|max`: |log p_vLLM - log p_policy| on the sampled tokens,
   the policy's computed right after the rollout. In sync it stays at the engines' numerical floor;
@@ -68,6 +68,10 @@ CHECK_OVERRIDES = dict(
     temperature=1.0, top_p=1.0, top_k=0, bf16=False, gradient_checkpointing=False,
     vllm_gpu_memory_utilization=0.1, vllm_max_model_length=512,
 )
+# Arguments added to the LLM that TRL builds in colocate mode (it passes no dtype, and vLLM's
+# `auto` would run the check model's fp32 checkpoint in 16 bits, whose rounding on a hidden size
+# of 128 is far above the floor the check needs). Eager: nothing to compile for a 2-layer model.
+CHECK_ENGINE = {"dtype": "float32", "enforce_eager": True}
 # name: (model, rollout, stale, steps, time cap in s). Run in this order; the last goes first when
 # time runs short.
 VARIANTS = {
@@ -159,6 +163,7 @@ def make_plan(args) -> dict:
         plan["variants"][name] = {
             "model": model, "rollout": rollout, "stale": stale, "steps": args.steps or steps, "cap_s": cap,
             "recipe": variant_recipe(model, rollout, args.size),
+            "vllm_engine_extra": CHECK_ENGINE if model == "check" and rollout == "vllm" else {},
             "model_dir": str(work / "speed-model") if model == "speed" else str(Path(args.check_model).resolve()),
             "data": str(work / ("speed-data" if model == "speed" else "check-data")),
         }
@@ -275,6 +280,14 @@ def stale_after_first_sync() -> None:
     vllm_generation.VLLMGeneration.sync_weights = sync_once
 
 
+def add_engine_arguments(extra: dict) -> None:
+    import functools
+
+    from trl.generation import vllm_generation
+
+    vllm_generation.LLM = functools.partial(vllm_generation.LLM, **extra)
+
+
 def run_variant(plan: dict, name: str) -> None:
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -285,6 +298,8 @@ def run_variant(plan: dict, name: str) -> None:
     tap = StepTap(work / "steps.json")
     if spec["stale"]:
         stale_after_first_sync()
+    if spec["vllm_engine_extra"]:
+        add_engine_arguments(spec["vllm_engine_extra"])
 
     from egm.train import common
     from egm.train.rl import train_rl
@@ -449,6 +464,8 @@ def variant_record(spec: dict, raw: dict | None, status: dict | None) -> dict:
         "manifest_rollout_true": (None if not raw.get("rollout") or not generated else
                                   ({"vLLM.generate"} == generated) == raw["rollout"].startswith("vllm")),
         "completed": bool(raw.get("done")),
+        "completions_per_step": completions,
+        "grpo_args": raw.get("trl_args"),
         "steps": steps,
         "median_after_first": {key: median_after_first([s[key] for s in steps]) for key in (
             "step_s", "rollout_s", "sync_s", "rollout_tokens_per_s", "trainer_tokens_per_s")},
@@ -552,10 +569,19 @@ def main() -> None:
         plan = read_json(args.plan)
         write_json(Path(plan["work"]) / "prepared.json", {**prepare(plan), "environment": environment()})
     elif args.command == "variant":
-        run_variant(read_json(args.plan), args.name)
+        # A colocated vLLM engine's threads can hold the interpreter at exit: leave at once, once
+        # everything is written (steps.json after every step, the traceback in the log).
+        rc = 0
+        try:
+            run_variant(read_json(args.plan), args.name)
+        except BaseException:  # noqa: BLE001 - also the SIGINT of the time limit
+            import traceback
+
+            traceback.print_exc()
+            rc = 1
         sys.stdout.flush()
-        # A colocated vLLM engine's threads can hold the interpreter at exit; everything is written.
-        os._exit(0)
+        sys.stderr.flush()
+        os._exit(rc)
     else:
         write_record(Path(args.work), Path(args.out))
 

@@ -72,6 +72,7 @@ def test_gpu_variants_resolve_to_the_grpo_configs_they_claim(bench, tmp_path):
         # fp32 in both engines, and no truncated sampling: vLLM's processed log-probs would be
         # renormalised over the kept tokens, TRL's are not.
         assert grpo["bf16"] is False and grpo["top_p"] == 1.0 and grpo["top_k"] == 0
+        assert plan[name]["vllm_engine_extra"]["dtype"] == "float32"  # vLLM's `auto` would take 16 bits
     assert plan["sync-stale"]["stale"] and not plan["sync"]["stale"]
 
 
@@ -85,6 +86,14 @@ def test_stale_variant_syncs_only_once(bench, monkeypatch):
     for _ in range(3):
         engine.sync_weights()
     assert calls == [engine]
+
+
+def test_check_engine_gets_its_dtype(bench, monkeypatch):
+    from trl.generation import vllm_generation
+
+    monkeypatch.setattr(vllm_generation, "LLM", lambda **kwargs: kwargs, raising=False)  # no vLLM here
+    bench.add_engine_arguments({"dtype": "float32", "enforce_eager": True})
+    assert vllm_generation.LLM(model="m", seed=0) == {"model": "m", "seed": 0, "dtype": "float32", "enforce_eager": True}
 
 
 def test_sync_verdict(bench):
