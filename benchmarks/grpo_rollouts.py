@@ -72,6 +72,8 @@ CHECK_OVERRIDES = dict(
 # `auto` would run the check model's fp32 checkpoint in 16 bits, whose rounding on a hidden size
 # of 128 is far above the floor the check needs). Eager: nothing to compile for a 2-layer model.
 CHECK_ENGINE = {"dtype": "float32", "enforce_eager": True}
+# SFT steps of the check model: the demo's answer format is learned by then (docs/training.md).
+CHECK_MODEL_STEPS = 300
 # name: (model, rollout, stale, steps, time cap in s). Run in this order; the last goes first when
 # time runs short.
 VARIANTS = {
@@ -151,6 +153,12 @@ def variant_recipe(model: str, rollout: str, size: str) -> dict:
     return recipe
 
 
+def check_model_dir(args) -> str:
+    """The carried check model, or where `prepare` trains one (on the GPU, ~300 steps) without it."""
+    carried = Path(args.check_model).resolve()
+    return str(carried if (carried / "config.json").exists() else Path(args.work) / "check-model")
+
+
 def make_plan(args) -> dict:
     names = args.variants or list(VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))
@@ -164,7 +172,7 @@ def make_plan(args) -> dict:
             "model": model, "rollout": rollout, "stale": stale, "steps": args.steps or steps, "cap_s": cap,
             "recipe": variant_recipe(model, rollout, args.size),
             "vllm_engine_extra": CHECK_ENGINE if model == "check" and rollout == "vllm" else {},
-            "model_dir": str(work / "speed-model") if model == "speed" else str(Path(args.check_model).resolve()),
+            "model_dir": str(work / "speed-model") if model == "speed" else check_model_dir(args),
             "data": str(work / ("speed-data" if model == "speed" else "check-data")),
         }
     return plan
@@ -189,6 +197,11 @@ def prepare(plan: dict) -> dict:
         build_data(work / "speed-data", (640, 480) if plan["size"] == "2b" else (96, 96), 24)
     if "check" in models:
         build_data(work / "check-data", (96, 96), 64)
+        model_dir = next(v["model_dir"] for v in plan["variants"].values() if v["model"] == "check")
+        if not (Path(model_dir) / "config.json").exists():
+            t0 = time.perf_counter()
+            out["check_model"] = {**make_check_model(Path(model_dir), CHECK_MODEL_STEPS, 400),
+                                  "trained_here_s": round(time.perf_counter() - t0, 1)}
     return out
 
 
@@ -538,12 +551,13 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check-model", help="the tiny model after a short SFT (CPU machine)")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=CHECK_MODEL_STEPS)
     p.add_argument("--images", type=int, default=400)
     p = sub.add_parser("run", help="every variant, each in its own process, then the record")
     p.add_argument("--out", required=True, help="folder of the record (grpo-rollouts-<card>.json)")
     p.add_argument("--work", default="/tmp/egm-grpo-rollouts")
-    p.add_argument("--check-model", default=str(REPO / "resources" / "grpo-rollouts" / "tiny-sft"))
+    p.add_argument("--check-model", default=str(REPO / "resources" / "grpo-rollouts" / "tiny-sft"),
+                   help="made by check-model; where it is missing, `prepare` trains one here first")
     p.add_argument("--size", choices=["2b", "tiny"], default="2b")
     p.add_argument("--variants", nargs="*", help=f"default: {' '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, help="steps of every variant (default: each its own)")

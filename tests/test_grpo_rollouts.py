@@ -27,13 +27,13 @@ def test_generate_variant_runs_and_is_recorded(tmp_path):
     # ~40 s: two GRPO steps of the tiny architecture, each variant in its own process like on the GPU.
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "run", "--size", "tiny", "--variants", "speed-hf", "sync", "--steps", "2",
-         "--check-model", str(tmp_path / "absent"), "--work", str(tmp_path / "work"), "--out", str(out)],
+        [sys.executable, str(SCRIPT), "run", "--size", "tiny", "--variants", "speed-hf", "--steps", "2",
+         "--work", str(tmp_path / "work"), "--out", str(out)],
         capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     record = json.loads((out / "grpo-rollouts-cpu.json").read_text())
-    assert record["statuses"]["sync"]["rc"] == "no model"  # no check model: said, not failed
+    assert list(record["variants"]) == ["speed-hf"] and "check_model" not in record["prepared"]
     hf = record["variants"]["speed-hf"]
     assert hf["completed"] and hf["status"]["rc"] == 0
     # The manifest's rollout path is the one TRL timed.
