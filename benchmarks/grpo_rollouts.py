@@ -93,8 +93,8 @@ LOGP_DIFF = "sampling/sampling_logp_difference/mean"
 
 
 def make_check_model(out: Path, steps: int, images: int) -> dict:
-    """The demo's tiny model after `steps` SFT steps of the demo recipe (fp32, CPU): it answers
-    in the SFT format with boxes, so GRPO's rewards differ inside a group."""
+    """The demo's tiny model after `steps` SFT steps of the demo recipe (fp32, as the recipe has no
+    bf16): it answers in the SFT format with boxes, so GRPO's rewards differ inside a group."""
     import shutil
     import tempfile
 
@@ -379,11 +379,14 @@ def run(args) -> Path:
         print(json.dumps(dry_run(plan), indent=2))
         return work
     work.mkdir(parents=True, exist_ok=True)
+    for stale in ("prepared.json", *(f"{name}/steps.json" for name in plan["variants"])):
+        (work / stale).unlink(missing_ok=True)  # an earlier call's would pass for this call's
     write_json(work / "plan.json", plan)
     me = [sys.executable, str(Path(__file__).resolve())]
     statuses = {}
     statuses["prepare"] = run_step([*me, "prepare", "--plan", str(work / "plan.json")], work / "logs/prepare.log",
                                    min(180, deadline - time.perf_counter()))
+    print("prepare", statuses["prepare"], flush=True)
     if statuses["prepare"]["rc"] == 0:
         for name, spec in plan["variants"].items():
             left = deadline - time.perf_counter() - 15
@@ -539,6 +542,10 @@ def write_record(work: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"grpo-rollouts-{card_name(device)}.json"
     write_json(path, record)
+    summary = {name: {"rc": (v.get("status") or {}).get("rc"), "steps": len(v.get("steps", [])),
+                      **v.get("median_after_first", {}), "peak": v.get("peak")} for name, v in variants.items()}
+    print(json.dumps({"variants": summary, "vllm_vs_generate": record.get("vllm_vs_generate"),
+                      "sync_check": record.get("sync_check")}, indent=1), flush=True)
     print(f"wrote {path}", flush=True)
     return path
 
