@@ -448,7 +448,9 @@ def step_figures(step: dict, completions: int, tokens_before: float) -> dict:
         "completion_tokens": round(completion_tokens), "trainer_tokens": round(train_tokens),
         "rollout_tokens_per_s": round(completion_tokens / rollout_s, 1) if rollout_s else None,
         "trainer_tokens_per_s": round(train_tokens / trainer_s, 1) if trainer_s > 0 else None,
-        "reward": log.get("reward"), "loss": log.get("loss"),
+        "reward": log.get("reward"), "loss": log.get("loss"), "grad_norm": log.get("grad_norm"),
+        # Groups whose rewards were all equal: no advantage, no gradient from them.
+        "frac_reward_zero_std": log.get("frac_reward_zero_std"),
         "logp_diff_mean": log.get(LOGP_DIFF), "logp_diff_max": log.get("sampling/sampling_logp_difference/max"),
         "is_ratio_mean": log.get("sampling/importance_sampling_ratio/mean"),
     }
@@ -537,8 +539,11 @@ def write_record(work: Path, out_dir: Path) -> Path:
                                            else None),
         }
     if "sync" in variants:
-        record["sync_check"] = sync_check([s["logp_diff_mean"] for s in variants["sync"].get("steps", [])],
+        synced = variants["sync"].get("steps", [])
+        record["sync_check"] = sync_check([s["logp_diff_mean"] for s in synced],
                                           [s["logp_diff_mean"] for s in variants.get("sync-stale", {}).get("steps", [])])
+        # The check needs a moving policy: steps with a gradient (some group's rewards differed).
+        record["sync_check"]["steps_with_gradient"] = sum(1 for s in synced if (s.get("grad_norm") or 0) > 0)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"grpo-rollouts-{card_name(device)}.json"
     write_json(path, record)

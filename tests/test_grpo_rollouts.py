@@ -106,3 +106,14 @@ def test_sync_verdict(bench):
     # A stale run that stays at the floor shows nothing about the check.
     assert bench.sync_check(floor, floor)["stale_detected"] is False
     assert bench.sync_check(floor[:1], None)["current_policy"] is None  # one step proves nothing
+
+
+def test_vllm_step_figures_take_trls_sections(bench):
+    # A step as the tap records it with vLLM: TRL's profiled sections and its log entry.
+    step = {"step": 3, "step_s": 2.0, "sections_s": {"sync_weights": 0.1, "vLLM.generate": 0.5},
+            "log": {"completions/mean_length": 10.0, "num_tokens": 1500.0, bench.LOGP_DIFF: 2e-6}}
+    figures = bench.step_figures(step, completions=64, tokens_before=500.0)
+    assert figures["completion_tokens"] == 640 and figures["trainer_tokens"] == 1000
+    assert figures["rollout_tokens_per_s"] == 1280.0  # 640 tokens in 0.5 s inside vLLM.generate
+    assert figures["trainer_tokens_per_s"] == round(1000 / 1.4, 1)  # the step less rollout and sync
+    assert figures["logp_diff_mean"] == 2e-6
