@@ -13,6 +13,7 @@
 #   benchmarks/multigpu.sh grpo [hf|vllm]     # GRPO with transformers or colocated vLLM rollouts
 #   benchmarks/multigpu.sh predict ENGINE [MODEL...]   # hf or vllm; one replica per GPU on two
 #   benchmarks/multigpu.sh ray [pp|tp]        # two Ray nodes on this host, one vLLM engine across them
+#   benchmarks/multigpu.sh rollouts [ARGS]    # issue 32, one GPU: benchmarks/grpo_rollouts.py run ARGS
 #   benchmarks/multigpu.sh record             # the record so far (every run subcommand ends with it)
 #   benchmarks/multigpu.sh restore ARCHIVE    # an earlier call's multigpu-logs.tar.gz: its finished runs count
 #   benchmarks/multigpu.sh redo STEP...       # run these predict/ray steps again (their outputs go)
@@ -36,7 +37,7 @@ smoke_mirror=${EGM_SMOKE_MIRROR:-$repo/resources/gpu_smoke_mirror}
 dry=${EGM_DRY_RUN:-}
 started=$(date +%s)
 deadline=$((started + ${EGM_CALL_S:-540}))
-cmd=${1:?usage: multigpu.sh park|check|install|prepare|sft|grpo|predict|ray|record ...}
+cmd=${1:?usage: multigpu.sh park|check|install|prepare|sft|grpo|predict|ray|rollouts|record ...}
 shift
 
 config=${EGM_MGPU_CONFIG:-$repo/config/benchmarks/multigpu.yaml}
@@ -144,6 +145,16 @@ fi
 # Multicast stays off on shared hosts (KINDS.md); vLLM without flashinfer; no hub, no telemetry.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
+
+if [ "$cmd" = rollouts ]; then
+  # Issue 32 on one GPU (benchmarks/grpo_rollouts.py): GRPO with vLLM colocate against generate
+  # rollouts and the weight-sync check, in the time left of this call; the record goes to $OUT.
+  left=$((deadline - $(date +%s) - 20))
+  set -- python3 "$repo/benchmarks/grpo_rollouts.py" run --out "$out" --budget-s "$left" "$@"
+  [ -n "$dry" ] && { printf '%q ' "$@"; echo; exit 0; }
+  "$@"
+  exit $?
+fi
 
 train=$work/train
 pred=$work/predict

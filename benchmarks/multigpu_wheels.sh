@@ -6,6 +6,7 @@
 # part of both sets, which `benchmarks/multigpu.sh install` checks before unpacking.
 #
 #   benchmarks/multigpu_wheels.sh                # in the project root, on the CPU machine: .mgpu/
+#   benchmarks/multigpu_wheels.sh grpo           # only what one GPU's GRPO needs (TRL, datasets; issue 32)
 #
 # .mgpu/ (where `benchmarks/multigpu.sh park` looks for the parts) must be ignored by git: add
 # /.mgpu/ to .git/info/exclude; wheels are never committed.
@@ -29,7 +30,14 @@ compgen -G "$vparts/part-*" >/dev/null || { echo "no vLLM parts in $vparts (../s
 # One version of each package across all sets: these pins are the project's own (pyproject.toml)
 # where it has them; multiprocess is the newest datasets accepts; Ray is the release checked on
 # the CPU machine (ENVIRONMENT.md), and vLLM 0.25.1 needs Ray >= 2.43.
-WANTED=(deepspeed==0.19.8 trl==1.16.0 datasets==5.2.0 multiprocess==0.70.19 hjson==3.1.0 ray==2.60.0)
+# TRL 1.16 accepts vLLM 0.22-0.31 (0.25.1 is the GPU machine's) and transformers >= 4.56.2 (5.17 there).
+case "${1:-all}" in
+  all) WANTED=(deepspeed==0.19.8 trl==1.16.0 datasets==5.2.0 multiprocess==0.70.19 hjson==3.1.0 ray==2.60.0) ;;
+  grpo) WANTED=(trl==1.16.0 datasets==5.2.0 multiprocess==0.70.19) ;;
+  *) echo "usage: multigpu_wheels.sh [all|grpo]" >&2; exit 2 ;;
+esac
+BUILT=()  # sdists built here: DeepSpeed when wanted
+[ "${WANTED[0]%%==*}" = deepspeed ] && { BUILT=("${WANTED[0]}"); WANTED=("${WANTED[@]:1}"); }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -40,8 +48,8 @@ for p in manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_24_x86_64 manyli
   plat+=(--platform "$p")
 done
 mkdir -p "$work/whl" "$work/vllm"
-DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$work/whl" "${WANTED[0]}"
-"$py" -m pip download -q --no-deps "${plat[@]}" -d "$work/whl" "${WANTED[@]:1}"
+[ ${#BUILT[@]} -eq 0 ] || DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$work/whl" "${BUILT[@]}"
+"$py" -m pip download -q --no-deps "${plat[@]}" -d "$work/whl" "${WANTED[@]}"
 cat "$vparts"/part-* | tar -x -C "$work/vllm"
 
 # Every requirement of the new wheels must be met by the image, vLLM's set or this set, and no

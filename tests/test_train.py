@@ -145,6 +145,8 @@ def test_paper_rl_recipes_map_to_grpoconfig(name):
     assert args["max_completion_length"] == 2048
     assert (args["temperature"], args["top_p"], args["top_k"]) == (0.7, 0.9, 50)
     assert args["use_vllm"] and args["vllm_mode"] == "colocate"
+    # vLLM's context holds a prompt and the longest answer, not Qwen3-VL's 262144 positions.
+    assert args["vllm_max_model_length"] == 4096 > args["max_completion_length"]
     assert args["loss_type"] == "dapo"  # token-mean
     assert args["scale_rewards"] == "group"
     if name == "rl_verl.yaml":
@@ -205,6 +207,25 @@ def test_recipe_errors():
         recipes.rl_args({**recipe, "rollout": "vllm"}, vllm_available=False)
     with pytest.raises(recipes.RecipeError, match="stage"):
         recipes.sft_args(recipe)
+    # vLLM resizes images with the model directory's processor, never with a recipe's pixel budget.
+    with pytest.raises(recipes.RecipeError, match="image_max_pixels"):
+        recipes.rl_args({**recipe, "image_max_pixels": 50176}, on_gpu=True, vllm_available=True)
+    assert recipes.rl_args({**recipe, "image_max_pixels": 50176})["use_vllm"] is False  # generate: fine
+
+
+def test_vllm_context_defaults_to_prompt_room_plus_the_answer():
+    recipe = recipes.load_recipe(RECIPES / "rl_areal.yaml")
+    del recipe["vllm_max_model_length"]
+    args = recipes.rl_args({**recipe, "max_new_tokens": 256}, on_gpu=True, vllm_available=True)
+    assert args["vllm_max_model_length"] == recipes.VLLM_PROMPT_TOKENS + 256
+    assert "vllm_max_model_length" not in recipes.rl_args(recipe)  # generate rollouts: no vLLM settings
+
+
+def test_demo_rl_samples_with_generate_even_where_vllm_is_installed():
+    # The demo runs on the CPU; its recipe names its rollout path instead of leaving it to `auto`.
+    recipe = recipes.load_recipe(RECIPES / "demo_rl.yaml")
+    assert recipe["rollout"] == "hf"
+    assert recipes.rl_args(recipe, on_gpu=True, vllm_available=True)["use_vllm"] is False
 
 
 def _gather_in_process_group(rank, world, init_file, out):

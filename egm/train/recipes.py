@@ -56,6 +56,7 @@ RL_DIRECT = {
     "rollout_is_mode": "vllm_importance_sampling_mode",
     "rollout_is_cap": "vllm_importance_sampling_clip_max",
     "vllm_gpu_memory_utilization": "vllm_gpu_memory_utilization",
+    "vllm_max_model_length": "vllm_max_model_length",
 }
 # Keys our code handles itself (documented beside each recipe's values).
 COMMON_DERIVED = {"stage", "source", "warmup_ratio", "warmup_steps", "micro_batch_size", "bf16", "deepspeed"}
@@ -80,6 +81,11 @@ LOSS_AGGREGATION = {
     "seq-mean-token-sum-norm": "dr_grpo",  # token sums / a constant (max length)
 }
 ROLLOUTS = ("auto", "vllm", "hf")
+# Room for the prompt (text and image tokens) in vLLM's context when a recipe sets no
+# vllm_max_model_length: without a limit vLLM takes the model's (262144 for Qwen3-VL) and refuses
+# to start unless its KV cache holds one sequence that long. A COCO image at the released
+# preprocessing is ~300-400 tokens.
+VLLM_PROMPT_TOKENS = 2048
 
 
 class RecipeError(ValueError):
@@ -217,7 +223,16 @@ def rl_args(recipe: dict, world_size: int = 1, on_gpu: bool = False, max_steps: 
     args["use_vllm"] = rollout == "vllm" or (rollout == "auto" and vllm_available)
     if args["use_vllm"]:
         args["vllm_mode"] = "colocate"
+        args.setdefault("vllm_max_model_length", VLLM_PROMPT_TOKENS + int(recipe["max_new_tokens"]))
+        budget = sorted({"image_min_pixels", "image_max_pixels"} & set(recipe))
+        if budget:
+            # TRL hands vLLM the raw images, which vLLM resizes with the model directory's own
+            # preprocessor_config.json: the trainer's prompts would hold another number of image tokens.
+            raise RecipeError(
+                f"{budget} would resize the trainer's images but not vLLM's (it reads the model directory's "
+                "preprocessor_config.json): drop them from the RL recipe, or use rollout: hf")
     else:
+        args.pop("vllm_max_model_length", None)
         # The importance-sampling correction compares vLLM's log-probs with the trainer's.
         args["vllm_importance_sampling_correction"] = False
     if recipe.get("eval_steps"):

@@ -27,6 +27,14 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None and common.on_gpu()
 
 
+def rollout_path(trainer) -> str:
+    """What the trainer samples rollouts with, read from the trainer itself rather than from what
+    was asked of it: "vllm-colocate", "vllm-server" or "transformers-generate"."""
+    if getattr(trainer, "use_vllm", False):
+        return f"vllm-{trainer.args.vllm_mode}"
+    return "transformers-generate"
+
+
 def train_rl(
     model_dir: str | os.PathLike,
     train_path: str | os.PathLike,
@@ -65,7 +73,6 @@ def train_rl(
         kwargs.pop("eval_strategy", None)
         kwargs.pop("eval_steps", None)
     not_applied = warn_unapplied(recipe, "rl")
-    log.info("rollouts: %s", "vLLM (colocate)" if kwargs["use_vllm"] else "transformers generate")
     args = GRPOConfig(output_dir=str(checkpoints), **common.TRAINER_DEFAULTS, **kwargs)
     processor, model, frozen = common.load_for_training(
         args, work_dir, print_, rank, model_dir, recipe, freeze_by_default=False
@@ -87,6 +94,8 @@ def train_rl(
         processing_class=processor,
         callbacks=[cost, *(callbacks or [])],
     )
+    rollout = rollout_path(trainer)
+    log.info("rollouts: %s", rollout)
     result, resume = common.train_resuming(trainer, checkpoints)
 
     meta = {
@@ -98,7 +107,7 @@ def train_rl(
         "not_applied": not_applied,
         "world_size": world_size,
         "device": "cuda" if gpu else "cpu",
-        "rollout": "vllm-colocate" if kwargs["use_vllm"] else "transformers-generate",
+        "rollout": rollout,
         "data": {"train": train_summary, "val": val_summary},
         "frozen": frozen,
         "resumed_from": resume,
