@@ -79,6 +79,7 @@ def cmd_fetch(args: argparse.Namespace) -> None:
         checksums=args.checksums,
         # Rules name the files they need by their paths under --dest; the repo knows them relative.
         required=[os.path.relpath(r, args.dest) if Path(r).is_relative_to(args.dest) else r for r in args.require],
+        mirror_files=args.mirror_files,
     )
     manifest["dest"] = args.dest
     write_json(args.manifest, manifest)
@@ -320,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require", nargs="*", default=[],
                    help="files (or patterns matching at least one) that must be fetched; checked before fetching")
     p.add_argument("--checksums", type=json_arg, default={}, help='JSON {"path": "sha256"} to verify')
+    p.add_argument("--mirror-files", type=json_arg, default=None,
+                   help="JSON {path: [bytes, mtime_ns]}: the mirror's state that decided this fetch "
+                        "(egm.data.hub.mirror_state), recorded in the manifest")
     p.add_argument("--dest", required=True)
     p.add_argument("--manifest", required=True)
     p.set_defaults(func=cmd_fetch)

@@ -7,6 +7,7 @@ import shlex
 
 from snakemake.exceptions import WorkflowError
 
+from egm.data.hub import mirror_state
 from egm.report.tables import check_expected
 from egm.train.data import RL_DATA, SFT_DATA
 from egm.train.recipes import resolve_recipe
@@ -86,6 +87,19 @@ def mirror_arg(repo_id):
         return f"--mirror-map {json_arg({k: v for k, v in MIRROR.items() if k == repo_id})}"
     folders = [MIRROR] if isinstance(MIRROR, str) else MIRROR
     return "--mirror " + " ".join(map(shlex.quote, folders))
+
+
+def mirror_files(repo_id, manifest, allow_patterns=None):
+    """The fetch's param that follows hub.mirror's files for `repo_id` (egm.data.hub.mirror_state:
+    a stat per file, a checksum only where size or mtime moved): it changes, and so reruns the
+    fetch, when they differ from what the fetch `manifest` recorded. The demo's mirror is an
+    output of the DAG, tracked through its own manifest (mirror_ready)."""
+    recorded = None
+    if MIRROR is not None and "demo" not in config and os.path.exists(manifest):
+        with open(manifest) as handle:
+            recorded = json.load(handle)
+    state = None if MIRROR is None or "demo" in config else mirror_state(repo_id, MIRROR, allow_patterns, recorded)
+    return json_arg(state)
 
 
 def demo_mirror_dir():
