@@ -280,6 +280,12 @@ def cmd_report_training(args: argparse.Namespace) -> None:
     training_figure([read_stage(d, models) for d in args.stages], Path(args.out_prefix))
 
 
+def cmd_config_readme(args: argparse.Namespace) -> None:
+    from egm.schema_docs import write_config_readme
+
+    write_config_readme(Path(args.schema), Path(args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from egm.options import json_arg
 
@@ -446,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=json_arg, default=None, help="JSON: models, order (display names of the stages)")
     p.add_argument("--out-prefix", required=True)
     p.set_defaults(func=cmd_report_training)
+
+    p = sub.add_parser("config-readme", help="write config/README.md from the config schema's descriptions")
+    p.add_argument("--schema", default="workflow/schemas/config.schema.yaml")
+    p.add_argument("--out", default="config/README.md")
+    p.set_defaults(func=cmd_config_readme)
 
     from egm.train.cli import add_train_parsers
 
