@@ -92,8 +92,9 @@ SelectTypeParameters=CR_Core
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-# Finished jobs stay visible to squeue for a while: without slurmdbd that is the only status source.
-MinJobAge=300
+# Finished jobs stay visible to squeue and scontrol for an hour: without slurmdbd they are the only
+# status source, and the tests read each job's allocation back after the whole run.
+MinJobAge=3600
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1
 ReturnToService=2
