@@ -160,8 +160,14 @@ for _model in LATENCY_MODELS:
         raise ValueError(f"latency.models: {_model!r} is not an evaluated model: {sorted(MODELS)}")
 LATENCY_FILES = expand("results/latency/{model}.json", model=LATENCY_MODELS)
 # Model settings that still apply when the latency jobs use another backend than predict.
-CARRIED_OVER = ("tensor_parallel_size", "dtype", "max_model_len", "gpu_memory_utilization", "load_format",
-                "enforce_eager")
+CARRIED_OVER = (
+    "tensor_parallel_size",
+    "dtype",
+    "max_model_len",
+    "gpu_memory_utilization",
+    "load_format",
+    "enforce_eager",
+)
 
 
 def latency_entry(model):
@@ -192,6 +198,7 @@ def latency_options(model):
 
 
 # Training (train.smk).
+
 
 wildcard_constraints:
     run="|".join(map(re.escape, RUNS)) if RUNS else "a^",
@@ -244,9 +251,7 @@ def out_prefixes(wildcards, output):
 
 
 def report_options(**extra):
-    models = {
-        name: {key: entry.get(key) for key in ("display", "paper", "params_b")} for name, entry in MODELS.items()
-    }
+    models = {name: {key: entry.get(key) for key in ("display", "paper", "params_b")} for name, entry in MODELS.items()}
     # json_arg sorts dict keys; "order" keeps the config's model order (base -> SFT -> RL rows).
     return json_arg({"models": models, "order": list(MODELS), "splits": SPLITS, **extra})
 

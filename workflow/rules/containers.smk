@@ -56,7 +56,9 @@ def _require_images(keys):
     """Resolve images and fail, naming every missing file at once, before any job starts."""
     for key in keys:
         IMAGES.setdefault(key, _image_ref(key))
-    missing = {key: IMAGES[key] for key in sorted(set(keys)) if "://" not in IMAGES[key] and not os.path.exists(IMAGES[key])}
+    missing = {
+        key: IMAGES[key] for key in sorted(set(keys)) if "://" not in IMAGES[key] and not os.path.exists(IMAGES[key])
+    }
     if missing:
         raise WorkflowError(
             "container image file(s) missing:\n"
