@@ -42,9 +42,11 @@ plan: $(STAMP)
 paper-cost: $(STAMP)
 	$(RUN) python benchmarks/paper_cost.py --out benchmarks/results/paper-cost.json --doc docs/cost.md
 
-# `snakemake --lint` on every shipped config; any lint fails (CI runs this before the tests).
-LINT_CONFIGS := config/config.yaml config/demo.yaml config/gpu-smoke.yaml
+# The rule files' formatting (snakefmt, settings in pyproject.toml), then `snakemake --lint` on
+# every shipped config; any lint fails (CI runs this before the tests).
+LINT_CONFIGS := config/config.yaml config/demo.yaml config/gpu-smoke.yaml config/cluster-smoke.yaml
 lint: $(STAMP)
+	$(RUN) snakefmt --check Snakefile workflow/
 	@for c in $(LINT_CONFIGS); do \
 	  out=$$($(RUN) snakemake --lint --configfile $$c 2>&1); \
 	  if echo "$$out" | grep -q '^Lints for'; then echo "$$out"; echo "lint: $$c has lints"; exit 1; fi; \

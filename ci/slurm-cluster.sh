@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A real one-node SLURM cluster on this machine, for the workflow's SLURM tests:
-# munged + slurmctld + slurmd from Debian (22.05), no accounting daemon, one fake GPU.
+# munged + slurmctld + slurmd from Debian (22.05), no accounting daemon, two GPUs that exist only as
+# a generic resource (count only: SLURM schedules them and sets CUDA_VISIBLE_DEVICES in the job, but
+# no device is behind them), and two partitions on the one node: `main` and `gpu`.
 #
 #   ci/slurm-cluster.sh start RUNDIR     # state, spool and logs under RUNDIR; waits until idle
 #   ci/slurm-cluster.sh stop RUNDIR      # stops only the daemons `start` launched
@@ -64,6 +66,8 @@ if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
 fi
 
 host="$(hostname -s)"
+gpu_files=(/dev/null /dev/zero)
+gpus=${#gpu_files[@]}
 cpus="$(nproc)"
 mem_mb="$(awk '/MemTotal/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)"
 mkdir -p "$rundir/state" "$rundir/spool" "$CONF_DIR"
@@ -88,21 +92,24 @@ SelectTypeParameters=CR_Core
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-# Finished jobs stay visible to squeue for a while: without slurmdbd that is the only status source.
-MinJobAge=300
+# Finished jobs stay visible to squeue and scontrol for an hour: without slurmdbd they are the only
+# status source, and the tests read each job's allocation back after the whole run.
+MinJobAge=3600
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1
 ReturnToService=2
 SlurmdTimeout=60
 GresTypes=gpu
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb Gres=gpu:1 State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb Gres=gpu:$gpus State=UNKNOWN
 PartitionName=main Nodes=$host Default=YES MaxTime=INFINITE State=UP
+# What config/cluster-smoke.yaml's resources.gpu_partition names: GPU jobs are scheduled apart.
+PartitionName=gpu Nodes=$host MaxTime=INFINITE State=UP
 EOF
-# A fake GPU: Slurm schedules it and sets CUDA_VISIBLE_DEVICES, but no device is behind it.
-cat >"$CONF_DIR/gres.conf" <<EOF
-$MARKER (run directory $rundir)
-NodeName=$host Name=gpu File=/dev/null
-EOF
+# SLURM counts and indexes a GPU by its device file; any character device stands in for one.
+{
+    echo "$MARKER (run directory $rundir)"
+    for dev in "${gpu_files[@]}"; do echo "NodeName=$host Name=gpu File=$dev"; done
+} >"$CONF_DIR/gres.conf"
 
 if echo | munge 2>/dev/null | unmunge >/dev/null 2>&1; then
     say "using the munged already running"
@@ -127,4 +134,4 @@ for _ in $(seq 60); do
     sleep 1
 done
 [[ "$state" == idle ]] || die "node not idle after 60 s (state: ${state:-none}); see $rundir/slurm*.log"
-say "up: node $host, $cpus CPUs, 1 fake GPU, partition main"
+say "up: node $host, $cpus CPUs, $gpus GPUs (a generic resource, no devices), partitions main and gpu"

@@ -80,6 +80,7 @@ def cmd_fetch(args: argparse.Namespace) -> None:
         checksums=args.checksums,
         # Rules name the files they need by their paths under --dest; the repo knows them relative.
         required=[os.path.relpath(r, args.dest) if Path(r).is_relative_to(args.dest) else r for r in args.require],
+        mirror_files=args.mirror_files,
     )
     manifest["dest"] = args.dest
     write_json(args.manifest, manifest)
@@ -316,6 +317,12 @@ def cmd_report_training(args: argparse.Namespace) -> None:
     training_figure([read_stage(d, models) for d in args.stages], Path(args.out_prefix))
 
 
+def cmd_config_readme(args: argparse.Namespace) -> None:
+    from egm.schema_docs import write_config_readme
+
+    write_config_readme(Path(args.schema), Path(args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from egm.options import json_arg
 
@@ -357,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require", nargs="*", default=[],
                    help="files (or patterns matching at least one) that must be fetched; checked before fetching")
     p.add_argument("--checksums", type=json_arg, default={}, help='JSON {"path": "sha256"} to verify')
+    p.add_argument("--mirror-files", type=json_arg, default=None,
+                   help="JSON {path: [bytes, mtime_ns]}: the mirror's state that decided this fetch "
+                        "(egm.data.hub.mirror_state), recorded in the manifest")
     p.add_argument("--dest", required=True)
     p.add_argument("--manifest", required=True)
     p.set_defaults(func=cmd_fetch)
@@ -497,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the measurement records (default: benchmarks/results of --directory)")
     p.add_argument("targets", nargs="*", help="Snakemake targets (files or rules); none: rule all")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("config-readme", help="write config/README.md from the config schema's descriptions")
+    p.add_argument("--schema", default="workflow/schemas/config.schema.yaml")
+    p.add_argument("--out", default="config/README.md")
+    p.set_defaults(func=cmd_config_readme)
 
     from egm.train.cli import add_train_parsers
 

@@ -6,7 +6,14 @@ anyone noticed; failing at once, with what to fix, is cheaper.
 
 from __future__ import annotations
 
+import logging
 import os
+
+log = logging.getLogger(__name__)
+
+# Set (to "1") by the workflow when the config's `resources.gpu_jobs_on_cpu` is true; jobs inherit
+# it through the environment (sbatch and Apptainer pass it on).
+GPU_JOBS_ON_CPU_ENV = "EGM_GPU_JOBS_ON_CPU"
 
 
 class RuntimeCheckError(SystemExit):
@@ -14,13 +21,23 @@ class RuntimeCheckError(SystemExit):
 
 
 def require_gpus(n: int, *, what: str = "this job") -> int:
-    """Fail unless at least `n` CUDA devices are visible; returns how many are. `n` 0 checks nothing."""
+    """Fail unless at least `n` CUDA devices are visible; returns how many are. `n` 0 checks nothing.
+
+    Only the config's `resources.gpu_jobs_on_cpu` (GPU_JOBS_ON_CPU_ENV in the job) lets such a job
+    go on, on the CPU: for a test of the scheduling path on a cluster whose GPUs are not real
+    (config/cluster-smoke.yaml), never for a run whose numbers count.
+    """
     if n <= 0:
         return 0
     import torch
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if visible >= n:
+        return visible
+    seen = f"{visible} {'is' if visible == 1 else 'are'} visible"
+    if os.environ.get(GPU_JOBS_ON_CPU_ENV) == "1":
+        log.warning("%s needs %d GPU(s) but %s (CUDA_VISIBLE_DEVICES=%r): running on the CPU, as the "
+                    "config's resources.gpu_jobs_on_cpu says", what, n, seen, os.environ.get("CUDA_VISIBLE_DEVICES"))
         return visible
     hints = []
     if torch.version.cuda is None:
@@ -34,7 +51,7 @@ def require_gpus(n: int, *, what: str = "this job") -> int:
     if os.environ.get("SLURM_JOB_ID"):
         hints.append(f"SLURM job {os.environ['SLURM_JOB_ID']}: check the partition has GPUs (resources.gpu_partition)")
     raise RuntimeCheckError(
-        f"{what} needs {n} GPU(s) but {visible} {'is' if visible == 1 else 'are'} visible"
+        f"{what} needs {n} GPU(s) but {seen}"
         + ("; " + "; ".join(hints) if hints else "")
         + ". Set the model's `gpus:` to 0 to run it on CPU."
     )

@@ -48,8 +48,11 @@ def test_mirror_fetch_with_patterns_and_manifest(tmp_path):
         assert entry["sha256"] == hashlib.sha256(data).hexdigest()
         assert (dest / entry["path"]).read_bytes() == data
     assert not (dest / "README.md").exists() and not (dest / "coco.tar.part_aa").exists()
-    # Same filesystem: hard links, not copies.
-    assert os.path.samefile(dest / paths[0], mirror / REPO / paths[0])
+    # Copies, never links, even on the mirror's filesystem: the mirror is only read.
+    assert not any(os.path.samefile(dest / rel, mirror / REPO / rel) for rel in paths)
+    assert manifest["mirror_files"] == {
+        rel: [len(FILES[rel]), (mirror / REPO / rel).stat().st_mtime_ns] for rel in paths
+    }
 
 
 def test_mirror_fetch_all_excludes_cache_and_is_rerunnable(tmp_path):
@@ -62,18 +65,71 @@ def test_mirror_fetch_all_excludes_cache_and_is_rerunnable(tmp_path):
     assert not list(dest.rglob("*.tmp"))
 
 
-def test_mirror_fetch_copies_across_filesystems(tmp_path, monkeypatch):
+def test_editing_the_fetched_copy_leaves_the_mirror_alone_and_vice_versa(tmp_path):
+    mirror = _mirror(tmp_path)
+    dest = tmp_path / "dest"
+    fetch_snapshot(REPO, dest, repo_type="dataset", allow_patterns=["metadata/eval/*"], mirror=mirror)
+    split = "metadata/eval/refcoco_val.jsonl"
+    # In place (same inode, as an editor that truncates and writes does), then appended to.
+    with open(dest / split, "r+b") as handle:
+        handle.write(b'{"fixed": 1}\n')
+    with open(dest / split, "ab") as handle:
+        handle.write(b"more\n")
+    assert (mirror / REPO / split).read_bytes() == FILES[split]
+    (mirror / REPO / split).write_bytes(b"changed in the mirror\n")
+    assert (dest / split).read_bytes() == b'{"fixed": 1}\nmore\n'
+
+
+def test_mirror_fetch_falls_back_to_a_plain_copy(tmp_path, monkeypatch):
     mirror = _mirror(tmp_path)
 
-    def no_link(*args, **kwargs):
+    def no_copy_file_range(*args, **kwargs):
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr(hub.os, "link", no_link)
+    monkeypatch.setattr(hub.os, "copy_file_range", no_copy_file_range)
     dest = tmp_path / "dest"
     manifest = fetch_snapshot(REPO, dest, repo_type="dataset", allow_patterns=["coco.tar.part_*"], mirror=mirror)
     assert [f["path"] for f in manifest["files"]] == ["coco.tar.part_aa", "coco.tar.part_ab"]
-    assert not os.path.samefile(dest / "coco.tar.part_aa", mirror / REPO / "coco.tar.part_aa")
     assert (dest / "coco.tar.part_aa").read_bytes() == FILES["coco.tar.part_aa"]
+
+
+def test_mirror_state_follows_content_not_touches(tmp_path, monkeypatch):
+    """What the fetch rules do: the state is a param (a change reruns the fetch), and the fetch
+    records it. It must stay put while the mirror's bytes do, without reading them."""
+    mirror = _mirror(tmp_path)
+    patterns = ["metadata/eval/*", "coco.tar.part_*"]
+
+    def state(manifest):
+        return hub.mirror_state(REPO, mirror, patterns, manifest)
+
+    def fetch(param):
+        return fetch_snapshot(REPO, tmp_path / "dest", repo_type="dataset", allow_patterns=patterns, mirror=mirror,
+                              mirror_files=param)
+
+    before = state(None)  # the first run: no manifest yet
+    manifest = fetch(before)
+    assert state(manifest) == before  # the next run: no refetch
+
+    hashed, real_sha256 = [], hub.sha256_file
+    monkeypatch.setattr(hub, "sha256_file", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+    assert state(manifest) == before and hashed == []  # unchanged: a stat per file, nothing read
+
+    part = mirror / REPO / "coco.tar.part_aa"
+    os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 10**9))
+    assert state(manifest) == before and hashed == ["coco.tar.part_aa"]  # touched: same bytes, no refetch
+
+    split = mirror / REPO / "metadata/eval/refcoco_val.jsonl"
+    split.write_bytes(b'{"a": 9}\n')  # same size, new content
+    changed = state(manifest)
+    assert changed != before
+    manifest = fetch(changed)
+    assert (tmp_path / "dest/metadata/eval/refcoco_val.jsonl").read_bytes() == b'{"a": 9}\n'
+    assert state(manifest) == changed  # refetched once, then stable (the touched part included)
+
+    (mirror / REPO / "metadata/eval/refcoco_testB.jsonl").write_bytes(b"{}\n")
+    assert state(manifest) != changed  # a new file in the selection counts too
+    assert hub.mirror_state(REPO, None, patterns, manifest) is None
+    assert hub.mirror_state(REPO, tmp_path / "nowhere", patterns, manifest) is None
 
 
 def test_missing_mirror_repo_is_named(tmp_path):

@@ -1,5 +1,7 @@
-"""The demo through a real one-node SLURM cluster (slurmctld + slurmd + munge, started and stopped
-here), submitted by snakemake-executor-plugin-slurm via profiles/slurm, every job in the CPU image."""
+"""The cluster smoke config (config/cluster-smoke.yaml: the paper config's GPU asks on the demo)
+through a real one-node SLURM cluster (slurmctld + slurmd + munge, started and stopped here, with
+two GPUs as a generic resource), submitted by snakemake-executor-plugin-slurm via profiles/slurm,
+every job in the CPU image."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.container_helpers import (
     CANARY_TOKEN,
@@ -23,7 +26,6 @@ from tests.container_helpers import (
     files_holding,
     image_marker,
     job_logs,
-    lean_demo_config,
     record_timing,
     snakemake,
     unavailable,
@@ -33,6 +35,7 @@ from tests.workflow_helpers import REPO, write_config
 pytestmark = pytest.mark.slow
 
 LOCAL_RULES = {"demo_mirror", "fetch_dataset", "fetch_model"}
+GPU_RULES = {"predict", "scaling", "sft", "rl"}  # the rules whose jobs ask for the models' `gpus:`
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
 
 
@@ -87,11 +90,27 @@ def slurm_job_states(job_ids: list[str]) -> dict[str, str]:
     return dict(line.split() for line in out.splitlines())
 
 
-def test_demo_every_job_through_sbatch_inside_the_image(cluster, tools, tmp_path):
+def cluster_smoke_config(image: Path) -> dict:
+    """config/cluster-smoke.yaml as CI must run it: this cluster's GPUs are a generic resource with
+    no device behind them, and the GPU image (~10 GB) is not built here, so the GPU jobs run in the
+    CPU image and, seeing no CUDA device, on the CPU, because these two keys say so."""
+    config = yaml.safe_load((REPO / "config/cluster-smoke.yaml").read_text())
+    config["containers"]["vllm"] = str(image)
+    config["resources"]["gpu_jobs_on_cpu"] = True
+    return config
+
+
+def held_by_slurm(job_id: str) -> dict[str, str]:
+    """What slurmctld allocated to a job, as `scontrol show job -d` prints it (sacct needs the
+    accounting daemon this cluster lacks; the controller remembers a job for MinJobAge)."""
+    out = subprocess.run(["scontrol", "show", "job", "-d", job_id], capture_output=True, text=True, check=True).stdout
+    return dict(re.findall(r"(\w[\w/:]*)=(\S*)", out))
+
+
+def test_cluster_smoke_every_job_through_sbatch_inside_the_image(cluster, tools, tmp_path):
     bin_dir, image = tools
     workdir = container_workflow(tmp_path / "wf", image)
-    config = lean_demo_config()
-    config["resources"] = {"partition": "main", "cpu_mem_mb": 500, "cpu_runtime_min": 10}
+    config = cluster_smoke_config(image)
     configfile = write_config(workdir, config)
 
     started = time.monotonic()
@@ -105,26 +124,46 @@ def test_demo_every_job_through_sbatch_inside_the_image(cluster, tools, tmp_path
     ran = re.findall(r"^(local)?rule (\w+):$", output, re.M)
     remote = [rule for local, rule in ran if not local]
     local = {rule for local, rule in ran if local} - {"all"}
-    assert local >= LOCAL_RULES and "predict" in remote and "score" in remote
+    assert local >= LOCAL_RULES and GPU_RULES <= set(remote) and "score" in remote
     submitted = {job_id: Path(log) for job_id, log in SUBMITTED.findall(output)}
     assert len(submitted) == len(remote)  # every non-local job went through sbatch
     slurm_logs = workdir / ".snakemake/slurm_logs"
-    assert {log.relative_to(slurm_logs).parts[0].removeprefix("rule_") for log in submitted.values()} == set(remote)
+    rule_of = {job_id: log.relative_to(slurm_logs).parts[0].removeprefix("rule_") for job_id, log in submitted.items()}
+    assert set(rule_of.values()) == set(remote)
     logs = job_logs(workdir)
     # SLURM's own record: every submitted id ran to completion on the cluster.
     assert set(slurm_job_states(list(submitted)).items()) == {(job_id, "COMPLETED") for job_id in submitted}
     for job_id, log in submitted.items():
         assert log.name == f"{job_id}.log" and "slurm-jobstep" in log.read_text(), log
-    # Inside the job, every egm command ran in the image; local rules ran in it on this host.
+
+    # Each GPU job held, by the controller's account, the GPU, the CPUs per GPU, the memory per
+    # GPU and the partition the config asks for; each CPU job held no GPU, in the CPU partition.
+    res = config["resources"]
+    gpu_jobs = [job_id for job_id, rule in rule_of.items() if rule in GPU_RULES]
+    assert len(gpu_jobs) == 8  # predict and scaling of three models, sft, rl
+    for job_id, rule in rule_of.items():
+        held = held_by_slurm(job_id)
+        if rule in GPU_RULES:
+            assert held["JOB_GRES"] == "gpu:1" and held["TresPerJob"] == "gres:gpu:1", (rule, held)
+            assert held["NumCPUs"] == str(res["cpus_per_gpu"]) and held["CpusPerTres"] == f"gres:gpu:{res['cpus_per_gpu']}"
+            assert held["MinMemoryNode"] == f"{res['mem_mb_per_gpu']}M" and held["Partition"] == res["gpu_partition"]
+        else:
+            assert held.get("JOB_GRES", "(null)") == "(null)" and "TresPerJob" not in held, (rule, held)
+            assert held["Partition"] == res["partition"]
+
+    # Inside the job, every egm command ran in the image (its log's first line names it); local
+    # rules ran in it on this host. GPU jobs went on without CUDA only because the config said so.
     markers = {str(p.relative_to(workdir)): image_marker(p) for p in logs}
     assert set(markers.values()) == {image.stem}, markers
+    for log in ["logs/predict/tiny-base.log", "logs/train/tiny/sft.log", "logs/train/tiny/rl.log"]:
+        assert "running on the CPU, as the config's resources.gpu_jobs_on_cpu says" in (workdir / log).read_text(), log
     assert files_holding(workdir, CANARY_TOKEN) == []
 
 
 def test_unknown_partition_fails_with_sbatchs_error(cluster, tools, tmp_path):
     bin_dir, image = tools
     workdir = container_workflow(tmp_path / "wf", image)
-    config = lean_demo_config()
+    config = cluster_smoke_config(image)
     config["resources"] = {"partition": "no-such-partition", "cpu_mem_mb": 500}
     configfile = write_config(workdir, config)
     result = slurm_snakemake(workdir, bin_dir, configfile, "resources/manifests/images-coco.json")
@@ -134,26 +173,27 @@ def test_unknown_partition_fails_with_sbatchs_error(cluster, tools, tmp_path):
 
 
 def test_gpu_job_gets_a_gpu_and_fails_clearly_without_cuda(cluster, tools, tmp_path):
-    """The model asks for one GPU: SLURM grants the (fake) GPU, and egm, finding no CUDA device in
-    the job, stops at once saying so instead of running on CPU."""
+    """Without resources.gpu_jobs_on_cpu, the same GPU job, granted its (device-less) GPU by SLURM,
+    finds no CUDA device and stops at once saying so, instead of running on the CPU."""
     bin_dir, image = tools
     workdir = container_workflow(tmp_path / "wf", image)
-    config = lean_demo_config()
-    config["models"]["tiny-base"]["gpus"] = 1
-    config["containers"]["vllm"] = str(image)  # the GPU image cannot be built here
-    config["resources"] = {"partition": "main", "cpu_mem_mb": 500, "mem_mb_per_gpu": 1000, "cpus_per_gpu": 1}
+    config = cluster_smoke_config(image)
+    del config["resources"]["gpu_jobs_on_cpu"]  # the default: refuse
     configfile = write_config(workdir, config)
     result = slurm_snakemake(workdir, bin_dir, configfile, "results/predictions/tiny-base/refcoco_val.jsonl")
     output = result.stdout + result.stderr
 
     predict = [job_id for job_id, log in SUBMITTED.findall(output) if "/rule_predict/" in log]
     assert len(predict) == 1, output[-4000:]
-    job = subprocess.run(["scontrol", "show", "job", predict[0]], capture_output=True, text=True).stdout
-    assert re.search(r"TresPerJob=gres[:/]gpu[:=]1\b", job), job  # --gpus=1 reached SLURM
+    assert held_by_slurm(predict[0])["JOB_GRES"] == "gpu:1"  # --gpus=1 reached SLURM and was granted
 
     assert result.returncode != 0
-    assert "needs 1 GPU(s) but 0 are visible" in (workdir / "logs/predict/tiny-base.log").read_text()
-    # The failure is reported with where to look: the job's own log and its SLURM log.
+    reason = (workdir / "logs/predict/tiny-base.log").read_text().strip().splitlines()[-1]
+    # Names the job and what it saw: no CUDA device, the GPU SLURM gave it, the image.
+    assert "predict resources/models/tiny-base needs 1 GPU(s) but 0 are visible" in reason, reason
+    assert "CUDA_VISIBLE_DEVICES='0'" in reason and f"inside image {image.stem}" in reason, reason
+    # The failure is reported with the reason on the console and where to look: the job's own
+    # log and its SLURM log.
     error = output[output.index("Error in rule predict"):]
-    assert "logs/predict/tiny-base.log" in error, error[:3000]
+    assert "logs/predict/tiny-base.log" in error and reason in error, error[:3000]
     assert re.search(r"slurm_logs/rule_predict/\S+\.log", output), output[-3000:]

@@ -132,36 +132,43 @@ def _mirror_files(root: Path) -> list[str]:
     return files
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+def _copy_bytes(src: Path, dst: Path) -> None:
+    """Copy `src`'s bytes into the new file `dst`. copy_file_range lets filesystems with reflinks
+    (btrfs, XFS) share the blocks copy-on-write, so a multi-GB archive part costs no space there;
+    elsewhere it is a kernel-side copy."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            while os.copy_file_range(fin.fileno(), fout.fileno(), 1 << 30):
+                pass
+            return
+        except OSError:
+            # Kernel or filesystem without copy_file_range between these two: start again plainly.
+            fin.seek(0)
+            fout.seek(0)
+            fout.truncate()
+        shutil.copyfileobj(fin, fout, 1 << 20)
 
 
-def _place(src: Path, dst: Path) -> None:
-    """Put `src` at `dst`: a hard link where possible (no copy of multi-GB parts), else a copy.
+def _place(src: Path, dst: Path) -> list[int]:
+    """Copy `src` to `dst` and return the source's size and mtime as they were when copied.
 
-    Either way the file appears under its final name in one rename, so an interrupted fetch
-    never leaves a partial file that looks complete.
+    A copy, never a link: the working copy is the user's to edit (docs/reruns.md), and a link
+    would carry such an edit into their mirror, and an edit of the mirror into the fetched copy
+    behind the workflow's back. The file appears under its final name in one rename, so an
+    interrupted fetch never leaves a partial file that looks complete.
     """
-    if _same_file(src, dst):
-        return
+    before = src.stat()
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
     try:
-        os.unlink(tmp)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            # Other filesystem (EXDEV), or one without hard links: fall back to a real copy.
-            shutil.copyfile(src, tmp)
+        _copy_bytes(src, Path(tmp))
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return [before.st_size, before.st_mtime_ns]
 
 
 def _file_entries(dest: Path, paths: list[str]) -> list[dict[str, Any]]:
@@ -214,13 +221,48 @@ def _hub_digests(siblings, selected: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def _from_mirror(repo_id: str, dest: Path, allow_patterns: list[str] | None, root: Path,
-                 required: Sequence[str]) -> list[str]:
+                 required: Sequence[str]) -> dict[str, list[int]]:
+    """Copy the selected files; returns {path: [the mirror file's size, mtime_ns] when copied}."""
     files = _mirror_files(root)
     selected = _select(files, allow_patterns)
     _require(required, [p for p in files if _is_content(p)], selected, allow_patterns, f"{repo_id} from mirror {root}")
-    for rel in selected:
-        _place((root / rel).resolve(), dest / rel)
-    return selected
+    return {rel: _place((root / rel).resolve(), dest / rel) for rel in selected}
+
+
+def mirror_state(repo_id: str, mirror: MirrorSpec, allow_patterns: list[str] | None,
+                 manifest: Mapping[str, Any] | None) -> dict[str, list[int]] | None:
+    """{path: [size, mtime_ns]} of the mirror's selected files for `repo_id`, as a value that
+    changes only when they differ from what `manifest` (the last fetch's) recorded; None when
+    `repo_id` does not come from a mirror, or the mirror is not reachable from here (a compute
+    node: fetches run on the submit host).
+
+    The mirror lies outside the workflow's DAG, so Snakemake cannot see it change: the fetch
+    rules pass this as a param (a changed param reruns the fetch), and the fetch records it in
+    its manifest as `mirror_files`. It costs a directory walk and a stat per file: a multi-GB
+    archive part is not read on every run. Only a file whose size or mtime differ from the
+    record is read, and when its sha256 still equals the fetched copy's (touched, or copied anew
+    with the same bytes) its recorded size and mtime stand, so the fetch does not rerun. Content
+    changed under an unchanged size and mtime goes unnoticed: the price of not hashing the mirror
+    every run.
+    """
+    try:
+        root = mirror_repo_dir(repo_id, mirror)
+    except FetchError:
+        return None
+    if root is None:
+        return None
+    if isinstance(allow_patterns, str):
+        allow_patterns = [allow_patterns]
+    manifest = manifest or {}
+    recorded = manifest.get("mirror_files") or {}
+    fetched = {entry["path"]: entry["sha256"] for entry in manifest.get("files", [])}
+    state = {}
+    for rel in _select(_mirror_files(root), allow_patterns):
+        stat = (root / rel).stat()
+        now, was = [stat.st_size, stat.st_mtime_ns], recorded.get(rel)
+        same_bytes = was is not None and (was == now or (was[0] == now[0] and sha256_file(root / rel) == fetched.get(rel)))
+        state[rel] = list(was) if same_bytes else now
+    return state
 
 
 def _from_hub(repo_id: str, dest: Path, repo_type: str, revision: str,
@@ -268,12 +310,16 @@ def fetch_snapshot(
     mirror: MirrorSpec = None,
     checksums: dict[str, str] | None = None,
     required: Sequence[str] = (),
+    mirror_files: Mapping[str, Sequence[int]] | None = None,
 ) -> dict:
     """Fetch `repo_id` (files matching `allow_patterns`, all if None) into `dest`.
 
-    With `mirror` (see mirror_repo_dir), files come from the mirror's folder of the repository
-    (no revisions there: `commit` is None) and `revision` is only recorded. Returns the manifest;
-    writing it is the caller's job. Raises FetchError when nothing matches `allow_patterns`,
+    With `mirror` (see mirror_repo_dir), files are copied from the mirror's folder of the
+    repository (no revisions there: `commit` is None; `revision` is only recorded), and the
+    manifest's `mirror_files` records each source file's [size, mtime_ns]: as `mirror_files`
+    gives them (mirror_state's value that decided this fetch, so that the next run computes the
+    same value), else as copied.
+    Returns the manifest; writing it is the caller's job. Raises FetchError when nothing matches `allow_patterns`,
     since an empty fetch is always a misconfigured pattern or repository rather than something
     to carry on with.
 
@@ -297,7 +343,10 @@ def fetch_snapshot(
     if root is not None:
         if revision != "main":
             log.warning("%s: a mirror holds one snapshot; revision %r is recorded, not checked", repo_id, revision)
-        commit, selected, source = None, _from_mirror(repo_id, dest, allow_patterns, root, required), "mirror"
+        copied = _from_mirror(repo_id, dest, allow_patterns, root, required)
+        given = mirror_files or {}
+        mirror_files = {rel: list(given.get(rel, stat)) for rel, stat in copied.items()}
+        commit, selected, source = None, sorted(copied), "mirror"
         where = f"mirror {root}"
         bad = verify_digests(dest, {rel: ("sha256", d) for rel, d in checksums.items() if rel in selected})
         if bad:
@@ -306,14 +355,14 @@ def fetch_snapshot(
         if mirror is not None:
             log.info("%s: not named in the mirror mapping, fetched from the hub", repo_id)
         commit, selected = _from_hub(repo_id, dest, repo_type, revision, allow_patterns, checksums, required)
-        source, where = "hub", f"the hub (revision {revision})"
+        source, where, mirror_files = "hub", f"the hub (revision {revision})", None
     if not selected:
         raise FetchError(f"{repo_type} {repo_id} from {where}: no file matches allow_patterns={allow_patterns}")
     unfetched = sorted(set(checksums) - set(selected))
     if unfetched:
         raise FetchError(f"{repo_id}: checksums are configured for files that were not fetched: {unfetched}")
 
-    return {
+    manifest = {
         "repo_id": repo_id,
         "repo_type": repo_type,
         "revision": revision,
@@ -321,4 +370,8 @@ def fetch_snapshot(
         "source": source,
         "files": _file_entries(dest, selected),
     }
+    if mirror_files is not None:
+        # What mirror_state compares the mirror with on later runs.
+        manifest["mirror_files"] = mirror_files
+    return manifest
 

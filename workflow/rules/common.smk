@@ -7,6 +7,7 @@ import shlex
 
 from snakemake.exceptions import WorkflowError
 
+from egm.data.hub import mirror_state
 from egm.report.tables import check_expected
 from egm.train.data import RL_DATA, SFT_DATA
 from egm.train.recipes import resolve_recipe
@@ -88,6 +89,19 @@ def mirror_arg(repo_id):
     return "--mirror " + " ".join(map(shlex.quote, folders))
 
 
+def mirror_files(repo_id, manifest, allow_patterns=None):
+    """The fetch's param that follows hub.mirror's files for `repo_id` (egm.data.hub.mirror_state:
+    a stat per file, a checksum only where size or mtime moved): it changes, and so reruns the
+    fetch, when they differ from what the fetch `manifest` recorded. The demo's mirror is an
+    output of the DAG, tracked through its own manifest (mirror_ready)."""
+    recorded = None
+    if MIRROR is not None and "demo" not in config and os.path.exists(manifest):
+        with open(manifest) as handle:
+            recorded = json.load(handle)
+    state = None if MIRROR is None or "demo" in config else mirror_state(repo_id, MIRROR, allow_patterns, recorded)
+    return json_arg(state)
+
+
 def demo_mirror_dir():
     """Where `egm make-demo` writes the demo's mirror: the folder, or the first of the list."""
     if isinstance(MIRROR, str):
@@ -146,8 +160,14 @@ for _model in LATENCY_MODELS:
         raise ValueError(f"latency.models: {_model!r} is not an evaluated model: {sorted(MODELS)}")
 LATENCY_FILES = expand("results/latency/{model}.json", model=LATENCY_MODELS)
 # Model settings that still apply when the latency jobs use another backend than predict.
-CARRIED_OVER = ("tensor_parallel_size", "dtype", "max_model_len", "gpu_memory_utilization", "load_format",
-                "enforce_eager")
+CARRIED_OVER = (
+    "tensor_parallel_size",
+    "dtype",
+    "max_model_len",
+    "gpu_memory_utilization",
+    "load_format",
+    "enforce_eager",
+)
 
 
 def latency_entry(model):
@@ -178,6 +198,7 @@ def latency_options(model):
 
 
 # Training (train.smk).
+
 
 wildcard_constraints:
     run="|".join(map(re.escape, RUNS)) if RUNS else "a^",
@@ -233,9 +254,7 @@ PAPER_VERSION = config["report"]["paper_version"]
 
 
 def report_options(**extra):
-    models = {
-        name: {key: entry.get(key) for key in ("display", "paper", "params_b")} for name, entry in MODELS.items()
-    }
+    models = {name: {key: entry.get(key) for key in ("display", "paper", "params_b")} for name, entry in MODELS.items()}
     # json_arg sorts dict keys; "order" keeps the config's model order (base -> SFT -> RL rows).
     return json_arg(
         {"models": models, "order": list(MODELS), "splits": SPLITS, "paper_version": PAPER_VERSION, **extra}

@@ -3,6 +3,8 @@
 # that sets it) and without a cluster executor, neither changes how a rule runs.
 import shutil
 
+from egm.runtime import GPU_JOBS_ON_CPU_ENV
+
 # containers.<key> -> the definition (containers/<name>.def) whose content hash fills "{hash}".
 IMAGE_DEFINITIONS = {"cpu": "cpu", "vllm": "gpu-vllm", "sglang": "gpu-sglang"}
 USE_APPTAINER = any(
@@ -10,6 +12,11 @@ USE_APPTAINER = any(
     for method in workflow.deployment_settings.deployment_method
 )
 RESOURCES = config["resources"]
+# egm.runtime.require_gpus reads it in the job (sbatch and Apptainer pass the environment on):
+# the config is its only source, so a value left in the user's shell is dropped.
+os.environ.pop(GPU_JOBS_ON_CPU_ENV, None)
+if RESOURCES["gpu_jobs_on_cpu"]:
+    os.environ[GPU_JOBS_ON_CPU_ENV] = "1"
 
 
 def model_image_key(model, entry=None):
@@ -49,7 +56,9 @@ def _require_images(keys):
     """Resolve images and fail, naming every missing file at once, before any job starts."""
     for key in keys:
         IMAGES.setdefault(key, _image_ref(key))
-    missing = {key: IMAGES[key] for key in sorted(set(keys)) if "://" not in IMAGES[key] and not os.path.exists(IMAGES[key])}
+    missing = {
+        key: IMAGES[key] for key in sorted(set(keys)) if "://" not in IMAGES[key] and not os.path.exists(IMAGES[key])
+    }
     if missing:
         raise WorkflowError(
             "container image file(s) missing:\n"

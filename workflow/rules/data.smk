@@ -37,6 +37,9 @@ rule fetch_dataset:
         dataset=config["dataset"],
         checksums=json_arg(config["dataset"]["checksums"]),
         mirror=mirror_arg(config["dataset"]["repo_id"]),
+        mirror_files=lambda wc: mirror_files(
+            config["dataset"]["repo_id"], "resources/manifests/dataset.json", config["dataset"]["allow_patterns"]
+        ),
         # The repo's root: where coco_flip.tar, one of its top-level files, lands.
         dest=lambda wildcards, output: os.path.dirname(output.flip),
     container:
@@ -48,7 +51,8 @@ rule fetch_dataset:
         "python -m egm fetch --repo-type dataset --repo-id {params.dataset[repo_id]}"
         " --revision {params.dataset[revision]} --allow {params.dataset[allow_patterns]:q}"
         " --require {output.splits} {output.rl} {output.flip} {output.sft} 'coco.tar.part_*'"
-        " --checksums {params.checksums} {params.mirror} --dest {params.dest} --manifest {output.manifest} > {log} 2>&1"
+        " --checksums {params.checksums} {params.mirror} --mirror-files {params.mirror_files}"
+        " --dest {params.dest} --manifest {output.manifest} > {log} 2>&1"
 
 
 rule extract_images:

@@ -13,11 +13,13 @@ rule fetch_model:
         revision=lambda wc: MODELS[wc.model]["revision"],
         checksums=lambda wc: json_arg(MODELS[wc.model]["checksums"]),
         mirror=lambda wc: mirror_arg(MODELS[wc.model]["repo_id"]),
+        mirror_files=lambda wc: mirror_files(MODELS[wc.model]["repo_id"], model_manifest(wc.model)),
     container:
         image_for("cpu")
     log:
         "logs/fetch_model/{model}.log",
     shell:
         "python -m egm fetch --repo-type model --repo-id {params.repo_id} --revision {params.revision}"
-        " --checksums {params.checksums} {params.mirror} --dest resources/models/{wildcards.model}"
+        " --checksums {params.checksums} {params.mirror} --mirror-files {params.mirror_files}"
+        " --dest resources/models/{wildcards.model}"
         " --manifest {output} > {log} 2>&1"

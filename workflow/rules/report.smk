@@ -16,15 +16,17 @@ rule table_refcoco:
             category="Tables",
         ),
         # Only where the config sets ranges (the demo): this run against them.
-        *[
-            report(
-                multiext("results/tables/refcoco_vs_expected", *TABLE),
-                caption="../report/refcoco_vs_expected.rst",
-                category="Tables",
-            )
-        ]
-        if EXPECTED
-        else [],
+        *(
+            [
+                report(
+                    multiext("results/tables/refcoco_vs_expected", *TABLE),
+                    caption="../report/refcoco_vs_expected.rst",
+                    category="Tables",
+                )
+            ]
+            if EXPECTED
+            else []
+        ),
     params:
         options=report_options(tolerance=config["report"]["tolerance"], expected=EXPECTED),
         prefixes=out_prefixes,

@@ -3,6 +3,7 @@
 # one job and one engine load per model -> results/scaling/{model}/budget-{N}.{jsonl,json}; then
 # accuracy vs latency per budget as a table and a figure (docs/scaling.md).
 
+
 rule scaling:
     input:
         model=lambda wc: model_manifest(wc.model),

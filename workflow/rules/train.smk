@@ -12,13 +12,15 @@ rule fetch_rl_start:
         repo_id=lambda wc: RUNS[wc.run]["rl"]["from"],
         revision=lambda wc: RUNS[wc.run]["rl"]["revision"],
         mirror=lambda wc: mirror_arg(RUNS[wc.run]["rl"]["from"]),
+        mirror_files=lambda wc: mirror_files(RUNS[wc.run]["rl"]["from"], f"resources/manifests/start-{wc.run}.json"),
     container:
         image_for("cpu")
     log:
         "logs/fetch_rl_start/{run}.log",
     shell:
         "python -m egm fetch --repo-type model --repo-id {params.repo_id} --revision {params.revision}"
-        " {params.mirror} --dest resources/models/start-{wildcards.run} --manifest {output} > {log} 2>&1"
+        " {params.mirror} --mirror-files {params.mirror_files}"
+        " --dest resources/models/start-{wildcards.run} --manifest {output} > {log} 2>&1"
 
 
 rule sft:
