@@ -248,7 +248,8 @@ def test_every_line_is_a_sample_bad_ones_misses_each_reported(recording_server, 
                              "repetition_penalty": 1.0, "presence_penalty": 0.0, "batch_size": 64, "limit": None}}
     run("predict", "--model-dir", str(tmp_path), "--model-manifest", "model.json", "--splits", str(split),
         "--image-root", str(tmp_path / "images"), "--out-dir", "pred", "--options", json.dumps(options))
-    assert len(recording_server.bodies) == 3  # lines 1, 2 and 5: only valid records are sent
+    # Lines 1, 2 and 5, the only valid records, twice: once as the untimed warm-up, once answered.
+    assert len(recording_server.bodies) == 6
     run("score", "pred/refcoco_testB.jsonl", "metrics.json", "--model", "m", "--split", "refcoco_testB",
         "--validation", "validation.json")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
