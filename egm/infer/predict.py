@@ -90,7 +90,10 @@ def warm_up(engine: Engine, pending: list, prompt_template: str, batch_size: int
     batch's per-record latency: a latency column must not include it (the paper's servers were
     warm before their first timed request).
     """
-    chunk = pending[: max(batch_size, int(engine.chunk_size or batch_size))]
+    # One batch per replica (each compiles for itself); a server warms up with one round of its
+    # requests in flight.
+    replicas = 1 if engine.generate_each is not None else int(engine.data_parallel_size or 1)
+    chunk = pending[: batch_size * replicas]
     requests = [Request(rec.id, rec.image_path, build_prompt(prompt_template, rec.sent)) for rec in chunk]
     started = time.perf_counter()
     if engine.generate_each is not None:
