@@ -39,7 +39,7 @@ lint: $(STAMP)
 # Apptainer images named <definition>-<hash>.sif under containers/images/ (containers/README.md).
 # Each build writes containers/records/<image>.json (containers/README.md). `make containers
 # IMAGES=cpu` builds the CPU image (minutes); a GPU image takes much longer (README's table).
-IMAGES ?= cpu gpu-vllm gpu-authors
+IMAGES ?= cpu gpu-vllm gpu-sglang
 containers: $(STAMP)
 	PYTHON="$(abspath $(PYTHON))" containers/build.sh $(IMAGES)
 

@@ -4,7 +4,7 @@
 # name (workflow/rules/common.smk), so editing a definition changes the image path every rule
 # uses, and Snakemake reruns what the old image produced.
 #
-#   containers/build.sh [--out DIR] [--force] [cpu|gpu-vllm|gpu-authors|all ...]   (default: cpu)
+#   containers/build.sh [--out DIR] [--force] [cpu|gpu-vllm|gpu-sglang|all ...]   (default: cpu)
 #   containers/build.sh --name NAME        # print the image file name only
 #   containers/build.sh --lock             # re-pin cpu.def's packages after a pyproject.toml change
 #   containers/build.sh --lock NAME        # re-pin a GPU image from containers/NAME.in (pins.py)
@@ -35,7 +35,7 @@ die() { say "$*"; exit 1; }
 
 image_name() {
     local def="$HERE/$1.def"
-    [[ -f "$def" ]] || die "no definition $def (images: cpu, gpu-vllm, gpu-authors)"
+    [[ -f "$def" ]] || die "no definition $def (images: cpu, gpu-vllm, gpu-sglang)"
     echo "$1-$(sha256sum "$def" | cut -c1-12)"
 }
 
@@ -198,7 +198,7 @@ while (($#)); do
         --out) OUT_DIR="$(mkdir -p "${2:?--out DIR}" && cd "$2" && pwd)"; shift 2 ;;
         --force) FORCE=1; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-        all) names+=(cpu gpu-vllm gpu-authors); shift ;;
+        all) names+=(cpu gpu-vllm gpu-sglang); shift ;;
         -*) die "unknown option $1" ;;
         *) names+=("$1"); shift ;;
     esac

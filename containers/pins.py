@@ -26,7 +26,7 @@ import hashlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-GPU_IMAGES = ("gpu-vllm", "gpu-authors")
+GPU_IMAGES = ("gpu-vllm", "gpu-sglang")
 
 # The images are Debian 12 (debootstrap): CPython 3.11, glibc 2.36, x86_64.
 PYTHON_VERSION = "3.11"
@@ -73,6 +73,8 @@ def write_blocks(def_path, blocks):
     for name, lines in blocks.items():
         body = "".join(f"        {line}\n" for line in lines)
         text, n = re.subn(rf"(<<'{name}'\n)(?:.*\n)*?([ \t]*{name}\n)", lambda m: m.group(1) + body + m.group(2), text)
+        if n == 0 and not lines:
+            continue  # an image without source packages needs no LOCK_SDIST block
         if n != 1:
             raise SystemExit(f"pins.py: {def_path} needs exactly one {name} block (found {n})")
     tmp = Path(str(def_path) + ".tmp")

@@ -30,12 +30,12 @@ TABLE_START, TABLE_END = "<!-- records table: made by `python containers/records
 IMPORTS = {
     "cpu": "egm torch transformers trl",
     "gpu-vllm": "egm torch vllm transformers trl deepspeed ray",
-    "gpu-authors": "egm torch sglang vllm transformers",
+    "gpu-sglang": "egm torch sglang sgl_kernel flashinfer transformers",
 }
 # (command, required): required checks fail the build when they fail.
 CHECKS = {
     "gpu-vllm": [("vllm serve --help", False)],
-    "gpu-authors": [("python -m sglang.launch_server --help", False), ("vllm serve --help", False)],
+    "gpu-sglang": [("python -m sglang.launch_server --help", False)],
 }
 # The versions the README's table names for each image.
 HEADLINE = ("torch", "transformers", "vllm", "sglang", "trl", "deepspeed", "ray", "flashinfer-python")
