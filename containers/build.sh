@@ -10,7 +10,7 @@
 #   containers/build.sh --lock NAME        # re-pin a GPU image from containers/NAME.in (pins.py)
 #
 # After a build, containers/records.py runs the image's checks inside it and writes
-# containers/records/NAME.json (definition hash, image digest and size, build time, the versions
+# containers/records/NAME.json (beside the image with --out; definition hash, image digest and size, build time, the versions
 # inside), from which containers/README.md's table is made (`python containers/records.py readme`).
 #
 # Environment:
@@ -26,6 +26,9 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
 OUT_DIR="$HERE/images"
+# Builds into containers/images record into containers/records (committed); --out DIR records
+# beside the image instead, so test builds leave the repository alone.
+RECORD_DIR="$HERE/records"
 CACHE="${EGM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/egm}"
 BUILD_USER="${EGM_BUILD_USER:-egm-build}"
 FORCE=0
@@ -180,7 +183,7 @@ or on Debian run containers/install-apptainer.sh and put the directory it prints
     mv "$target.partial" "$target"
     local seconds=$((SECONDS - started))
     say "built $target in $seconds s"
-    "$(host_python)" "$HERE/records.py" record "$name" "$target" "$seconds" >&2
+    "$(host_python)" "$HERE/records.py" record "$name" "$target" "$seconds" "$RECORD_DIR" >&2
     echo "$target"
 }
 
@@ -195,7 +198,7 @@ while (($#)); do
         --lock)
             if [[ -z "${2:-}" || "$2" == cpu ]]; then relock_cpu; else "$(host_python)" "$HERE/pins.py" lock "$2"; fi
             exit 0 ;;
-        --out) OUT_DIR="$(mkdir -p "${2:?--out DIR}" && cd "$2" && pwd)"; shift 2 ;;
+        --out) OUT_DIR="$(mkdir -p "${2:?--out DIR}" && cd "$2" && pwd)"; RECORD_DIR="$OUT_DIR"; shift 2 ;;
         --force) FORCE=1; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         all) names+=(cpu gpu-vllm gpu-sglang); shift ;;

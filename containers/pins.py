@@ -1,7 +1,7 @@
 """Pins of the GPU images: resolve, write, check.
 
     python containers/pins.py lock NAME     # resolve containers/NAME.in, rewrite NAME.def's lock
-    python containers/pins.py check [NAME]  # every pin of every GPU definition still resolves
+    python containers/pins.py check [NAME|PATH.def ...]  # every pin of the GPU definitions resolves
     python containers/pins.py wheelhouse NAME DIR   # download NAME.def's locked files (build.sh)
 
 The top-level requirements of an image are hand-written in containers/NAME.in; everything the
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -44,7 +45,7 @@ def target_args():
     return args + ["--platform", "any"]
 
 
-def pip(*args, quiet=True):
+def pip(*args, quiet=True, about=""):
     cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check"]
     if quiet:
         cmd.append("--quiet")
@@ -52,7 +53,7 @@ def pip(*args, quiet=True):
     if done.returncode:
         # pip's own warnings about unreadable local index folders are noise; its errors are not.
         err = "\n".join(line for line in done.stderr.splitlines() if "is ignored: it is neither" not in line)
-        raise SystemExit(f"pins.py: pip {' '.join(args[:2])} failed:\n{err}")
+        raise SystemExit(f"pins.py: {about + ': ' if about else ''}pip {' '.join(args[:2])} failed:\n{err}")
     return done
 
 
@@ -127,10 +128,15 @@ def lock(name):
     print(f"pins.py: {def_path.name}: {len(lines)} wheels, {len(sdist_lines)} source packages", file=sys.stderr)
 
 
+def definition(name):
+    """containers/NAME.def, or a definition file given by its path."""
+    return Path(name) if name.endswith(".def") else HERE / f"{name}.def"
+
+
 def check(name):
     """Every pin of NAME.def resolves for the image's platform, with the locked hash. No download
     of the wheels themselves: `--dry-run --no-deps` needs only the index and the metadata."""
-    blocks = read_blocks(HERE / f"{name}.def")
+    blocks = read_blocks(definition(name))
     with tempfile.TemporaryDirectory() as tmp:
         for block, lines in blocks.items():
             if not lines:
@@ -140,12 +146,13 @@ def check(name):
             binary = ["--only-binary=:all:", *target_args()] if block == "LOCK" else ["--no-binary=:all:"]
             report = Path(tmp, f"{block}.json")
             pip("install", "--dry-run", "--ignore-installed", "--no-deps", "--require-hashes", *binary,
-                "--target", str(Path(tmp, "target")), "--report", str(report), "-r", str(reqs))
+                "--target", str(Path(tmp, "target")), "--report", str(report), "-r", str(reqs),
+                about=f"{definition(name)} {block} block")
             got = {(i["metadata"]["name"].lower(), i["metadata"]["version"]) for i in json.loads(report.read_text())["install"]}
             want = {(line.split("==")[0].lower(), line.split("==")[1].split()[0]) for line in lines}
             if got != want:
-                raise SystemExit(f"pins.py: {name}.def {block}: pip resolved {sorted(got ^ want)} differently")
-    print(f"pins.py: {name}.def: {sum(map(len, blocks.values()))} pins resolve", file=sys.stderr)
+                raise SystemExit(f"pins.py: {definition(name)} {block}: pip resolved {sorted(got ^ want)} differently")
+    return f"pins.py: {definition(name).name}: {sum(map(len, blocks.values()))} pins resolve"
 
 
 def wheelhouse(name, dest):
@@ -169,8 +176,10 @@ def main(argv):
     elif len(argv) == 3 and argv[0] == "wheelhouse":
         wheelhouse(argv[1], argv[2])
     elif len(argv) >= 1 and argv[0] == "check":
-        for name in argv[1:] or GPU_IMAGES:
-            check(name)
+        # One pip per image, side by side: the time goes to waiting on the index.
+        with ThreadPoolExecutor() as pool:
+            for line in pool.map(check, argv[1:] or GPU_IMAGES):
+                print(line, file=sys.stderr)
     else:
         raise SystemExit(__doc__)
 

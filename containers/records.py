@@ -1,10 +1,11 @@
 """Build records of the images, and containers/README.md's table made from them.
 
-    python containers/records.py record NAME IMAGE SECONDS   # build.sh, after building IMAGE
+    python containers/records.py record NAME IMAGE SECONDS [DIR]   # build.sh, after building IMAGE
     python containers/records.py readme [--check]            # rewrite (or check) README's table
 
 `record` runs the image's checks inside it (the engines import, their servers print their help,
-`python -m egm --help`, `pip list`) and writes containers/records/NAME.json: the definition's
+`python -m egm --help`, `pip list`) and writes DIR/NAME.json (containers/records/ for the
+committed records): the definition's
 hash, the image file's SHA-256 and size, the build's wall time, what each check printed, the
 versions inside, the date and the machine. It exits non-zero when a required check failed, after
 writing the record. A check that may not run on a machine without an NVIDIA driver is recorded
@@ -67,7 +68,7 @@ def machine():
     return {"system": platform.platform(), "cpu": cpu, "cores": os.cpu_count()}
 
 
-def record(name, image, seconds):
+def record(name, image, seconds, out_dir):
     image = Path(image)
     checks = [(f"python -c 'import {', '.join(IMPORTS[name].split())}'", True), ("python -m egm --help", True)]
     checks += CHECKS.get(name, [])
@@ -96,12 +97,13 @@ def record(name, image, seconds):
         "checks": results,
         "packages": dict(sorted(packages.items(), key=lambda kv: kv[0].lower())),
     }
-    RECORDS.mkdir(exist_ok=True)
-    out_path = RECORDS / f"{name}.json"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / f"{name}.json"
     tmp = out_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(rec, indent=1) + "\n")
     tmp.replace(out_path)
-    print(f"records.py: wrote {out_path.relative_to(HERE.parent)}", file=sys.stderr)
+    print(f"records.py: wrote {out_path}", file=sys.stderr)
     if failed:
         raise SystemExit(f"records.py: in {image.name}, required checks failed: {failed} (see {out_path})")
 
@@ -144,12 +146,12 @@ def readme(check_only):
 
 
 def main(argv):
-    if len(argv) == 4 and argv[0] == "record":
+    if len(argv) in (4, 5) and argv[0] == "record":
         if argv[1] not in IMPORTS:
             raise SystemExit(f"records.py: unknown image {argv[1]!r} (images: {', '.join(IMPORTS)})")
         if not shutil.which("apptainer"):
             raise SystemExit("records.py: apptainer not found on PATH")
-        record(argv[1], argv[2], argv[3])
+        record(*argv[1:4], argv[4] if len(argv) == 5 else RECORDS)
     elif argv[:1] == ["readme"] and argv[1:] in ([], ["--check"]):
         readme(check_only=argv[1:] == ["--check"])
     else:
