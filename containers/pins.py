@@ -16,13 +16,12 @@ can check multi-GB stacks in seconds. Uses the pip of the Python that runs this 
 own configuration (index, certificates): no index address is written here.
 """
 
+import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
 import tempfile
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 

@@ -41,6 +41,7 @@ CHECKS = {
 # The versions the README's table names for each image.
 HEADLINE = ("torch", "transformers", "vllm", "sglang", "trl", "deepspeed", "ray", "flashinfer-python")
 TAIL = 4000  # characters of each check's output kept in the record
+CHECK_TIMEOUT_S = 600
 
 
 def sha256(path):
@@ -54,8 +55,13 @@ def sha256(path):
 def apptainer_exec(image, command):
     # Root without CAP_SYS_RESOURCE (CI's sandbox) runs images only in a user namespace.
     userns = ["--userns"] if os.geteuid() == 0 else []
-    cmd = ["apptainer", "exec", *userns, "--cleanenv", str(image), "sh", "-c", command]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # From /: the image's own egm is checked, not a checkout's in the working directory.
+    cmd = ["apptainer", "exec", *userns, "--cleanenv", "--pwd", "/", str(image), "sh", "-c", command]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired as timeout:
+        out = (timeout.stdout or b"").decode(errors="replace") if isinstance(timeout.stdout, bytes) else (timeout.stdout or "")
+        return "timeout", out, f"\n[records.py: no exit after {CHECK_TIMEOUT_S} s]"
     return done.returncode, done.stdout, done.stderr
 
 
