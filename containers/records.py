@@ -31,12 +31,14 @@ TABLE_START, TABLE_END = "<!-- records table: made by `python containers/records
 IMPORTS = {
     "cpu": "egm torch transformers trl",
     "gpu-vllm": "egm torch vllm transformers trl deepspeed ray",
-    "gpu-sglang": "egm torch sglang sgl_kernel flashinfer transformers",
+    "gpu-sglang": "egm torch sglang transformers",
 }
 # (command, required): required checks fail the build when they fail.
 CHECKS = {
     "gpu-vllm": [("vllm serve --help", False)],
-    "gpu-sglang": [("python -m sglang.launch_server --help", False)],
+    # sgl_kernel loads libcuda.so.1, the host driver's (apptainer exec --nv), when imported.
+    "gpu-sglang": [("python -c 'import sgl_kernel'", False), ("python -c 'import flashinfer'", False),
+                   ("python -m sglang.launch_server --help", False)],
 }
 # The versions the README's table names for each image.
 HEADLINE = ("torch", "transformers", "vllm", "sglang", "trl", "deepspeed", "ray", "flashinfer-python")
