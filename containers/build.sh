@@ -200,7 +200,7 @@ while (($#)); do
             exit 0 ;;
         --out) OUT_DIR="$(mkdir -p "${2:?--out DIR}" && cd "$2" && pwd)"; RECORD_DIR="$OUT_DIR"; shift 2 ;;
         --force) FORCE=1; shift ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         all) names+=(cpu gpu-vllm gpu-sglang); shift ;;
         -*) die "unknown option $1" ;;
         *) names+=("$1"); shift ;;
