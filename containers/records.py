@@ -117,12 +117,17 @@ def record(name, image, seconds, out_dir):
 
 
 def table():
-    """README's table, one row per record."""
+    """README's table: one row per definition, from its record (or saying there is none)."""
     rows = [
         "| image | built (UTC) | build time | image size | definition SHA-256 | versions inside | checks |",
         "|---|---|---|---|---|---|---|",
     ]
-    for path in sorted(RECORDS.glob("*.json")):
+    for name in IMPORTS:
+        path = RECORDS / f"{name}.json"
+        if not path.exists():
+            rows.append(f"| `{name}` | no build record of this definition yet: `make containers IMAGES={name}` "
+                        "| | | | | |")
+            continue
         rec = json.loads(path.read_text())
         lower = {k.lower(): v for k, v in rec["packages"].items()}
         versions = ", ".join(f"{k} {lower[k]}" for k in HEADLINE if k in lower)
