@@ -54,10 +54,11 @@ lint: $(STAMP)
 	done
 
 # Apptainer images named <definition>-<hash>.sif under containers/images/ (containers/README.md).
-# The GPU images need a machine with registry access: `make containers IMAGES=cpu` builds the CPU one.
+# Each build writes containers/records/<image>.json (containers/README.md). `make containers
+# IMAGES=cpu` builds the CPU image (minutes); a GPU image takes much longer (README's table).
 IMAGES ?= cpu gpu-vllm gpu-sglang
 containers: $(STAMP)
-	PYTHON="$(CURDIR)/$(PYTHON)" containers/build.sh $(IMAGES)
+	PYTHON="$(abspath $(PYTHON))" containers/build.sh $(IMAGES)
 
 # The offline mirror of config/gpu-smoke.yaml (docs/inference.md): the demo data set with 64 eval
 # records per split, the demo's trained SFT model (`make demo` first) and the Qwen3-VL-8B

@@ -7,6 +7,11 @@
 #   containers/build.sh [--out DIR] [--force] [cpu|gpu-vllm|gpu-sglang|all ...]   (default: cpu)
 #   containers/build.sh --name NAME        # print the image file name only
 #   containers/build.sh --lock             # re-pin cpu.def's packages after a pyproject.toml change
+#   containers/build.sh --lock NAME        # re-pin a GPU image from containers/NAME.in (pins.py)
+#
+# After a build, containers/records.py runs the image's checks inside it and writes
+# containers/records/NAME.json (beside the image with --out; definition hash, image digest and size, build time, the versions
+# inside), from which containers/README.md's table is made (`python containers/records.py readme`).
 #
 # Environment:
 #   DEBIAN_MIRROR  Debian mirror for the CPU image's debootstrap (default: the host's apt sources)
@@ -21,6 +26,9 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
 OUT_DIR="$HERE/images"
+# Builds into containers/images record into containers/records (committed); --out DIR records
+# beside the image instead, so test builds leave the repository alone.
+RECORD_DIR="$HERE/records"
 CACHE="${EGM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/egm}"
 BUILD_USER="${EGM_BUILD_USER:-egm-build}"
 FORCE=0
@@ -41,16 +49,11 @@ host_python() {
 }
 
 # The image's own pip would need the network's TLS trust set-up inside the image; the host's pip
-# already has it, so the locked wheels are fetched here, for the image's Python (3.11, x86_64).
+# already has it, so the locked files are fetched here, for the image's Python (3.11, x86_64), into
+# a cache per image that later builds reuse.
 wheelhouse() {
-    local def="$1" dest="$CACHE/wheels/cpu"
-    mkdir -p "$dest"
-    sed -n "/<<'LOCK'/,/^LOCK\$/p" "$def" | sed '1d;$d' >"$dest/requirements.txt"
-    [[ -s "$dest/requirements.txt" ]] || die "no LOCK block in $def"
-    "$(host_python)" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-        --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        --platform any -r "$dest/requirements.txt" -d "$dest" >&2
+    local name="$1" dest="$CACHE/wheels/$1"
+    "$(host_python)" "$HERE/pins.py" wheelhouse "$name" "$dest" >&2
     echo "$dest"
 }
 
@@ -139,15 +142,17 @@ or on Debian run containers/install-apptainer.sh and put the directory it prints
     tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' -cf - pyproject.toml egm \
         | tar -C "$stage/src" -xf -
     args+=(--build-arg "EGM_SRC=$stage/src" --build-arg "EGM_IMAGE=$image")
+    local mirror wheels
+    mirror="$("$HERE/debian-mirror.sh")"
+    wheels="$(wheelhouse "$name")"
+    # Hard links where the cache shares the stage's file system: GPU wheel sets are several GB.
+    cp -rl "$wheels" "$stage/wheels" 2>/dev/null || { rm -rf "$stage/wheels"; cp -r "$wheels" "$stage/wheels"; }
+    args+=(--build-arg "WHEELHOUSE=$stage/wheels" --build-arg "MIRROR_URL=$mirror")
     if [[ "$name" == cpu ]]; then
-        local wheel mirror
-        mirror="$("$HERE/debian-mirror.sh")"
+        local wheel
         wheel="$(torch_wheel)"
         cp "$wheel" "$stage/"
-        cp -r "$(wheelhouse "$def")" "$stage/wheels"
-        args+=(--build-arg "WHEELHOUSE=$stage/wheels"
-            --build-arg "MIRROR_URL=$mirror"
-            --build-arg "TORCH_WHEEL=$stage/$(basename "$wheel")")
+        args+=(--build-arg "TORCH_WHEEL=$stage/$(basename "$wheel")")
     fi
 
     say "building $image from $def"
@@ -176,7 +181,9 @@ or on Debian run containers/install-apptainer.sh and put the directory it prints
     chown "$(id -u):$(id -g)" "$stage/$image.sif"
     mv "$stage/$image.sif" "$target.partial"
     mv "$target.partial" "$target"
-    say "built $target in $((SECONDS - started)) s"
+    local seconds=$((SECONDS - started))
+    say "built $target in $seconds s"
+    "$(host_python)" "$HERE/records.py" record "$name" "$target" "$seconds" "$RECORD_DIR" >&2
     echo "$target"
 }
 
@@ -188,10 +195,12 @@ names=()
 while (($#)); do
     case "$1" in
         --name) image_name "${2:?--name NAME}"; exit 0 ;;
-        --lock) relock_cpu; exit 0 ;;
-        --out) OUT_DIR="$(mkdir -p "${2:?--out DIR}" && cd "$2" && pwd)"; shift 2 ;;
+        --lock)
+            if [[ -z "${2:-}" || "$2" == cpu ]]; then relock_cpu; else "$(host_python)" "$HERE/pins.py" lock "$2"; fi
+            exit 0 ;;
+        --out) OUT_DIR="$(mkdir -p "${2:?--out DIR}" && cd "$2" && pwd)"; RECORD_DIR="$OUT_DIR"; shift 2 ;;
         --force) FORCE=1; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         all) names+=(cpu gpu-vllm gpu-sglang); shift ;;
         -*) die "unknown option $1" ;;
         *) names+=("$1"); shift ;;

@@ -41,9 +41,10 @@ def _definition(name: str) -> str:
     return (REPO / "containers" / f"{name}.def").read_text()
 
 
-def _lock(name: str) -> dict[str, str]:
-    block = re.search(r"<<'LOCK'\n(.*?)\nLOCK\n", _definition(name), re.S).group(1)
-    return dict(line.strip().split("==") for line in block.splitlines() if line.strip())
+def _lock(name: str, block: str = "LOCK") -> dict[str, str]:
+    """A definition's lock block as {name: version} (GPU locks carry `--hash=` after the pin)."""
+    found = re.search(rf"<<'{block}'\n((?:.*\n)*?){block}\n", _definition(name))
+    return dict(line.split()[0].split("==") for line in found.group(1).splitlines() if line.strip()) if found else {}
 
 
 def _norm(name: str) -> str:
@@ -83,43 +84,123 @@ def test_cpu_image_pins_pyproject_dependencies_exactly():
         )
 
 
-# Where a GPU image must differ from pyproject.toml (its engine pins these; see the .def headers).
+# Where a GPU image must differ from pyproject.toml: its engine pins these (see the .in files), or
+# the image has no use for them (the authors' image evaluates, it does not train).
 ENGINE_PINNED = {"gpu-vllm": {"torch", "transformers", "huggingface-hub"},
-                 "gpu-sglang": {"torch", "transformers", "tokenizers"}}
+                 "gpu-sglang": {"torch", "transformers", "tokenizers", "huggingface-hub", "accelerate", "datasets",
+                                "trl"}}
+GPU_DEFINITIONS = sorted(ENGINE_PINNED)
 
 
-@pytest.mark.parametrize("name", sorted(ENGINE_PINNED))
+@pytest.mark.parametrize("name", GPU_DEFINITIONS)
 def test_gpu_images_keep_pyprojects_other_pins(name):
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    pins = {_norm(m.group(1)): m.group(2) for m in re.finditer(r"([A-Za-z0-9_.\-]+)(?:\[\w+\])?==([\w.]+)", _definition(name))}
+    lock = {_norm(k): v for k, v in _lock(name).items()}
     for requirement in project["dependencies"]:
         dep, _, version = requirement.partition("==")
         dep = _norm(dep)
         if dep == "snakemake" or dep in ENGINE_PINNED[name]:
             continue
-        assert pins.get(dep) == version, f"{name}.def installs {dep}=={pins.get(dep)}, pyproject.toml pins {version}"
+        assert lock.get(dep) == version, f"{name}.def installs {dep}=={lock.get(dep)}, pyproject.toml pins {version}"
 
 
-def test_definitions_pin_their_base_and_engines():
-    cpu = _definition("cpu")
-    assert re.search(r"^Bootstrap: debootstrap$", cpu, re.M) and re.search(r"^OSVersion: bookworm$", cpu, re.M)
-    assert re.search(r"^MirrorURL: \{\{ MIRROR_URL \}\}$", cpu, re.M)  # from the build host, never committed
-    for name in ("gpu-vllm", "gpu-sglang"):
-        text = _definition(name)
-        assert re.search(r"^From: \S+@sha256:[0-9a-f]{64}$", text, re.M), f"{name}: base image not pinned by digest"
-    vllm = _definition("gpu-vllm")
-    for pin in ("vllm==0.31.0", "torch==2.13.0", "transformers==5.17.0", '"trl[vllm]==1.16.0"', "deepspeed==0.19.8"):
-        assert pin in vllm, pin
-    assert "--no-build-isolation --no-deps deepspeed" in vllm
-    sglang = _definition("gpu-sglang")
-    for pin in ("sglang==0.5.23", "torch==2.14.1", "transformers==5.19.0"):
-        assert pin in sglang, pin
+def test_definitions_build_from_debootstrap_and_the_locked_stacks():
     for name in DEFINITIONS:
-        assert "export EGM_IMAGE={{ EGM_IMAGE }}" in _definition(name)
+        text = _definition(name)
+        assert re.search(r"^Bootstrap: debootstrap$", text, re.M) and re.search(r"^OSVersion: bookworm$", text, re.M)
+        assert re.search(r"^MirrorURL: \{\{ MIRROR_URL \}\}$", text, re.M)  # from the build host, never committed
+        assert "export EGM_IMAGE={{ EGM_IMAGE }}" in text
+    # The stack that ran on the GPU machine, plus training; CUDA 13 libraries from torch's wheels.
+    vllm = {_norm(k): v for k, v in _lock("gpu-vllm").items()}
+    assert {k: vllm.get(k) for k in ("vllm", "torch", "transformers", "trl", "ray")} == {
+        "vllm": "0.25.1", "torch": "2.11.0", "transformers": "5.17.0", "trl": "1.16.0", "ray": "2.60.0"}
+    assert vllm.get("nvidia-nccl-cu13") and vllm.get("nvidia-cudnn-cu13")
+    assert _lock("gpu-vllm", "LOCK_SDIST") == {"deepspeed": "0.19.8"}  # built in the image after torch
+    # The authors' evaluation stack (EGM.md section 3), CUDA 12 libraries from torch 2.8.0's wheels.
+    sglang = {_norm(k): v for k, v in _lock("gpu-sglang").items()}
+    assert {k: sglang.get(k) for k in ("sglang", "torch", "transformers", "sgl-kernel", "flashinfer-python")} == {
+        "sglang": "0.5.5.post3", "torch": "2.8.0", "transformers": "4.57.1", "sgl-kernel": "0.3.17.post1",
+        "flashinfer-python": "0.5.2"}
+    assert sglang.get("nvidia-nccl-cu12") and "nvidia-nccl-cu13" not in sglang
+
+
+@pytest.mark.parametrize("name", GPU_DEFINITIONS)
+def test_gpu_lock_is_the_resolution_of_its_requirements(name):
+    """Every exact pin of containers/NAME.in is in the lock, every lock line carries a hash, and each
+    package appears once: the lock was written by `pins.py lock`, not edited by hand."""
+    text = _definition(name)
+    lines = [line.strip() for block in ("LOCK", "LOCK_SDIST")
+             for found in [re.search(rf"<<'{block}'\n((?:.*\n)*?){block}\n", text)] if found
+             for line in found.group(1).splitlines() if line.strip()]
+    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==\S+ --hash=sha256:[0-9a-f]{64}", line) for line in lines)
+    names = [_norm(line.split("==")[0]) for line in lines]
+    assert len(names) == len(set(names))
+    locked = dict(zip(names, (line.split("==")[1].split()[0] for line in lines)))
+    for raw in (REPO / "containers" / f"{name}.in").read_text().splitlines():
+        requirement = raw.split("#", 1)[0].strip()
+        if "==" in requirement:
+            dep, version = requirement.split("==")
+            assert locked.get(_norm(re.sub(r"\[.*\]", "", dep))) == version, (
+                f"{name}.in pins {requirement}, the lock has {locked.get(_norm(dep))}: "
+                f"run `containers/build.sh --lock {name}`")
+
+
+def _pins(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "containers" / "pins.py"), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_every_gpu_pin_resolves_for_the_images_platform():
+    """Every locked file of both GPU images exists on the package index for Python 3.11 on x86_64
+    Linux with the locked hash, checked from the index and the files' metadata (no wheel download:
+    about a minute for both stacks)."""
+    started = time.monotonic()
+    result = _pins("check")
+    record_timing("gpu_pin_check_s", time.monotonic() - started)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name in GPU_DEFINITIONS:
+        assert f"{name}.def: " in result.stderr and "pins resolve" in result.stderr
+
+
+@pytest.mark.parametrize("bad", ["wheel==99.0.0 --hash=sha256:" + "0" * 64,
+                                 "wheel==0.48.0 --hash=sha256:" + "0" * 64])
+def test_pin_check_refuses_a_missing_version_or_a_wrong_hash(tmp_path, bad):
+    lock = [line for line in _definition("gpu-vllm").splitlines() if re.match(r"\s+(hjson|einops)==", line)]
+    definition = tmp_path / "broken.def"
+    definition.write_text("%post\n    cat >lock.txt <<'LOCK'\n" + "\n".join([*lock, "        " + bad]) + "\nLOCK\n")
+    result = _pins("check", str(definition))
+    assert result.returncode != 0
+    assert str(definition) in result.stderr and "wheel" in result.stderr
+
+
+def test_readme_table_is_made_from_the_build_records():
+    """Each build record is of its definition as it is now (an edited definition needs a new
+    build: `make containers IMAGES=...`), its required checks passed, the versions inside are the
+    lock's, and containers/README.md's table is the one records.py makes from the records."""
+    import hashlib
+
+    records = {p.stem: json.loads(p.read_text()) for p in (REPO / "containers" / "records").glob("*.json")}
+    assert set(records) <= set(DEFINITIONS)
+    for name, record in records.items():
+        digest = hashlib.sha256((REPO / "containers" / f"{name}.def").read_bytes()).hexdigest()
+        assert record["definition_sha256"] == digest, f"containers/records/{name}.json is of another {name}.def"
+        assert record["image"] == image_name(name)
+        assert all(c["returncode"] == 0 for c in record["checks"] if c["required"]), record["checks"]
+        packages = {_norm(k): v for k, v in record["packages"].items()}
+        for dep, version in _lock(name).items():
+            assert packages.get(_norm(dep)) == version, (name, dep)
+    result = subprocess.run([sys.executable, str(REPO / "containers" / "records.py"), "readme", "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    readme = (REPO / "containers" / "README.md").read_text()
+    for name in DEFINITIONS:
+        assert (f"`{image_name(name)}`" if name in records else f"`make containers IMAGES={name}`") in readme
 
 
 def test_infrastructure_files_name_no_hosts_or_machine_paths():
     files = [*(REPO / "containers").glob("*.def"), *(REPO / "containers").glob("*.sh"), *(REPO / "ci").glob("*"),
+             *(REPO / "containers").glob("*.py"), *(REPO / "containers").glob("*.in"),
+             *(REPO / "containers" / "records").glob("*.json"),
              *(REPO / "profiles").rglob("*.yaml"), REPO / "containers" / "README.md"]
     for path in files:
         if not path.is_file():
@@ -162,15 +243,49 @@ def test_missing_image_is_named_with_how_to_build_it(tmp_path):
     assert "make containers" in output
 
 
-def test_paper_config_picks_each_models_engine_image(tmp_path):
+def _job_images(workdir: Path, configfile: Path) -> dict[tuple[str, str], str]:
+    """{(rule, wildcards): the image's name, <definition>-<hash>} of every job of a full run (the `all` target has
+    no image), from the Snakemake API."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, Quietness, ResourceSettings
+
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(cores=1),
+                                config_settings=ConfigSettings(configfiles=[configfile]),
+                                snakefile=workdir / "Snakefile", workdir=workdir)
+        dag_api = workflow.dag(dag_settings=DAGSettings(targets={"all"}, forceall=True))
+        dag_api.execute_workflow(executor="dryrun")
+        jobs = dag_api.workflow_api._workflow.dag.jobs
+        return {(job.rule.name, ",".join(f"{k}={v}" for k, v in job.wildcards.items())):
+                Path(job.container_img_url).stem for job in jobs if job.container_img_url}
+
+
+def test_paper_jobs_run_in_the_authors_image_and_training_in_the_other(tmp_path):
+    """The paper's protocol: predict and latency behind an SGLang server run in the authors' image
+    (gpu-sglang); vLLM, hf on GPUs and training on GPUs in the image that ran on the GPU machine
+    (gpu-vllm); everything else in the CPU image."""
     workdir = _with_definitions(tmp_path / "wf")
-    result = snakemake(workdir, _fake_apptainer(tmp_path / "bin"), "-n", "--use-apptainer")
-    output = result.stdout + result.stderr
-    assert result.returncode != 0  # no image is built here
-    # hf models on GPUs and the vllm models need the vLLM image; no model uses SGLang.
-    assert f"containers.vllm: containers/images/{image_name('gpu-vllm')}.sif" in output
-    assert f"containers.cpu: containers/images/{image_name('cpu')}.sif" in output
-    assert "containers.sglang" not in output
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    models = config["models"]
+    models["egm-8b"].update(backend="server", gpus=8, engine_options={"server": "sglang", "data_parallel_size": "auto"})
+    models["qwen3-vl-8b-thinking"].update(backend="server", gpus=8, engine_options={"server": "vllm"})
+    models["qwen3-vl-4b-thinking"].update(backend="hf", gpus=1)
+    config["latency"].update(backend="server", engine_options={"server": "sglang"}, gpus=8)
+    images = _job_images(workdir, write_config(workdir, config))
+    by_rule: dict[str, dict[str, str]] = {}
+    for (rule, wildcards), image in images.items():
+        # The name carries the definition's hash: the image of that very definition.
+        definition = next(d for d in DEFINITIONS if image == image_name(d))
+        by_rule.setdefault(rule, {})[wildcards] = definition
+    assert by_rule["predict"]["model=egm-8b"] == "gpu-sglang"
+    assert by_rule["predict"]["model=qwen3-vl-8b-thinking"] == "gpu-vllm"  # the vLLM server alternative
+    assert by_rule["predict"]["model=qwen3-vl-4b-thinking"] == "gpu-vllm"  # hf on a GPU
+    assert by_rule["predict"]["model=qwen3-vl-235b-a22b-instruct"] == "gpu-vllm"  # backend: vllm
+    assert set(by_rule["latency"].values()) == {"gpu-sglang"}  # the configured models and the trained ones
+    assert {f"model={m}" for m in models} <= set(by_rule["latency"])
+    assert set(by_rule["sft"].values()) == set(by_rule["rl"].values()) == {"gpu-vllm"}  # gpus: 8
+    for rule in ("score", "fetch_dataset", "extract_images", "table_refcoco"):
+        assert set(by_rule[rule].values()) == {"cpu"}, rule
 
 
 def test_scheduler_resources_come_from_the_config(tmp_path):
