@@ -280,7 +280,8 @@ def test_paper_jobs_run_in_the_authors_image_and_training_in_the_other(tmp_path)
     assert by_rule["predict"]["model=egm-8b"] == "gpu-sglang"
     assert by_rule["predict"]["model=qwen3-vl-8b-thinking"] == "gpu-vllm"  # the vLLM server alternative
     assert by_rule["predict"]["model=qwen3-vl-4b-thinking"] == "gpu-vllm"  # hf on a GPU
-    assert by_rule["predict"]["model=qwen3-vl-235b-a22b-instruct"] == "gpu-vllm"  # backend: vllm
+    assert by_rule["predict"]["model=qwen3-vl-235b-a22b-instruct"] == "gpu-sglang"  # the paper config's own
+    assert by_rule["predict"]["model=egm-4b"] == "gpu-sglang"  # as the paper config has it
     assert set(by_rule["latency"].values()) == {"gpu-sglang"}  # the configured models and the trained ones
     assert {f"model={m}" for m in models} <= set(by_rule["latency"])
     assert set(by_rule["sft"].values()) == set(by_rule["rl"].values()) == {"gpu-vllm"}  # gpus: 8
@@ -309,7 +310,7 @@ def test_scheduler_resources_come_from_the_config(tmp_path):
     assert big["mem_mb"] == str(8 * config["resources"]["mem_mb_per_gpu"])
     assert big["runtime"] == str(config["resources"]["gpu_runtime_min"])
     small = resources[("predict", "model=egm-8b")]
-    assert small["gpu"] == "1" and small["slurm_partition"] == "gpu-part"
+    assert small["gpu"] == "8" and small["slurm_partition"] == "gpu-part"  # the authors' 8-GPU server
     score = next(v for (rule, _), v in resources.items() if rule == "score")
     assert score["slurm_partition"] == "cpu-part" and "gpu_model" not in score and score.get("gpu", "0") == "0"
 
