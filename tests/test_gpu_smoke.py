@@ -132,8 +132,8 @@ def _predictions(directory: Path, rows: list[dict]) -> None:
 
 
 def _row(split, rid, box, tokens=10, answer="x"):
-    return {"split": split, "id": rid, "status": "ok", "parsed_box": box, "iou": 0.5, "completion_tokens": tokens,
-            "answer": answer}
+    return {"split": split, "line": rid, "id": rid, "status": "ok", "parsed_box": box, "iou": 0.5,
+            "completion_tokens": tokens, "answer": answer}
 
 
 def test_engine_agreement_counts_equal_boxes_and_lists_the_rest(tmp_path):

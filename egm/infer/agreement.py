@@ -46,7 +46,7 @@ def engine_agreement(dir_a: Path, dir_b: Path, splits: Iterable[str], max_listed
             n_differing += 1
             if len(differences) < max_listed:
                 differences.append({
-                    "split": key[0], "line": int(key[1]), "id": ra.get("id"),
+                    "split": key[0], "line": int(key[1]), "id": str(ra.get("id")),
                     "a": {k: ra[k] for k in ("parsed_box", "iou", "completion_tokens", "answer")},
                     "b": {k: rb[k] for k in ("parsed_box", "iou", "completion_tokens", "answer")},
                 })
