@@ -81,7 +81,7 @@ def summaries(log_text: str) -> list[dict]:
     return [json.loads(m) for m in re.findall(r"done: (\{.*\})", log_text)]
 
 
-def run_predict(cmd: list[str], log: Path, cwd: Path) -> tuple[int, float]:
+def run_logged(cmd: list[str], log: Path, cwd: Path) -> tuple[int, float]:
     t0 = time.perf_counter()
     with open(log, "ab") as handle:
         code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd, timeout=STEP_TIMEOUT_S).returncode
@@ -92,7 +92,7 @@ def step_answer(engine: str, args, work: Path) -> dict:
     out = work / f"pred-{engine}"
     out.mkdir(parents=True, exist_ok=True)
     log = work / f"pred-{engine}.log"
-    code, wall = run_predict(predict_command(args.model_dir, work / "model.json", args.splits, args.image_root, out,
+    code, wall = run_logged(predict_command(args.model_dir, work / "model.json", args.splits, args.image_root, out,
                                              engine), log, work)
     done = summaries(log.read_text(errors="replace"))
     return {"rc": code, "wall_s": round(wall, 1), "records": sum(s["records"] for s in done),
@@ -114,7 +114,7 @@ def step_sft(args, work: Path) -> dict:
            "--data", args.sft_data, "--image-root", args.image_root, "--inputs", args.sft_inputs,
            "--out-dir", str(out), "--manifest", str(work / "sft.json"), "--work-dir", str(work / ".work-sft"),
            "--options", json.dumps(options), "--gpus", gpus]
-    code, wall = run_predict(cmd, work / "sft.log", work)
+    code, wall = run_logged(cmd, work / "sft.log", work)
     return {"rc": code, "wall_s": round(wall, 1), "options": options}
 
 
@@ -149,7 +149,7 @@ def step_kill(args, work: Path) -> dict:
     first_log = log.read_text(errors="replace")
     answered_before = work_lines(out)
     error = [line for line in first_log.splitlines() if "ERROR" in line or "went away" in line][-3:]
-    rerun_code, rerun_wall = run_predict(cmd, work / "pred-kill-rerun.log", work)
+    rerun_code, rerun_wall = run_logged(cmd, work / "pred-kill-rerun.log", work)
     rerun = summaries((work / "pred-kill-rerun.log").read_text(errors="replace"))
     final = [json.loads(line) for line in (out / "refcoco_val.jsonl").read_text().splitlines()] if rerun_code == 0 else []
     total = len(lines)

@@ -47,6 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.train_gpu import build_data  # noqa: E402  (the demo data set, as train_gpu.py lays it out)
 from egm.io import read_json, write_json  # noqa: E402
 
 RECIPE = REPO / "config" / "recipes" / "rl_areal.yaml"
@@ -122,21 +123,6 @@ def make_check_model(out: Path, steps: int, images: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- preparation
-
-
-def build_data(root: Path, side: tuple[int, int], n_images: int) -> None:
-    """The demo data set at `side`, its images extracted and the RL parquet rewritten, as the DAG does."""
-    from egm.data.archives import extract_archive, part_files
-    from egm.data.demo import write_demo_dataset
-    from egm.data.parquet import rewrite_image_paths
-
-    write_demo_dataset(root / "ds", seed=0, n_train_images=n_images, n_eval_per_split=2, width=side[0],
-                       height=side[1])
-    extract_archive(part_files(root / "ds"), root / "images")
-    extract_archive([root / "ds" / "coco_flip.tar"], root / "images")
-    for part in ("train", "val"):
-        rewrite_image_paths(root / "ds" / "processed_rl_data" / f"{part}_grounding.parquet",
-                            root / "rl" / f"{part}.parquet", str(root / "images"))
 
 
 def variant_recipe(model: str, rollout: str, size: str) -> dict:

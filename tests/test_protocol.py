@@ -41,6 +41,15 @@ EIGHT_GPUS = [str(i) for i in range(8)]
 PROMPT = "Locate the red mug on the left, output its bbox coordinates using JSON format"
 
 
+def authors_flags(cmd: list[str]) -> tuple[str, dict[str, str]]:
+    """A rendered `python -m MODULE --flag value ...` as (MODULE, flags), less the three flags the job
+    sets on purpose and the authors' scripts set otherwise (host, port, served name: egm.infer.server)."""
+    assert cmd[1] == "-m" and len(cmd) % 2 == 1, cmd  # flags and values in pairs, nothing bare
+    flags = dict(zip(cmd[3::2], cmd[4::2]))
+    assert {"--host", "--port", "--served-model-name"} <= set(flags), cmd
+    return cmd[2], {k: v for k, v in flags.items() if k not in ("--host", "--port", "--served-model-name")}
+
+
 def planned_predict_jobs(tmp_path: Path) -> dict[str, dict]:
     """`snakemake -n --forceall -p` on config/config.yaml: each predict job's resources and options."""
     copy_workflow(tmp_path)
@@ -73,16 +82,15 @@ def test_paper_config_answers_through_the_authors_sglang_server(tmp_path):
         # The server this job starts on its 8 GPUs, as ServerEngine builds it.
         engine_options = {k: v for k, v in options.engine_options.items() if k != "server"}
         cmd = server_command(server_spec("/models/m", "sglang", gpus=EIGHT_GPUS, port=30000, **engine_options))
-        flags = dict(zip(cmd[3::2], cmd[4::2]))
-        assert cmd[1:3] == ["-m", "sglang.launch_server"]  # sglang_infer.sh line 12
-        assert flags["--model-path"] == "/models/m"  # line 13
-        assert flags["--dp-size"] == "8"  # line 16
-        assert flags["--tp-size"] == "1"  # line 17
-        assert flags["--dtype"] == "auto"  # line 18
-        assert flags["--mem-fraction-static"] == "0.8"  # line 19
-        # Nothing else that could change an answer (no context length, load format, CUDA-graph switch).
-        assert set(flags) == {"--model-path", "--host", "--port", "--served-model-name", "--dp-size", "--tp-size",
-                              "--dtype", "--mem-fraction-static"}, cmd
+        # Every flag that could change an answer, and no other (no context length, load format,
+        # CUDA-graph switch): sglang_infer.sh lines 12-19.
+        assert authors_flags(cmd) == ("sglang.launch_server", {
+            "--model-path": "/models/m",  # line 13
+            "--dp-size": "8",  # line 16
+            "--tp-size": "1",  # line 17
+            "--dtype": "auto",  # line 18
+            "--mem-fraction-static": "0.8",  # line 19
+        }), cmd
     # The 235B rows are ours (the authors published no set-up): one engine over the 8 GPUs.
     for model in ("qwen3-vl-235b-a22b-instruct", "qwen3-vl-235b-a22b-thinking"):
         options = jobs[model]["options"]
@@ -96,16 +104,15 @@ def test_vllm_server_is_one_key_away_with_the_authors_flags():
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     options = {**config["models"]["egm-8b"]["engine_options"], "server": "vllm"}
     cmd = server_command(server_spec("/models/m", gpus=EIGHT_GPUS, **options))
-    flags = dict(zip(cmd[3::2], cmd[4::2]))
-    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]  # vllm_infer.sh line 12
-    assert flags["--model"] == "/models/m"  # line 13
-    assert flags["--data-parallel-size"] == "8"  # line 17
-    assert flags["--tensor-parallel-size"] == "1"  # line 18
-    assert flags["--dtype"] == "auto"  # line 19
-    assert flags["--gpu-memory-utilization"] == "0.9"  # line 20
-    assert "--trust-remote-code" not in cmd  # line 15: theirs has it; Qwen3-VL needs no remote code
-    assert set(flags) == {"--model", "--host", "--port", "--served-model-name", "--data-parallel-size",
-                          "--tensor-parallel-size", "--dtype", "--gpu-memory-utilization"}, cmd
+    # vllm_infer.sh lines 12-20; its line 15, --trust-remote-code, is left out: Qwen3-VL needs no remote code.
+    assert authors_flags(cmd) == ("vllm.entrypoints.openai.api_server", {
+        "--model": "/models/m",  # line 13
+        "--data-parallel-size": "8",  # line 17
+        "--tensor-parallel-size": "1",  # line 18
+        "--dtype": "auto",  # line 19
+        "--gpu-memory-utilization": "0.9",  # line 20
+    }), cmd
+    assert "--trust-remote-code" not in cmd
 
 
 class RecordingServer(ThreadingHTTPServer):

@@ -82,6 +82,12 @@ def record_base(split_name: str, rec) -> dict:
     }
 
 
+def requests_for(records: list, prompt_template: str) -> tuple[list[str], list[Request]]:
+    """Each record's prompt and its request (the image, then the prompt)."""
+    prompts = [build_prompt(prompt_template, rec.sent) for rec in records]
+    return prompts, [Request(rec.id, rec.image_path, p) for rec, p in zip(records, prompts)]
+
+
 def warm_up(engine: Engine, pending: list, prompt_template: str, batch_size: int) -> float:
     """Answer the job's first chunk once, untimed and thrown away; returns its wall time.
 
@@ -93,8 +99,7 @@ def warm_up(engine: Engine, pending: list, prompt_template: str, batch_size: int
     # One batch per replica (each compiles for itself); a server warms up with one round of its
     # requests in flight.
     replicas = 1 if engine.generate_each is not None else int(engine.data_parallel_size or 1)
-    chunk = pending[: batch_size * replicas]
-    requests = [Request(rec.id, rec.image_path, build_prompt(prompt_template, rec.sent)) for rec in chunk]
+    _, requests = requests_for(pending[: batch_size * replicas], prompt_template)
     started = time.perf_counter()
     if engine.generate_each is not None:
         engine.generate_each(requests, lambda i, c: None)
@@ -150,8 +155,7 @@ def predict_split(
                 # Engines that answer requests one by one (the server client) get the whole split
                 # at once, so `concurrency` requests stay in flight throughout; each answer is
                 # written as it arrives, so a failure mid-split keeps everything finished before it.
-                prompts = [build_prompt(prompt_template, rec.sent) for rec in pending]
-                requests = [Request(rec.id, rec.image_path, p) for rec, p in zip(pending, prompts)]
+                prompts, requests = requests_for(pending, prompt_template)
                 try:
                     engine.generate_each(requests, lambda i, c: (keep(pending[i], prompts[i], c), work.flush()))
                 finally:
@@ -163,8 +167,7 @@ def predict_split(
             chunk = max(batch_size, int(engine.chunk_size or batch_size))
             for start in range(0, len(pending), chunk):
                 batch = pending[start : start + chunk]
-                prompts = [build_prompt(prompt_template, rec.sent) for rec in batch]
-                requests = [Request(rec.id, rec.image_path, p) for rec, p in zip(batch, prompts)]
+                prompts, requests = requests_for(batch, prompt_template)
                 completions = engine.generate(requests)
                 for rec, prompt, completion in zip(batch, prompts, completions):
                     keep(rec, prompt, completion)
