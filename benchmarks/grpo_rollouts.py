@@ -151,13 +151,16 @@ def make_plan(args) -> dict:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     work = Path(args.work)
-    plan = {"work": str(work), "size": args.size, "variants": {}}
+    plan = {"work": str(work), "size": args.size, "check_f32": args.check_f32,
+            "floor": bool(getattr(args, "floor", False)), "variants": {}}
     for name in names:
         model, rollout, stale, steps, cap = VARIANTS[name]
         plan["variants"][name] = {
             "model": model, "rollout": rollout, "stale": stale, "steps": args.steps or steps, "cap_s": cap,
             "recipe": variant_recipe(model, rollout, args.size),
             "vllm_engine_extra": CHECK_ENGINE if model == "check" and rollout == "vllm" else {},
+            # The check model's fp32 dot products inside vLLM's Triton kernels (see logp_floor).
+            "env": {"TRITON_F32_DEFAULT": args.check_f32} if model == "check" and rollout == "vllm" else {},
             "model_dir": str(work / "speed-model") if model == "speed" else check_model_dir(args),
             "data": str(work / ("speed-data" if model == "speed" else "check-data")),
         }
@@ -292,6 +295,7 @@ def run_variant(plan: dict, name: str) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     spec = plan["variants"][name]
+    os.environ.update(spec.get("env", {}))
     work = Path(plan["work"]) / name
     work.mkdir(parents=True, exist_ok=True)
     tap = StepTap(work / "steps.json")
@@ -318,6 +322,131 @@ def run_variant(plan: dict, name: str) -> None:
     meta = kept["meta"]
     tap.write(rollout=meta["rollout"], trl_args=meta["trl_args"], cost=meta["cost"],
               log_history=kept["log_history"], done=True)
+
+
+# ----------------------------------------------------------------------------- the log-prob floor
+
+# Prompts of the floor check, and the settings of Triton's fp32 dot products it compares: vLLM's
+# Triton attention kernels (the backends that take float32) call `tl.dot` without a precision, and
+# Triton's default for float32 inputs is TF32 (10-bit mantissa) unless TRITON_F32_DEFAULT says
+# otherwise; the trainer's float32 attention (PyTorch SDPA) is IEEE.
+FLOOR_PROMPTS = 16
+FLOOR_PRECISIONS = ("tf32", "ieee")
+
+
+def floor_stats(diffs: list[float]) -> dict:
+    if not diffs:
+        return {"tokens": 0}
+    ordered = sorted(diffs)
+    return {"tokens": len(diffs), "mean": round(statistics.fmean(diffs), 6), "median": round(ordered[len(ordered) // 2], 6),
+            "max": round(ordered[-1], 6), "over_0.01": round(sum(d > 0.01 for d in diffs) / len(diffs), 4)}
+
+
+def logp_floor(plan: dict, precision: str) -> dict:
+    """Where vLLM and the trainer disagree at equal weights: the check model's vLLM engine as TRL
+    builds it (plus CHECK_ENGINE), 16 RL prompts sampled once each at temperature 1, then the
+    trainer's model (transformers, float32, SDPA) scores the same tokens, one sequence at a time
+    and as TRL's batched, left-padded forward does. Reported per part: the completion tokens
+    (what TRL's `sampling_logp_difference` averages), the prompt's text after the image (vLLM's
+    prompt log-probs), and the same prompts without their image (the text model alone)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, as in TRL's colocate mode
+    if precision == "ieee":
+        os.environ["TRITON_F32_DEFAULT"] = "ieee"
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from trl.data_utils import prepare_multimodal_messages
+    from vllm import LLM, SamplingParams
+
+    from egm.train.data import rl_dataset
+    from egm.train.processing import load_processor
+
+    spec = next(v for v in plan["variants"].values() if v["model"] == "check")
+    model_dir = spec["model_dir"]
+    dataset, _ = rl_dataset(Path(spec["data"]) / "rl" / "train.parquet", limit=FLOOR_PROMPTS)
+    processor = load_processor(model_dir)  # the trainer's (egm.train.common.load_for_training), no pixel override
+    rows = [dataset[i] for i in range(min(FLOOR_PROMPTS, len(dataset)))]
+    with_image = [prepare_multimodal_messages(r["prompt"], images=r["images"]) for r in rows]
+    text_only = [[{"role": m["role"], "content": [c for c in m["content"] if c["type"] != "image"]} for m in msgs]
+                 for msgs in with_image]
+    max_len = CHECK_OVERRIDES["vllm_max_model_length"]
+    llm = LLM(model=model_dir, gpu_memory_utilization=CHECK_OVERRIDES["vllm_gpu_memory_utilization"],
+              max_model_len=max_len, max_num_batched_tokens=4096, logprobs_mode="processed_logprobs",
+              enable_prefix_caching=False, seed=0, **CHECK_ENGINE)
+    sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=CHECK_OVERRIDES["max_new_tokens"],
+                              logprobs=0, prompt_logprobs=0, seed=0)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
+
+    def encode(messages):
+        return processor.apply_chat_template(conversation=[messages], add_generation_prompt=True, tokenize=True,
+                                             return_dict=True, return_tensors="pt")
+
+    def own_logps(ids: list[int], extra: dict) -> list[float]:
+        inputs = {k: v.to(device) for k, v in extra.items() if k not in ("input_ids", "attention_mask")}
+        if "mm_token_type_ids" in inputs:  # the completion's tokens are text
+            pad = len(ids) - inputs["mm_token_type_ids"].shape[1]
+            inputs["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, pad))
+        tensor = torch.tensor([ids], device=device)
+        with torch.inference_mode():
+            logits = model(input_ids=tensor, attention_mask=torch.ones_like(tensor), **inputs).logits[0].float()
+        logps = torch.log_softmax(logits[:-1], dim=-1).gather(1, tensor[0, 1:, None])[:, 0]
+        return [None, *logps.tolist()]
+
+    out: dict = {"precision": precision, "triton_f32_default": os.environ.get("TRITON_F32_DEFAULT"),
+                 "prompts": len(rows), "engine": {**CHECK_ENGINE, "logprobs_mode": "processed_logprobs"}}
+    batched_for: dict = {}
+    for part, conversations in (("image", with_image), ("text_only", text_only)):
+        encoded = [encode(c) for c in conversations]
+        requests = []
+        for conv, enc in zip(conversations, encoded):
+            request = {"prompt_token_ids": enc["input_ids"][0].tolist()}
+            images = [c["image"] for m in conv for c in m["content"] if c["type"] == "image"]
+            if images:
+                request["multi_modal_data"] = {"image": images[0]}
+            requests.append(request)
+        outputs = llm.generate(requests, sampling_params=sampling, use_tqdm=False)
+        completion, prompt_text, same_prompt = [], [], 0
+        image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        for request, enc, output in zip(requests, encoded, outputs):
+            prompt_ids = list(output.prompt_token_ids)
+            same_prompt += prompt_ids == request["prompt_token_ids"]
+            sample = output.outputs[0]
+            ids = prompt_ids + list(sample.token_ids)
+            ours = own_logps(ids, enc)
+            theirs = [None] * len(prompt_ids) + [lp[t].logprob for lp, t in zip(sample.logprobs, sample.token_ids)]
+            last_image = max((i for i, t in enumerate(prompt_ids) if t == image_token), default=0)
+            for i, logprob in enumerate(output.prompt_logprobs or []):
+                if logprob and i > last_image:
+                    prompt_text.append(abs(logprob[prompt_ids[i]].logprob - ours[i]))
+            completion += [abs(a - b) for a, b in zip(theirs[len(prompt_ids):], ours[len(prompt_ids):])]
+            if part == "image":
+                batched_for.setdefault("samples", []).append((prompt_ids, list(sample.token_ids), theirs[len(prompt_ids):]))
+        out[part] = {"prompt_ids_equal": same_prompt, "completion": floor_stats(completion),
+                     "prompt_text_after_image": floor_stats(prompt_text)}
+    # TRL's own forward: the batch's prompts through the processor with padding (left), the
+    # completions right-padded after them, one forward for all.
+    samples = batched_for["samples"]
+    texts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in with_image]
+    images = [[c["image"] for m in conv for c in m["content"] if c["type"] == "image"] for conv in with_image]
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    width = max(len(s[1]) for s in samples)
+    pad_id = processor.tokenizer.pad_token_id or 0
+    completions = torch.tensor([s[1] + [pad_id] * (width - len(s[1])) for s in samples])
+    mask = torch.tensor([[1] * len(s[1]) + [0] * (width - len(s[1])) for s in samples])
+    ids = torch.cat([batch["input_ids"], completions], dim=1).to(device)
+    attention = torch.cat([batch["attention_mask"], mask], dim=1).to(device)
+    extra = {k: v.to(device) for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    if "mm_token_type_ids" in extra:
+        extra["mm_token_type_ids"] = torch.nn.functional.pad(extra["mm_token_type_ids"], (0, width))
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=attention, **extra).logits.float()
+    start = batch["input_ids"].shape[1]
+    logps = torch.log_softmax(logits[:, start - 1:-1], dim=-1).gather(2, ids[:, start:, None])[..., 0]
+    diffs = [abs(theirs[j] - logps[i, j].item()) for i, (_, done, theirs) in enumerate(samples) for j in range(len(done))]
+    out["image"]["completion_batched_left_padded"] = floor_stats(diffs)
+    return out
 
 
 # ----------------------------------------------------------------------------- the run
@@ -365,7 +494,8 @@ def run(args) -> Path:
         print(json.dumps(dry_run(plan), indent=2))
         return work
     work.mkdir(parents=True, exist_ok=True)
-    for stale in ("prepared.json", *(f"{name}/steps.json" for name in plan["variants"])):
+    for stale in ("prepared.json", *(f"floor-{p}.json" for p in FLOOR_PRECISIONS),
+                  *(f"{name}/steps.json" for name in plan["variants"])):
         (work / stale).unlink(missing_ok=True)  # an earlier call's would pass for this call's
     write_json(work / "plan.json", plan)
     me = [sys.executable, str(Path(__file__).resolve())]
@@ -373,6 +503,13 @@ def run(args) -> Path:
     statuses["prepare"] = run_step([*me, "prepare", "--plan", str(work / "plan.json")], work / "logs/prepare.log",
                                    min(180, deadline - time.perf_counter()))
     print("prepare", statuses["prepare"], flush=True)
+    has_check = any(v["model"] == "check" for v in plan["variants"].values())
+    if statuses["prepare"]["rc"] == 0 and plan["floor"] and has_check:
+        for precision in FLOOR_PRECISIONS:
+            statuses[f"floor-{precision}"] = run_step(
+                [*me, "floor", precision, "--plan", str(work / "plan.json")], work / f"logs/floor-{precision}.log",
+                min(120, deadline - time.perf_counter() - 60))
+            print(f"floor-{precision}", statuses[f"floor-{precision}"], flush=True)
     if statuses["prepare"]["rc"] == 0:
         for name, spec in plan["variants"].items():
             left = deadline - time.perf_counter() - 15
@@ -391,7 +528,8 @@ def run(args) -> Path:
     import tarfile
 
     with tarfile.open(Path(args.out) / "grpo-rollouts-logs.tar.gz", "w:gz") as tar:
-        for name in ("plan.json", "prepared.json", "statuses.json", "logs", *(f"{v}/steps.json" for v in plan["variants"])):
+        for name in ("plan.json", "prepared.json", "statuses.json", "logs", *(f"floor-{p}.json" for p in FLOOR_PRECISIONS),
+                     *(f"{v}/steps.json" for v in plan["variants"])):
             if (work / name).exists():
                 tar.add(work / name, arcname=name)
     return path
@@ -515,6 +653,10 @@ def write_record(work: Path, out_dir: Path) -> Path:
         "device": device, "environment": prepared.pop("environment", None), "prepared": prepared,
         "statuses": statuses, "variants": variants,
     }
+    floors = {p: read_json(work / f"floor-{p}.json") for p in FLOOR_PRECISIONS if (work / f"floor-{p}.json").exists()}
+    if floors:
+        record["logp_floor"] = floors
+    record["check_f32"] = plan.get("check_f32")
     vllm, hf = variants.get("speed-vllm", {}), variants.get("speed-hf", {})
     fast, slow = vllm.get("median_after_first", {}), hf.get("median_after_first", {})
     if fast.get("step_s") and slow.get("step_s"):
@@ -536,7 +678,8 @@ def write_record(work: Path, out_dir: Path) -> Path:
     summary = {name: {"rc": (v.get("status") or {}).get("rc"), "steps": len(v.get("steps", [])),
                       **v.get("median_after_first", {}), "peak": v.get("peak")} for name, v in variants.items()}
     print(json.dumps({"variants": summary, "vllm_vs_generate": record.get("vllm_vs_generate"),
-                      "sync_check": record.get("sync_check")}, indent=1), flush=True)
+                      "sync_check": record.get("sync_check"), "logp_floor": record.get("logp_floor")}, indent=1),
+          flush=True)
     print(f"wrote {path}", flush=True)
     return path
 
@@ -561,11 +704,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="steps of every variant (default: each its own)")
     p.add_argument("--budget-s", type=float, default=440, help="the whole run, preparation included")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--floor", action="store_true", help="first, where vLLM and the trainer disagree at equal weights")
+    p.add_argument("--check-f32", choices=["ieee", "tf32"], default="ieee",
+                   help="Triton's fp32 dot products in the check variants' vLLM (TRITON_F32_DEFAULT)")
     for name in ("prepare", "variant"):
         p = sub.add_parser(name)
         if name == "variant":
             p.add_argument("name")
         p.add_argument("--plan", required=True)
+    p = sub.add_parser("floor", help="one precision's log-prob floor (its own process)")
+    p.add_argument("precision", choices=FLOOR_PRECISIONS)
+    p.add_argument("--plan", required=True)
     p = sub.add_parser("record", help="the record from a run's work directory")
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)
@@ -580,6 +729,19 @@ def main() -> None:
     elif args.command == "prepare":
         plan = read_json(args.plan)
         write_json(Path(plan["work"]) / "prepared.json", {**prepare(plan), "environment": environment()})
+    elif args.command == "floor":
+        plan = read_json(args.plan)
+        rc = 0
+        try:
+            write_json(Path(plan["work"]) / f"floor-{args.precision}.json", logp_floor(plan, args.precision))
+        except BaseException:  # noqa: BLE001 - also the SIGINT of the time limit
+            import traceback
+
+            traceback.print_exc()
+            rc = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
     elif args.command == "variant":
         # A colocated vLLM engine's threads can hold the interpreter at exit: leave at once, once
         # everything is written (steps.json after every step, the traceback in the log).

@@ -7,6 +7,7 @@
 #
 #   benchmarks/multigpu_wheels.sh                # in the project root, on the CPU machine: .mgpu/
 #   benchmarks/multigpu_wheels.sh grpo           # only what one GPU's GRPO needs (TRL, datasets; issue 32)
+#   benchmarks/multigpu_wheels.sh pipeline       # grpo's set and Snakemake's (issues 29 and 32 on one machine)
 #
 # .mgpu/ (where `benchmarks/multigpu.sh park` looks for the parts) must be ignored by git: add
 # /.mgpu/ to .git/info/exclude; wheels are never committed.
@@ -31,10 +32,24 @@ compgen -G "$vparts/part-*" >/dev/null || { echo "no vLLM parts in $vparts (../s
 # where it has them; multiprocess is the newest datasets accepts; Ray is the release checked on
 # the CPU machine (ENVIRONMENT.md), and vLLM 0.25.1 needs Ray >= 2.43.
 # TRL 1.16 accepts vLLM 0.22-0.31 (0.25.1 is the GPU machine's) and transformers >= 4.56.2 (5.17 there).
+PURE_SDISTS=()
 case "${1:-all}" in
   all) WANTED=(deepspeed==0.19.8 trl==1.16.0 datasets==5.2.0 multiprocess==0.70.19 hjson==3.1.0 ray==2.60.0) ;;
   grpo) WANTED=(trl==1.16.0 datasets==5.2.0 multiprocess==0.70.19) ;;
-  *) echo "usage: multigpu_wheels.sh [all|grpo]" >&2; exit 2 ;;
+  # GRPO's set and Snakemake with what it needs (versions as resolved in the project's venv), for
+  # one held machine that runs both the rollouts and the smoke pipeline (benchmarks/gpu_pipeline.sh).
+  pipeline) WANTED=(trl==1.16.0 datasets==5.2.0 multiprocess==0.70.19 snakemake==9.27.1
+                    snakemake-interface-common==1.23.0 snakemake-interface-executor-plugins==9.4.0
+                    snakemake-interface-logger-plugins==2.1.0 snakemake-interface-report-plugins==1.3.0
+                    snakemake-interface-scheduler-plugins==2.0.2 snakemake-interface-storage-plugins==4.4.1
+                    argparse-dataclass==2.0.0 conda-inject==1.3.2 configargparse==1.9.0
+                    docutils==0.22.4 dpath==2.2.0 fastjsonschema==2.22.3 gitdb==4.0.12 gitpython==3.2.1
+                    humanfriendly==10.0 immutables==0.21 jupyter-core==5.9.1 nbformat==5.11.1 pulp==3.3.2
+                    smart-open==7.7.1 smmap==5.0.3 throttler==1.2.3 traitlets==5.16.1
+                    yte==1.9.4 platformdirs==4.14.9 sqlmodel==0.0.37 tenacity==9.2.1 sqlalchemy==2.0.59 greenlet==3.5.6)
+            # Published as a source distribution only: built into a wheel here (pure Python).
+            PURE_SDISTS=(connection-pool==0.0.3) ;;
+  *) echo "usage: multigpu_wheels.sh [all|grpo|pipeline]" >&2; exit 2 ;;
 esac
 BUILT=()  # sdists built here: DeepSpeed when wanted
 [ "${WANTED[0]%%==*}" = deepspeed ] && { BUILT=("${WANTED[0]}"); WANTED=("${WANTED[@]:1}"); }
@@ -50,6 +65,7 @@ done
 mkdir -p "$work/whl" "$work/vllm"
 [ ${#BUILT[@]} -eq 0 ] || DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$work/whl" "${BUILT[@]}"
 "$py" -m pip download -q --no-deps "${plat[@]}" -d "$work/whl" "${WANTED[@]}"
+[ ${#PURE_SDISTS[@]} -eq 0 ] || "$py" -m pip wheel -q --no-deps -w "$work/whl" "${PURE_SDISTS[@]}"
 cat "$vparts"/part-* | tar -x -C "$work/vllm"
 
 # Every requirement of the new wheels must be met by the image, vLLM's set or this set, and no

@@ -54,7 +54,7 @@ def test_generate_variant_runs_and_is_recorded(tmp_path):
 
 def test_gpu_variants_resolve_to_the_grpo_configs_they_claim(bench, tmp_path):
     class Args:
-        variants, steps, size, work, check_model = None, None, "2b", str(tmp_path), str(tmp_path / "m")
+        variants, steps, size, work, check_model, check_f32 = None, None, "2b", str(tmp_path), str(tmp_path / "m"), "ieee"
 
     plan = bench.dry_run(bench.make_plan(Args))  # builds every GRPOConfig: TRL takes the arguments
     assert list(plan) == ["sync", "speed-vllm", "speed-hf", "sync-stale"]
@@ -73,6 +73,9 @@ def test_gpu_variants_resolve_to_the_grpo_configs_they_claim(bench, tmp_path):
         # renormalised over the kept tokens, TRL's are not.
         assert grpo["bf16"] is False and grpo["top_p"] == 1.0 and grpo["top_k"] == 0
         assert plan[name]["vllm_engine_extra"]["dtype"] == "float32"  # vLLM's `auto` would take 16 bits
+        # vLLM's Triton attention takes float32 dots as TF32 unless told otherwise.
+        assert plan[name]["env"] == {"TRITON_F32_DEFAULT": "ieee"}
+    assert plan["speed-vllm"]["env"] == plan["speed-hf"]["env"] == {}
     assert plan["sync-stale"]["stale"] and not plan["sync"]["stale"]
 
 
@@ -108,6 +111,13 @@ def test_sync_verdict(bench):
     assert bench.sync_check(floor[:1], None)["current_policy"] is None  # one step proves nothing
 
 
+def test_floor_stats(bench):
+    stats = bench.floor_stats([0.0, 0.002, 0.02, 0.5])
+    assert stats["tokens"] == 4 and stats["max"] == 0.5 and stats["over_0.01"] == 0.5
+    assert stats["mean"] == round((0.002 + 0.02 + 0.5) / 4, 6)
+    assert bench.floor_stats([]) == {"tokens": 0}
+
+
 def test_vllm_step_figures_take_trls_sections(bench):
     # A step as the tap records it with vLLM: TRL's profiled sections and its log entry.
     step = {"step": 3, "step_s": 2.0, "sections_s": {"sync_weights": 0.1, "vLLM.generate": 0.5},
@@ -117,3 +127,79 @@ def test_vllm_step_figures_take_trls_sections(bench):
     assert figures["rollout_tokens_per_s"] == 1280.0  # 640 tokens in 0.5 s inside vLLM.generate
     assert figures["trainer_tokens_per_s"] == round(1000 / 1.4, 1)  # the step less rollout and sync
     assert figures["logp_diff_mean"] == 2e-6
+
+
+class FakeVLLMFromTransformers:
+    """A stand-in for vLLM's LLM on the CPU (vLLM needs a GPU): it samples with the same transformers
+    model the floor check scores with and reports that model's log-probs, shifted by `bias` nats
+    on every completion token, so the floor it shows is exactly `bias`."""
+
+    bias = 0.0
+
+    def __init__(self, model, **kwargs):
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        from egm.train.processing import load_processor
+
+        self.torch = torch
+        self.processor = load_processor(model)
+        self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32).eval()
+        self.kwargs = kwargs
+
+    def generate(self, requests, sampling_params, use_tqdm=False):
+        from types import SimpleNamespace as NS
+
+        torch = self.torch
+        outputs = []
+        for request in requests:
+            ids = torch.tensor([request["prompt_token_ids"]])
+            extra = {}
+            if "multi_modal_data" in request:
+                extra = self.processor.image_processor(images=[request["multi_modal_data"]["image"]], return_tensors="pt")
+                extra = dict(extra)
+                extra["mm_token_type_ids"] = (ids == self.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).long()
+            with torch.inference_mode():
+                full = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                           do_sample=False, **extra)
+                if "mm_token_type_ids" in extra:
+                    extra["mm_token_type_ids"] = torch.nn.functional.pad(extra["mm_token_type_ids"],
+                                                                         (0, full.shape[1] - ids.shape[1]))
+                logits = self.model(input_ids=full, attention_mask=torch.ones_like(full), **extra).logits[0]
+            logps = torch.log_softmax(logits[:-1], -1).gather(1, full[0, 1:, None])[:, 0].tolist()
+            n = ids.shape[1]
+            completion = full[0, n:].tolist()
+            prompt_lp = [None] + [{int(t): NS(logprob=lp)} for t, lp in zip(full[0, 1:n].tolist(), logps[:n - 1])]
+            sample = NS(token_ids=completion,
+                        logprobs=[{t: NS(logprob=lp + self.bias)} for t, lp in zip(completion, logps[n - 1:])])
+            outputs.append(NS(prompt_token_ids=request["prompt_token_ids"], prompt_logprobs=prompt_lp, outputs=[sample]))
+        return outputs
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.25])
+def test_logp_floor_measures_the_engines_difference(bench, tmp_path, monkeypatch, bias):
+    import types
+
+    import trl.data_utils  # noqa: F401  (before the stand-in: TRL probes for a real vllm on import)
+
+    from egm.models.tiny import write_tiny_model
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = type("FakeLLM", (FakeVLLMFromTransformers,), {"bias": bias})
+    fake.SamplingParams = lambda **kwargs: kwargs
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(bench, "FLOOR_PROMPTS", 3)
+    write_tiny_model(tmp_path / "model", seed=0)
+    bench.build_data(tmp_path / "data", (96, 96), 4)
+    plan = {"variants": {"sync": {"model": "check", "model_dir": str(tmp_path / "model"), "data": str(tmp_path / "data")}}}
+    monkeypatch.delenv("TRITON_F32_DEFAULT", raising=False)
+    out = bench.logp_floor(plan, "tf32")
+    assert out["prompts"] == 3 and out["triton_f32_default"] is None
+    for part in ("image", "text_only"):
+        assert out[part]["prompt_ids_equal"] == 3
+        completion = out[part]["completion"]
+        assert 0 < completion["tokens"] <= 24 and completion["mean"] == pytest.approx(bias, abs=1e-4)
+        # The prompt's log-probs carry no bias: the same model on the same tokens.
+        assert out[part]["prompt_text_after_image"]["max"] < 1e-4
+    # TRL's batched, padded forward scores the completions as the one-at-a-time forward does.
+    assert out["image"]["completion_batched_left_padded"]["mean"] == pytest.approx(bias, abs=1e-4)
