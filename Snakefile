@@ -35,4 +35,5 @@ rule all:
         rules.figure_training.output if TRAINING_STAGES else [],
         rules.table_scaling.output,
         rules.figure_scaling.output,
+        rules.table_cost.output,
         expand("resources/rl/{part}.parquet", part=RL_PARTS),

@@ -303,11 +303,16 @@ def cmd_report_latency(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    from egm.plan.gpus import load_gpus, run_gpu
     from egm.plan.plan import run_plan
 
-    run_plan([Path(c) for c in args.configfile], args.gpu, args.gpus, args.targets or None, args.json, args.markdown,
+    gpu, gpu_from = args.gpu, None
+    if gpu == "auto":
+        found = run_gpu(Path(args.directory), load_gpus())
+        gpu, gpu_from = found or ("H100", "no prediction ran on a GPU: H100 assumed; only CPU jobs compare")
+    run_plan([Path(c) for c in args.configfile], gpu, args.gpus, args.targets or None, args.json, args.markdown,
              args.check, Path(args.directory), forceall=not args.only_missing, records_dir=args.records,
-             saved=args.saved)
+             saved=args.saved, gpu_from=gpu_from)
 
 
 def cmd_report_training(args: argparse.Namespace) -> None:
@@ -493,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="price the jobs Snakemake would run (GPU-hours, wall time, memory fit); "
                                     "--check: beside a finished run's measurements")
     p.add_argument("--configfile", nargs="+", required=True)
-    p.add_argument("--gpu", default="H100", help="a card of egm/plan/gpus.json (a prefix of its name: H100, A100, H200)")
+    p.add_argument("--gpu", default="H100", help="a card of egm/plan/gpus.json (a prefix of its name: H100, A100, H200); "
+                                                 "auto: the card the finished run's predictions name (for --check)")
     p.add_argument("--gpus", type=int, default=8, help="GPUs the run has")
     p.add_argument("--json", type=Path, default=None, help="the plan as JSON")
     p.add_argument("--markdown", type=Path, default=None, help="the tables as Markdown (default: stdout)")

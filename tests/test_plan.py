@@ -207,6 +207,30 @@ def test_cli_writes_the_plan(workdir, tmp_path):
     assert bad.returncode == 1 and "B300" in bad.stderr
 
 
+def test_check_plans_for_the_card_the_run_used(workdir, tmp_path):
+    # The report's cost table (rule table_cost): --gpu auto takes the card from the run's predictions.
+    def check_on(gpus):
+        run = workdir / "results" / "predictions" / "egm-8b" / "run.json"
+        run.parent.mkdir(parents=True, exist_ok=True)
+        run.write_text(json.dumps({"job": {"device": {"gpus": gpus}}, "cost": {"wall_s": 60.0}}))
+        out, md = tmp_path / "cost.json", tmp_path / "cost.md"
+        result = subprocess.run(
+            [sys.executable, "-m", "egm", "plan", "--check", "--gpu", "auto", "--gpus", "1", "--configfile",
+             str(paper(workdir)), "--json", str(out), "--markdown", str(md), "--directory", str(workdir),
+             "--records", str(RECORDS), "results/predictions/egm-8b/run.json"],
+            capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return json.loads(out.read_text()), md.read_text()
+
+    planned, text = check_on(["NVIDIA H200 (143771 MiB)"])
+    assert planned["gpu"] == "H200 SXM" and planned["gpu_from"] == "results/predictions/egm-8b/run.json"
+    assert "The card: results/predictions/egm-8b/run.json." in text and "## Estimate against measurement" in text
+    on_h200 = next(r for r in planned["check"] if r["job"] == "predict model=egm-8b")["estimated_wall_s"]
+    planned, _ = check_on([])  # a CPU run: no card to take
+    assert planned["gpu"].startswith("H100") and "H100 assumed" in planned["gpu_from"]
+    assert next(r for r in planned["check"] if r["job"] == "predict model=egm-8b")["estimated_wall_s"] > on_h200
+
+
 def test_records_are_counted_in_the_offline_mirror_before_the_fetch(workdir):
     config = yaml.safe_load((REPO / "config" / "gpu-smoke.yaml").read_text())
     configfile = write_config(workdir, config, "smoke.yaml")

@@ -34,7 +34,8 @@ def test_paper_config_plans_every_stage_without_network(tmp_path):
     assert stages["fetch_model"] == n_models
     assert stages["extract_images"] == 2
     assert stages["rewrite_rl_parquet"] == 2
-    assert stages["report"] == 23  # refcoco, vs-paper, thresholds, scaling, latency tables (csv, md, tex); 4 figures (png, pdf)
+    # refcoco, vs-paper, thresholds, scaling, latency tables (csv, md, tex); 4 figures (png, pdf); cost (md, json)
+    assert stages["report"] == 25
     # Test-time scaling: 7 budgets (jsonl + json) per swept model, the two 235B models at one point.
     assert stages["scaling"] == (n_models - 2 + n_trained) * 7 * 2 + 2 * 2
     assert "demo_mirror" not in stages
@@ -79,6 +80,11 @@ def test_demo_end_to_end_then_incremental(tmp_path):
     assert (tmp_path / "results/figures/tradeoff.pdf").read_bytes()[:4] == b"%PDF"
     assert (tmp_path / "results/figures/scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "reproduced RL" in (tmp_path / "results/tables/scaling.md").read_text()
+    # The run's price checked: each model job's estimate beside its benchmark file.
+    cost = json.loads((tmp_path / "results/tables/cost.json").read_text())
+    predicted = [r for r in cost["check"] if r["rule"] == "predict"]
+    assert predicted and all(r["measured_wall_s"] > 0 and r["estimated_wall_s"] > 0 for r in predicted)
+    assert "## Estimate against measurement" in (tmp_path / "results/tables/cost.md").read_text()
     scaled = [json.loads(line) for line in (tmp_path / "results/scaling/tiny-sft/budget-4.jsonl").read_text().splitlines()]
     assert len(scaled) == PAPER_SPLITS - 1 and all(row["budget"] == "4" for row in scaled)
     for part in ("train", "val"):

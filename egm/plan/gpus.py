@@ -52,6 +52,16 @@ def find_gpu(name: str, gpus: dict) -> str:
     return hits[0]
 
 
+def run_gpu(workdir: Path, gpus: dict) -> tuple[str, str] | None:
+    """(gpus.json row, the record naming it) of the first GPU a finished run's predictions ran on
+    (their run.json's device, e.g. "NVIDIA H100 80GB HBM3 (81559 MiB)"); None for a CPU run."""
+    for record in sorted(Path(workdir).glob("results/predictions/*/run.json")):
+        names = json.loads(record.read_text()).get("job", {}).get("device", {}).get("gpus") or []
+        if names:
+            return find_gpu(names[0].split(" (")[0], gpus), str(record.relative_to(workdir))
+    return None
+
+
 def split_costs(record: dict, method: str, batch: int = 1) -> dict:
     """Per measured architecture: fixed (ms), per_token (ms), the token counts and medians used,
     for `method` at `batch` requests at once (ms per request, every request of the batch)."""

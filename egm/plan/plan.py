@@ -218,6 +218,7 @@ def _h(seconds: float | None) -> str:
 def markdown(plan: dict, checked: list[dict] | None = None) -> str:
     lines = [f"# Plan: {', '.join(plan['config'])} on {plan['n_gpus']} x {plan['gpu']}", "",
              f"Targets: {', '.join(plan['targets'])}. {plan['schedule']}.", "",
+             *([f"The card: {plan['gpu_from']}.", ""] if plan.get("gpu_from") else []),
              f"**Run total: {plan['total']['gpu_hours']} GPU-hours, {plan['total']['wall_h']} h wall on "
              f"{plan['n_gpus']} x {plan['gpu']}**, {plan['total']['jobs']} jobs ({plan['total']['gpu_jobs']} GPU jobs; "
              f"{len(plan['total']['unpriced_gpu_jobs'])} GPU jobs without an estimate; "
@@ -265,7 +266,7 @@ def markdown(plan: dict, checked: list[dict] | None = None) -> str:
 
 def run_plan(configfiles: list[Path], gpu: str, n_gpus: int, targets: list[str] | None, out_json: Path | None,
              out_md: Path | None, do_check: bool, workdir: Path = Path("."), forceall: bool = True,
-             records_dir: Path | None = None, saved: Path | None = None) -> dict:
+             records_dir: Path | None = None, saved: Path | None = None, gpu_from: str | None = None) -> dict:
     """`egm plan`: the plan (and with do_check the finished run's measurements beside it),
     written as JSON and Markdown; the Markdown also goes to stdout when no file is named.
 
@@ -280,6 +281,8 @@ def run_plan(configfiles: list[Path], gpu: str, n_gpus: int, targets: list[str] 
             raise ValueError(f"{saved}: not a plan written by `egm plan --json` (no {sorted(missing)})")
     else:
         plan = make_plan(configfiles, gpu, n_gpus, targets, workdir, records_dir=records_dir, forceall=forceall)
+    if gpu_from:
+        plan["gpu_from"] = gpu_from
     checked = check(plan, workdir) if do_check else None
     if checked is not None:
         plan["check"] = checked

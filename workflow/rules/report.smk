@@ -160,3 +160,27 @@ if TRAINING_STAGES:
         shell:
             "python -m egm report-training --stages {input} --report {params.options}"
             " --out-prefix {params.prefix} > {log} 2>&1"
+
+
+# The run's price checked: every job's estimate from the committed measurement records (egm plan)
+# beside what it cost here (its benchmark file, its own cost record), after every other artifact.
+# On the host (`run:` is never sent into a container): it plans through Snakemake's API, which
+# the images leave out.
+rule table_cost:
+    input:
+        expand("results/tables/{table}{ext}", table=["refcoco", "latency", "scaling"], ext=TABLE),
+        rules.figure_training.output if TRAINING_STAGES else [],
+    output:
+        report("results/tables/cost.md", caption="../report/cost.rst", category="Tables"),
+        json="results/tables/cost.json",
+    params:
+        # As given, relative to the workflow: the run's location is not a parameter of the table.
+        configfiles=[os.path.relpath(c) for c in workflow.configfiles],
+    localrule: True
+    log:
+        "logs/table_cost.log",
+    run:
+        shell(
+            "python -m egm plan --check --gpu auto --gpus 1 --configfile {params.configfiles}"
+            " --json {output.json} --markdown {output[0]} > {log} 2>&1"
+        )
