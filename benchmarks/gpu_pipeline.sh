@@ -5,7 +5,7 @@
 #   benchmarks/gpu_pipeline.sh install WHEELS...   # pip-install wheel files into $EGM_SITE (once)
 #   benchmarks/gpu_pipeline.sh run TARGETS...      # snakemake those targets, then write the record
 #
-# The record (benchmarks/gpu_pipeline.py) goes to $OUT/gpu-pipeline-h200.json where OUT is set,
+# The record (benchmarks/gpu_pipeline.py) goes to $OUT/gpu-pipeline-<card>.json where OUT is set,
 # else under results/; the run's logs and small outputs are packed beside it.
 # Every GPU job runs alone (--resources gpu=1), so each job's wall time is its own.
 set -uo pipefail
@@ -44,6 +44,9 @@ step "python -m egm starts"; timeout 60 python -m egm --help >/dev/null 2>>"$run
 step "unlock"; timeout 60 python3 -m snakemake --unlock --configfile config/gpu-smoke.yaml >/dev/null 2>&1
 # The price before the run (egm plan, docs/cost.md): the same targets on this card, one GPU.
 card=$(timeout 30 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+# Files named for the card: h100, h200 (the records of different cards sit side by side).
+slug=$(echo "$card" | grep -o -i -E 'h100|h200|a100' | head -n 1 | tr 'A-Z' 'a-z')
+slug=${slug:-gpu}
 # Made once, before the first run of these targets: results/ outlives the calls on a held machine.
 step "plan on ${card:-H100}"
 before=results/plan/plan-before.json
@@ -56,11 +59,11 @@ timeout -s INT -k 60 "${EGM_RUN_TIMEOUT:-0}" python3 -m snakemake "$@" --cores "
   --rerun-incomplete --scheduler greedy --resources gpu=1 --configfile config/gpu-smoke.yaml >>"$runlog" 2>&1
 status=$?
 step "snakemake exit $status; record"
-timeout 60 python3 benchmarks/gpu_pipeline.py --config config/gpu-smoke.yaml --out "$out/gpu-pipeline-h200.json" \
+timeout 60 python3 benchmarks/gpu_pipeline.py --config config/gpu-smoke.yaml --out "$out/gpu-pipeline-$slug.json" \
   >>"$runlog" 2>&1
 # Each job's estimate beside what it cost (benchmark files, the jobs' own cost records).
 step "plan --check"; timeout 120 python -m egm plan --check --saved "$before" --configfile config/gpu-smoke.yaml \
-  --json "$out/plan-check.json" --markdown "$out/plan-check.md" >>"$runlog" 2>&1
+  --json "$out/gpu-plan-check-$slug.json" --markdown "$out/gpu-plan-check-$slug.md" >>"$runlog" 2>&1
 step "pack"
 timeout 30 tar -czf "$out/gpu-run.tar.gz" logs results/metrics results/latency results/tables results/figures \
   results/scaling results/benchmarks results/predictions/*/run.json results/predictions/*/*.jsonl 2>/dev/null

@@ -151,7 +151,7 @@ def make_plan(args) -> dict:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     work = Path(args.work)
-    plan = {"work": str(work), "size": args.size, "check_f32": args.check_f32,
+    plan = {"work": str(work), "size": args.size, "check_f32": args.check_f32, "tag": getattr(args, "tag", None),
             "floor": bool(getattr(args, "floor", False)), "variants": {}}
     for name in names:
         model, rollout, stale, steps, cap = VARIANTS[name]
@@ -673,7 +673,8 @@ def write_record(work: Path, out_dir: Path) -> Path:
         # The check needs a moving policy: steps with a gradient (some group's rewards differed).
         record["sync_check"]["steps_with_gradient"] = sum(1 for s in synced if (s.get("grad_norm") or 0) > 0)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"grpo-rollouts-{card_name(device)}.json"
+    tag = f"-{plan['tag']}" if plan.get("tag") else ""
+    path = out_dir / f"grpo-rollouts-{card_name(device)}{tag}.json"
     write_json(path, record)
     summary = {name: {"rc": (v.get("status") or {}).get("rc"), "steps": len(v.get("steps", [])),
                       **v.get("median_after_first", {}), "peak": v.get("peak")} for name, v in variants.items()}
@@ -704,6 +705,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="steps of every variant (default: each its own)")
     p.add_argument("--budget-s", type=float, default=440, help="the whole run, preparation included")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--tag", help="the record's name gets -TAG (a run of some variants beside a full one)")
     p.add_argument("--floor", action="store_true", help="first, where vLLM and the trainer disagree at equal weights")
     p.add_argument("--check-f32", choices=["ieee", "tf32"], default="ieee",
                    help="Triton's fp32 dot products in the check variants' vLLM (TRITON_F32_DEFAULT)")

@@ -54,7 +54,7 @@ def test_generate_variant_runs_and_is_recorded(tmp_path):
 
 def test_gpu_variants_resolve_to_the_grpo_configs_they_claim(bench, tmp_path):
     class Args:
-        variants, steps, size, work, check_model, check_f32 = None, None, "2b", str(tmp_path), str(tmp_path / "m"), "ieee"
+        variants, steps, size, work, check_model, check_f32, tag = None, None, "2b", str(tmp_path), str(tmp_path / "m"), "ieee", None
 
     plan = bench.dry_run(bench.make_plan(Args))  # builds every GRPOConfig: TRL takes the arguments
     assert list(plan) == ["sync", "speed-vllm", "speed-hf", "sync-stale"]
