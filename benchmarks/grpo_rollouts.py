@@ -160,7 +160,7 @@ def make_plan(args) -> dict:
             "recipe": variant_recipe(model, rollout, args.size),
             "vllm_engine_extra": CHECK_ENGINE if model == "check" and rollout == "vllm" else {},
             # The check model's fp32 dot products inside vLLM's Triton kernels (see logp_floor).
-            "env": {"TRITON_F32_DEFAULT": args.check_f32} if model == "check" and rollout == "vllm" else {},
+            "env": triton_env(args.check_f32) if model == "check" and rollout == "vllm" else {},
             "model_dir": str(work / "speed-model") if model == "speed" else check_model_dir(args),
             "data": str(work / ("speed-data" if model == "speed" else "check-data")),
         }
@@ -334,6 +334,12 @@ FLOOR_PROMPTS = 16
 FLOOR_PRECISIONS = ("tf32", "ieee")
 
 
+def triton_env(precision: str) -> dict:
+    """Triton's fp32 dot precision, and a kernel cache of its own: kernels compiled under the
+    other setting are never reused."""
+    return {"TRITON_F32_DEFAULT": precision, "TRITON_CACHE_DIR": f"/tmp/egm-triton-{precision}"}
+
+
 def floor_stats(diffs: list[float]) -> dict:
     if not diffs:
         return {"tokens": 0}
@@ -350,8 +356,7 @@ def logp_floor(plan: dict, precision: str) -> dict:
     (what TRL's `sampling_logp_difference` averages), the prompt's text after the image (vLLM's
     prompt log-probs), and the same prompts without their image (the text model alone)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, as in TRL's colocate mode
-    if precision == "ieee":
-        os.environ["TRITON_F32_DEFAULT"] = "ieee"
+    os.environ.update(triton_env(precision))
     import torch
     from transformers import AutoModelForImageTextToText
     from trl.data_utils import prepare_multimodal_messages

@@ -74,7 +74,7 @@ def test_gpu_variants_resolve_to_the_grpo_configs_they_claim(bench, tmp_path):
         assert grpo["bf16"] is False and grpo["top_p"] == 1.0 and grpo["top_k"] == 0
         assert plan[name]["vllm_engine_extra"]["dtype"] == "float32"  # vLLM's `auto` would take 16 bits
         # vLLM's Triton attention takes float32 dots as TF32 unless told otherwise.
-        assert plan[name]["env"] == {"TRITON_F32_DEFAULT": "ieee"}
+        assert plan[name]["env"]["TRITON_F32_DEFAULT"] == "ieee" and "ieee" in plan[name]["env"]["TRITON_CACHE_DIR"]
     assert plan["speed-vllm"]["env"] == plan["speed-hf"]["env"] == {}
     assert plan["sync-stale"]["stale"] and not plan["sync"]["stale"]
 
@@ -192,9 +192,10 @@ def test_logp_floor_measures_the_engines_difference(bench, tmp_path, monkeypatch
     write_tiny_model(tmp_path / "model", seed=0)
     bench.build_data(tmp_path / "data", (96, 96), 4)
     plan = {"variants": {"sync": {"model": "check", "model_dir": str(tmp_path / "model"), "data": str(tmp_path / "data")}}}
-    monkeypatch.delenv("TRITON_F32_DEFAULT", raising=False)
+    for name in ("TRITON_F32_DEFAULT", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(name, "")  # logp_floor sets them; monkeypatch puts them back
     out = bench.logp_floor(plan, "tf32")
-    assert out["prompts"] == 3 and out["triton_f32_default"] is None
+    assert out["prompts"] == 3 and out["triton_f32_default"] == "tf32"
     for part in ("image", "text_only"):
         assert out[part]["prompt_ids_equal"] == 3
         completion = out[part]["completion"]
