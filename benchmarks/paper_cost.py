@@ -161,8 +161,14 @@ def document(result: dict) -> str:
         "- CPU: the demo's plan against its own run, per rule: `benchmarks/results/demo-plan-check-cpu.json`",
         "  (`benchmarks/demo_plan_check.py`).",
         "- GPU: `benchmarks/gpu_pipeline.sh run` plans the smoke targets before it runs them and writes",
-        "  `plan-check.json` (each job's estimate beside its benchmark file) under `$OUT`; kept as",
-        "  `benchmarks/results/gpu-plan-check-*.json`.",
+        "  `gpu-plan-check-<card>.json` (each job's estimate beside its benchmark file) under `$OUT`; kept",
+        "  in `benchmarks/results/`.",
+        "- Every run: the report's `results/tables/cost.{md,json}` (rule `table_cost`, after every other",
+        "  table) is `egm plan --check --gpu auto` on the finished run: each job's estimate, for the card",
+        "  its predictions name, beside its benchmark file and its own cost record. That plan is made after",
+        "  the run, so its tokens per answer come from the run's own predictions: it checks the throughput",
+        "  model, not the guess at answer lengths (a plan saved before the run, as `gpu_pipeline.sh` keeps",
+        "  one, checks both).",
         "",
     ]
     for name, check in result["checks"].items():

@@ -50,6 +50,8 @@ def copy_workflow(dest: Path) -> Path:
     (dest / "containers").mkdir(exist_ok=True)
     for definition in (REPO / "containers").glob("*.def"):
         shutil.copy(definition, dest / "containers" / definition.name)
+    # The measurement records the report's cost table prices jobs from (rule table_cost).
+    shutil.copytree(REPO / "benchmarks" / "results", dest / "benchmarks" / "results")
     return dest
 
 
