@@ -48,7 +48,7 @@ import sys
 import time
 from pathlib import Path
 
-from egm.infer.agreement import engine_agreement
+from benchmarks.agreement import engine_agreement
 from egm.io import read_json, write_json
 
 ENGINES = {

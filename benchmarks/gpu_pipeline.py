@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
-from egm.infer.agreement import engine_agreement  # noqa: E402
+from benchmarks.agreement import engine_agreement  # noqa: E402
 from egm.io import read_json, write_json  # noqa: E402
 from egm.metrics import read_prediction_rows  # noqa: E402
 

@@ -5,12 +5,12 @@ tokens (42: the baselines' mean answer length in the paper, 101: EGM-8B's), batc
 Methods:
 
 - `generate`: plain `model.generate` (eager, dynamic cache): the reference path;
-- `graph`: `egm.infer.fast.GraphDecoder` (static cache, one CUDA graph per decode step; at
-  batch 1 its projections and attention through `egm.infer.kernels` where Triton is present);
+- `graph`: `egm.infer.fast.decoder.GraphDecoder` (static cache, one CUDA graph per decode step; at
+  batch 1 its projections and attention through `egm.infer.fast.kernels` where Triton is present);
 - `graph_compiled`: the same with each layer's pre/post-attention blocks compiled first;
 - `vllm`: vLLM in this process, the peer: the same architecture written as a weightless
   directory (`egm.models.architectures`) and loaded with `load_format: dummy` through
-  `egm.infer.vllm.VLLMEngine`, the same image and the paper's prompt through the chat template,
+  `egm.infer.backends.vllm.VLLMEngine`, the same image and the paper's prompt through the chat template,
   `min_tokens = max_tokens = n` with `ignore_eos`. Prefix caching and vLLM's cache of processed
   images are off, so each repetition preprocesses and prefills as egm's methods do. Its timing
   ends when `LLM.generate` returns; it runs after egm's methods for a model, once their weights
@@ -466,7 +466,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from egm.infer.fast import GraphDecoder
+    from egm.infer.fast.decoder import GraphDecoder
 
     t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -688,7 +688,7 @@ def time_vllm(name: str, image, entry: dict, tokens: list[int], batches: list[in
 
     from egm.grounding import PROMPTS
     from egm.infer.base import Request, SamplingOptions
-    from egm.infer.vllm import VLLMEngine, vllm_prompt
+    from egm.infer.backends.vllm import VLLMEngine, vllm_prompt
     from egm.models.architectures import write_architecture_model
 
     model_dir = workdir / name

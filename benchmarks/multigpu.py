@@ -238,7 +238,7 @@ def predict_run(root: Path, key: str, split: str, status: dict | None, work: Pat
 
 
 def agreement(root: Path, a: str, b: str, split: str) -> dict | None:
-    from egm.infer.agreement import engine_agreement
+    from benchmarks.agreement import engine_agreement
 
     dirs = [root / "results" / "predictions" / k for k in (a, b)]
     if not all((d / f"{split}.jsonl").exists() for d in dirs):

@@ -297,7 +297,7 @@ case "$cmd" in
     predict_step vllm "$model" 1 || status=$?
     key="$model-vllm-ray-$variant"
     run_step "ray-$variant" 480 "$pred" "logs/predict/$key.log" env CUDA_VISIBLE_DEVICES=0,1 \
-      python -m egm.infer.ray_slurm --local-nodes "$nodes" --gpus-per-node "$per_node" --timeout-s 120 -- \
+      python -m egm.infer.backends.ray_slurm --local-nodes "$nodes" --gpus-per-node "$per_node" --timeout-s 120 -- \
       python -m egm predict --model-dir "resources/models/$model" \
       --model-manifest "resources/manifests/model-$model.json" --splits "$split_file" --image-root resources/images \
       --out-dir "results/predictions/$key" --options "$(mg options ray "$variant")" --model "$key" \

@@ -1,6 +1,6 @@
 """The latency side of the test-time-scaling sweep on a real-size Qwen3-VL (random bf16 weights).
 
-Budget forcing as egm.infer.budget runs it, on the fast engine's decoder (egm.infer.fast.GraphDecoder:
+Budget forcing as egm.infer.budget runs it, on the fast engine's decoder (egm.infer.fast.decoder.GraphDecoder:
 static cache, CUDA graph per step, compiled layer blocks), at batch 1, one 640x480 image (300
 visual tokens) and a ~30-token prompt, per budget N:
 
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     import transformers
 
     sys.path.insert(0, str(HERE.parent))
-    from egm.infer.fast import GraphDecoder
+    from egm.infer.fast.decoder import GraphDecoder
 
     bench = _latency_module()
     t_start = time.perf_counter()
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         "cuda": torch.version.cuda,
         "model": name,
         "weights": "random, seeded, " + str(dtype).removeprefix("torch."),
-        "engine": "egm.infer.fast.GraphDecoder" + ("" if args.no_compile or device != "cuda" else " (compiled layers)"),
+        "engine": "egm.infer.fast.decoder.GraphDecoder" + ("" if args.no_compile or device != "cuda" else " (compiled layers)"),
         "batch": 1,
         "image": f"{width}x{height}",
         "prompt_tokens": prompt,

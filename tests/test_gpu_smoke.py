@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from egm.infer.agreement import engine_agreement
+from benchmarks.agreement import engine_agreement
 from egm.infer.base import Request, SamplingOptions
 from egm.infer.engine import load_engine
-from egm.infer.server import ServerSpec, server_command
-from egm.infer.vllm import vllm_engine_kwargs
+from egm.infer.backends.server import ServerSpec, server_command
+from egm.infer.backends.vllm import vllm_engine_kwargs
 from tests.workflow_helpers import REPO, copy_workflow, plan, stage_of, write_config
 
 

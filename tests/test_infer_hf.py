@@ -6,7 +6,7 @@ from PIL import Image, ImageDraw
 from egm.grounding import PROMPTS
 from egm.infer.base import Request, SamplingOptions
 from egm.infer.engine import load_engine
-from egm.infer.hf import HFEngine
+from egm.infer.backends.hf import HFEngine
 
 MAX_TOKENS = 12
 

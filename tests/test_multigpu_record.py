@@ -71,7 +71,7 @@ def work(tmp_path):
     predictions(tmp_path, "tiny-sft-hf-2gpu", boxes[:7] + [[0, 0, 1, 1]], answer_s=4.2)
     predictions(tmp_path, "tiny-sft-vllm-1gpu", boxes, answer_s=4.0)
     ray_log = predictions(tmp_path, "tiny-sft-vllm-ray-pp", boxes, answer_s=6.0)
-    ray_log.write_text("INFO egm.infer.ray_slurm: ray cluster up: 2 nodes; running python -m egm predict\n"
+    ray_log.write_text("INFO egm.infer.backends.ray_slurm: ray cluster up: 2 nodes; running python -m egm predict\n"
                        + ray_log.read_text())
     write_json(tmp_path / "status" / "ray-pp.json", {"rc": 0, "wall_s": 200.0, "limit_s": 480})
     return tmp_path
@@ -190,7 +190,7 @@ def test_training_options_are_the_rules_and_fit_the_gpu_count(gpus):
 
 
 def test_predict_options_parse_as_the_predict_command_does():
-    from egm.infer.vllm import vllm_engine_kwargs
+    from egm.infer.backends.vllm import vllm_engine_kwargs
     from egm.options import PredictOptions, parse_options
 
     for model, spec in CONFIG["predict"]["models"].items():
@@ -251,7 +251,7 @@ def test_grpo_and_predict_and_ray_write_where_the_record_reads():
     assert [w[-1] for w in predict] == [f">logs/predict/{k}.log" for k in keys]
     assert json.loads(option(predict[1], "--options"))["engine_options"]["data_parallel_size"] == 2
 
-    ray = [w for w in dry_run("ray", "tp") if "egm.infer.ray_slurm" in w]
+    ray = [w for w in dry_run("ray", "tp") if "egm.infer.backends.ray_slurm" in w]
     assert len(ray) == 1
     words = ray[0]
     assert option(words, "--local-nodes") == "2" and option(words, "--gpus-per-node") == "1"

@@ -333,7 +333,7 @@ def test_one_sft_step_trains_llm_and_merger_not_the_vit(tiny_dir, demo_data, tmp
     assert json.loads((tmp_path / "sft.json").read_text())["files"]
     assert not (tmp_path / ".work" / "sft").exists()  # checkpoints go once the manifest exists
     from egm.infer.base import Request, SamplingOptions
-    from egm.infer.hf import HFEngine
+    from egm.infer.backends.hf import HFEngine
 
     image = next((demo_data / "images" / "coco" / "train2014").iterdir())
     engine = HFEngine(str(out), SamplingOptions(max_tokens=4))

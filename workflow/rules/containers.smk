@@ -29,7 +29,7 @@ def model_image_key(model, entry=None):
         return "vllm"
     options = entry["engine_options"]
     if entry["backend"] == "server" and not options.get("url") and options.get("server", "vllm") in ("vllm", "sglang"):
-        # The job starts the server itself (egm.infer.server): it runs in that engine's image.
+        # The job starts the server itself (egm.infer.backends.server): it runs in that engine's image.
         return options.get("server", "vllm")
     return "cpu"  # hf on CPU, or a client of an external server (engine_options.url)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 
 from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, SamplingOptions, require_module
-from egm.infer.gpus import resolve_data_parallel
+from egm.infer.backends.gpus import resolve_data_parallel
 
 # Our option name -> sglang.Engine's.
 OPTION_NAMES = {
