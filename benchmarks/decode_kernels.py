@@ -24,7 +24,7 @@ bandwidth (bytes read + written / time) measured in the same run, the floor `lat
 `step_ms` adds one step's products up: per layer QKV + O + gate/up + down, times the layers,
 plus lm_head. `max_rel_error` is against an fp32 computation on the same data.
 
-    python benchmarks/decode_kernels.py --out benchmarks/results/decode-kernels-h200.json   # on a GPU
+    python -m benchmarks.decode_kernels --out benchmarks/results/decode-kernels-h200.json   # on a GPU
 """
 
 from __future__ import annotations
@@ -39,11 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.latency import build_config, copy_bandwidth, device_name  # noqa: E402
-from egm.infer.fast import kernels  # noqa: E402
+from benchmarks.common import build_config, copy_bandwidth, device_name
+from egm.infer.fast import kernels
 
 SWEEP = {"block_n": (4, 8, 16, 32), "block_k": (256, 512, 1024), "warps": (2, 4, 8), "stages": (1, 3)}
 

@@ -44,11 +44,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.train_gpu import build_data  # noqa: E402  (the demo data set, as train_gpu.py lays it out)
-from egm.io import read_json, write_json  # noqa: E402
+from benchmarks.common import REPO
+from benchmarks.train_gpu import build_data  # the demo data set, as train_gpu.py lays it out
+from egm.io import read_json, write_json
 
 RECIPE = REPO / "config" / "recipes" / "rl_areal.yaml"
 PACKAGES = ("torch", "transformers", "trl", "accelerate", "datasets", "vllm")
@@ -100,7 +98,7 @@ def make_check_model(out: Path, steps: int, images: int) -> dict:
     import tempfile
 
     from egm.models.tiny import write_tiny_model
-    from egm.train.data import SFT_DATA
+    from egm.data.paths import SFT_DATA
     from egm.train.recipes import load_recipe
     from egm.train.sft import train_sft
 

@@ -11,10 +11,11 @@ from PIL import Image, ImageDraw
 
 from egm.grounding import PROMPTS, parse_box
 from egm.infer import budget as bf
-from egm.infer.base import Completion, EngineBase, Request, SamplingOptions, batches_by_settings
-from egm.infer.budget import END_THINK, FORCED_CLOSE, generate_with_budget, parse_budget, sweep_model
 from egm.infer.backends.hf import HFEngine
+from egm.infer.base import Completion, EngineBase, Request, batches_by_settings
+from egm.infer.budget import END_THINK, FORCED_CLOSE, generate_with_budget, parse_budget, sweep_model
 from egm.metrics import evaluate_answer
+from egm.options import SamplingOptions
 
 ANSWER = 10  # answer tokens after the reasoning closes
 

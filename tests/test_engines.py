@@ -13,14 +13,15 @@ import pytest
 
 from egm.grounding import PROMPTS
 from egm.infer.backends import client as cl
-from egm.infer.base import BackendUnavailable, Completion, EngineBase, LazyEngine, Request, SamplingOptions
-from egm.infer.engine import load_engine
 from egm.infer.backends.gpus import groups, resolve_data_parallel, visible_gpus
 from egm.infer.backends.ray_slurm import plan, plan_local
 from egm.infer.backends.replicas import replicated_chunk_size, shard
 from egm.infer.backends.server import ServerSpec, server_command
 from egm.infer.backends.sglang import sglang_engine_kwargs, sglang_inputs, sglang_sampling_params
 from egm.infer.backends.vllm import vllm_engine_kwargs, vllm_prompt, vllm_sampling_kwargs
+from egm.infer.base import BackendUnavailable, Completion, EngineBase, LazyEngine, Request
+from egm.infer.engine import load_engine
+from egm.options import SamplingOptions
 
 PAPER = SamplingOptions(max_tokens=4096, temperature=0.0, top_p=1.0, top_k=20, repetition_penalty=1.0, presence_penalty=0.0)
 PROMPT = PROMPTS["qwen3"].format(sent="the red circle")

@@ -5,11 +5,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 from egm.grounding import PROMPTS
-from egm.infer.base import Request, SamplingOptions
-from egm.infer.engine import load_engine
-from egm.infer.fast.engine import FastHFEngine
 from egm.infer.backends.hf import HFEngine
 from egm.infer.backends.replicas import ReplicatedEngine
+from egm.infer.base import Request
+from egm.infer.engine import load_engine
+from egm.infer.fast.engine import FastHFEngine
+from egm.options import SamplingOptions
 
 MAX_TOKENS = 10
 
@@ -199,9 +200,10 @@ def test_stop_ids_stay_where_a_captured_step_reads_them(tiny_dir):
 
 KERNEL_RUN = """
 import json, sys
+from egm.infer.base import Request
 from egm.infer.fast import kernels
-from egm.infer.base import Request, SamplingOptions
 from egm.infer.fast.engine import FastHFEngine
+from egm.options import SamplingOptions
 
 calls = {"gemv": 0, "attention": 0}
 gemv, attention = kernels.gemv, kernels.attention

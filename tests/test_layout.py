@@ -68,6 +68,54 @@ def test_egm_imports_have_no_cycle_and_no_private_name():
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
+def test_egm_folders_import_one_way():
+    """Between the folders of egm/ (data, models, train, infer, report, plan), imports run one
+    way: a folder that imports another is never imported back by it, lazily or not."""
+    modules = egm_modules()
+
+    def folder(module):
+        parts = module.split(".")
+        return parts[1] if len(parts) > 2 or (REPO / "egm" / parts[-1]).is_dir() else None
+
+    edges = {}
+    for module, path in modules.items():
+        for target, _, line in imports(module, path, modules):
+            a, b = folder(module), folder(target)
+            if a and b and a != b:
+                edges.setdefault((a, b), f"{path.relative_to(REPO)}:{line} imports {target}")
+    loops = [f"{a} <-> {b}: {edges[a, b]}; {edges[b, a]}" for a, b in sorted(edges) if a < b and (b, a) in edges]
+    assert not loops, "folders of egm/ that import each other:\n" + "\n".join(loops)
+
+
+def benchmark_scripts() -> list[Path]:
+    return sorted((REPO / "benchmarks").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", benchmark_scripts(), ids=lambda p: p.name)
+def test_benchmarks_import_one_way(path):
+    """The benchmark scripts are modules of the repository (`python -m benchmarks.<name>` from its
+    root): none edits sys.path or loads a file by its path, and a sibling is imported one way,
+    `from benchmarks.<module> import ...`, never as a top-level module of the scripts' folder."""
+    tree = ast.parse(path.read_text(), str(path))
+    siblings = {p.stem for p in benchmark_scripts()}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys":
+            found.append(f"line {node.lineno}: sys.path")
+        elif isinstance(node, ast.Attribute) and node.attr == "spec_from_file_location":
+            found.append(f"line {node.lineno}: a module loaded from its file")
+        elif isinstance(node, ast.Import):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names
+                      if a.name.split(".")[0] in siblings or a.name.startswith("benchmarks")]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            top = (node.module or "").split(".")[0]
+            if top in siblings or (node.module == "benchmarks"):
+                found.append(f"line {node.lineno}: from {node.module} import ...")
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            found.append(f"line {node.lineno}: a relative import")
+    assert not found, f"{path.name}: import benchmarks' shared code as `from benchmarks.<module> import ...`: {found}"
+
+
 def rule_files() -> list[Path]:
     return [p for p in sorted((REPO / "workflow" / "rules").glob("*.smk")) if p.name not in RULE_HELPERS]
 

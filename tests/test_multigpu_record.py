@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import multigpu
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import multigpu  # noqa: E402
-
 CONFIG = multigpu.load_config()
 SPLIT = CONFIG["predict"]["split"]
 
@@ -167,8 +165,8 @@ def test_restore_keeps_finished_runs_and_redo_forgets_one(work, tmp_path):
 
 def test_record_command_writes_the_file(work, tmp_path):
     out = tmp_path / "out" / "multigpu-h200x2.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multigpu.py"), "record", "--work", str(work),
-                             "--out", str(out)], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.multigpu", "record", "--work", str(work),
+                             "--out", str(out)], capture_output=True, text=True, check=True, cwd=REPO)
     assert json.loads(out.read_text())["sft"]["speedup_steps_per_s"] == 1.6
     assert "predict hf tiny-sft: samples/s [1.0, 1.905] speed-up 1.905 equal boxes 7/8" in result.stdout
 

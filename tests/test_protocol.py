@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from egm.infer.base import Request, SamplingOptions
 from egm.infer.backends.client import OpenAIChatClient
 from egm.infer.backends.server import server_command, server_spec
-from egm.options import PredictOptions, parse_options
+from egm.infer.base import Request
+from egm.options import PredictOptions, SamplingOptions, parse_options
 from tests.workflow_helpers import REPO, copy_workflow, run_snakemake
 
 AUTHORS_MODELS = ("egm-8b", "egm-4b", "qwen3-vl-8b-thinking", "qwen3-vl-4b-thinking")

@@ -8,8 +8,10 @@ module; `egm.infer.engine.load_engine` imports the engines.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
+
+from egm.options import SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -34,19 +36,6 @@ class Completion:
     completion_tokens: int
     # Wall time from submitting the request until its full answer was back (queueing included).
     latency_s: float
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """The paper's decoding settings (greedy when temperature is 0)."""
-
-    max_tokens: int = 4096
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 20
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def request_max_tokens(request: Request, sampling: SamplingOptions) -> int:

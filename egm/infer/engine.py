@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from egm.infer.base import BackendUnavailable, Engine, SamplingOptions
+from egm.infer.base import BackendUnavailable, Engine
+from egm.options import SamplingOptions
 
 log = logging.getLogger(__name__)
 

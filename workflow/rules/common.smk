@@ -8,8 +8,9 @@ import shlex
 from snakemake.exceptions import WorkflowError
 
 from egm.data.hub import mirror_state
+from egm.data.paths import RL_DATA, SFT_DATA
+from egm.options import predict_job_options, train_job_options
 from egm.report.tables import check_expected
-from egm.train.data import RL_DATA, SFT_DATA
 from egm.train.recipes import resolve_recipe
 
 SPLITS = config["splits"]
@@ -139,16 +140,7 @@ def validation_reports():
 
 
 def predict_options(model):
-    entry = MODELS[model]
-    return json_arg(
-        {
-            "prompt": entry["prompt"],
-            "backend": entry["backend"],
-            "engine_options": entry["engine_options"],
-            "inference": config["inference"],
-            "gpus": entry["gpus"],
-        }
-    )
+    return json_arg(predict_job_options(MODELS[model], config["inference"]))
 
 
 # Latency (latency.smk): each model under the paper's protocol, only with a `latency:` section.
@@ -205,17 +197,9 @@ wildcard_constraints:
 
 
 def train_options(run, stage):
-    """Everything a training stage uses, resolved: the recipe's content (not its path, so a changed
-    value reruns the stage and an edited comment does not), step and row limits, the run name."""
+    """Everything a training stage uses, its recipe resolved (egm.options.train_job_options)."""
     spec = RUNS[run][stage]
-    return json_arg(
-        {
-            "run": run,
-            "recipe": resolve_recipe(spec["recipe"], spec["overrides"], workflow.basedir),
-            "max_steps": spec["max_steps"],
-            "limit": spec["limit"],
-        }
-    )
+    return json_arg(train_job_options(run, spec, resolve_recipe(spec["recipe"], spec["overrides"], workflow.basedir)))
 
 
 def rl_start(run):

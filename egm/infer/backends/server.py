@@ -46,8 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from egm.infer.backends.client import OpenAIChatClient, ServerError
-from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, SamplingOptions, require_module
 from egm.infer.backends.gpus import resolve_data_parallel
+from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, require_module
+from egm.options import SamplingOptions
 
 log = logging.getLogger(__name__)
 

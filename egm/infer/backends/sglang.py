@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import time
 
-from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, SamplingOptions, require_module
 from egm.infer.backends.gpus import resolve_data_parallel
+from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, require_module
+from egm.options import SamplingOptions
 
 # Our option name -> sglang.Engine's.
 OPTION_NAMES = {

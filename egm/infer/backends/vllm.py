@@ -18,7 +18,8 @@ import os
 import time
 from pathlib import Path
 
-from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, SamplingOptions, require_module
+from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, require_module
+from egm.options import SamplingOptions
 
 ENGINE_KEYS = ("tensor_parallel_size", "dtype", "max_model_len", "gpu_memory_utilization", "max_num_seqs", "seed",
                "enforce_eager", "pipeline_parallel_size", "distributed_executor_backend", "load_format")

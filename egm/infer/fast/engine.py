@@ -8,8 +8,9 @@ import math
 import time
 
 from egm.infer.backends.hf import HFEngine
-from egm.infer.base import Completion, Request, SamplingOptions, batches_by_settings, request_max_tokens
+from egm.infer.base import Completion, Request, batches_by_settings, request_max_tokens
 from egm.infer.fast.decoder import GraphDecoder
+from egm.options import SamplingOptions
 
 
 def image_token_count(image_processor, width: int, height: int) -> int:
