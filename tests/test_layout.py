@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 # Where the helpers and shared globals of the rules live (README, STYLE of the workflow).
-RULE_HELPERS = ("common.smk", "containers.smk")
+RULE_HELPERS = ("common.smk", "resources.smk")
 
 
 def egm_modules() -> dict[str, Path]:
@@ -123,7 +123,7 @@ def rule_files() -> list[Path]:
 @pytest.mark.parametrize("path", rule_files(), ids=lambda p: p.name)
 def test_rule_file_holds_rules_only(path):
     text = path.read_text()
-    # Top-level Python (a function, a global, an import) belongs in common.smk or containers.smk.
+    # Top-level Python (a function, a global, an import) belongs in common.smk or resources.smk.
     python = [line for line in text.splitlines() if re.match(r"(def |class |import |from |[A-Za-z_]\w*\s*=)", line)]
     assert not python, f"{path.name}: move to {' or '.join(RULE_HELPERS)}: {python}"
     # A shell command sees only its rule's fields, never a workflow global.
@@ -131,6 +131,25 @@ def test_rule_file_holds_rules_only(path):
         names = set(re.findall(r"(?<!\{)\{([A-Za-z_]\w*)", block))
         outside = names - {"input", "output", "params", "wildcards", "log", "threads", "resources"}
         assert not outside, f"{path.name}: a shell command reads {sorted(outside)}: pass it through params:"
+        # Nor does it spell a path: the rule's output:, input: or params: hold each one once.
+        paths = re.findall(r"(?:results|resources|logs)/[^\s\"']*", block)
+        assert not paths, f"{path.name}: a shell command writes the path(s) {paths}: take them from the rule's fields"
+
+
+# Names of modules and classes the rule files use without a prefix.
+IMPORTED_NAMES = ("os", "json", "re", "shlex", "shutil", "Path", "WorkflowError")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "workflow" / "rules").glob("*.smk")), ids=lambda p: p.name)
+def test_rule_file_imports_what_it_uses(path):
+    """Snakemake runs every included file in one namespace, so a name imported in common.smk is
+    visible everywhere; each file still imports what it uses, so it reads on its own."""
+    text = path.read_text()
+    code = "\n".join(line.split("#")[0] for line in text.splitlines())
+    imported = set(re.findall(r"^import (\w+)", text, re.M))
+    imported |= {name.strip() for names in re.findall(r"^from \S+ import (.+)$", text, re.M) for name in names.split(",")}
+    used = {name for name in IMPORTED_NAMES if re.search(rf"(?<![\w.]){name}\b(?=[.(])", code)}
+    assert used <= imported, f"{path.name} uses {sorted(used - imported)} without importing them"
 
 
 def test_readme_stage_table_names_what_exists():

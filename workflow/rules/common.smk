@@ -49,6 +49,11 @@ def model_dir(model):
     return f"resources/models/{model}"
 
 
+def folder_of(path):
+    """The folder a rule's output lies in, for a command that takes the folder."""
+    return os.path.dirname(path)
+
+
 def model_manifest(model):
     """The manifest a model's consumers depend on (fetch manifest, or a training stage's)."""
     if model in TRAINED:
@@ -202,27 +207,16 @@ def train_options(run, stage):
     return json_arg(train_job_options(run, spec, resolve_recipe(spec["recipe"], spec["overrides"], workflow.basedir)))
 
 
+def train_work_dir(run, stage):
+    """Where a training stage keeps its checkpoints until it finishes (it resumes from them)."""
+    return f"results/checkpoints/{run}/.work/{stage}"
+
+
 def rl_start(run):
     """(manifest, model dir) RL starts from: this run's SFT, or a released SFT checkpoint."""
     if RUNS[run]["rl"]["from"] == "sft":
         return f"results/checkpoints/{run}/sft.json", f"results/checkpoints/{run}/sft"
     return f"resources/manifests/start-{run}.json", f"resources/models/start-{run}"
-
-
-def train_image_key(run):
-    return "vllm" if RUNS[run]["gpus"] > 0 else "cpu"
-
-
-def train_job():
-    """Scheduler resources of a training job: the run's `gpus:`. The command launches one process
-    per configured GPU; the global batch is the recipe's either way."""
-    return gpu_job(lambda wildcards: RUNS[wildcards.run]["gpus"])
-
-
-def train_threads(wildcards):
-    """Threads of a training job, which Snakemake exports as OMP_NUM_THREADS: a CPU run (the
-    demo) trains 1.45x faster on two threads than on one; a GPU job's CPUs are cpus_per_gpu."""
-    return RESOURCES["cpu_train_threads"] if RUNS[wildcards.run]["gpus"] == 0 else 1
 
 
 # Report (report.smk).
@@ -269,6 +263,11 @@ SWEPT = [m for m in MODELS if m not in SINGLE_POINT]
 
 def scaling_budgets(model):
     return ["unlimited"] if model in SINGLE_POINT else SCALING_BUDGETS
+
+
+def scaling_work_dir(model):
+    """Where a scaling job keeps the answers of the budgets it has finished (it resumes from them)."""
+    return f"results/scaling/.work/{model}"
 
 
 def scaling_options(model):
