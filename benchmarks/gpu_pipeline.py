@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.agreement import engine_agreement
+from egm.data.splits import EVAL_SPLITS
 from egm.io import read_json, write_json
 from egm.metrics import read_prediction_rows
 
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.root)
     config = yaml.safe_load(Path(args.config).read_text())
-    models, splits = config["models"], config["splits"]
+    # The schema's default where the config leaves `splits` out.
+    models, splits = config["models"], config.get("splits", list(EVAL_SPLITS))
     latency = config.get("latency") or {}
 
     jobs = [job_entry(j, models, latency, root) for j in snakemake_jobs(root)]

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import REPO, fresh_copy
+from egm.data.splits import EVAL_SPLITS
 from egm.io import write_json
 from egm.plan.gpus import find_gpu, load_gpus
 from egm.plan.plan import check_per_rule, make_plan
@@ -38,10 +39,11 @@ def main(argv=None) -> int:
         workdir = fresh_copy(Path(tmp))
         config = yaml.safe_load((workdir / "config" / "gpu-smoke.yaml").read_text())
         predicted = [j for j in record["jobs"] if j["rule"] == "predict"]
-        per_split = predicted[0]["records"] // len(config["splits"])
+        splits = config.get("splits", EVAL_SPLITS)  # the schema's default where the config has none
+        per_split = predicted[0]["records"] // len(splits)
         folder = workdir / config["hub"]["mirror"] / config["dataset"]["repo_id"] / "metadata" / "eval"
         folder.mkdir(parents=True)
-        for split in config["splits"]:
+        for split in splits:
             (folder / f"{split}.jsonl").write_text("{}\n" * per_split)
         plan = make_plan([workdir / "config" / "gpu-smoke.yaml"], card, 1, None, workdir,
                          records_dir=REPO / "benchmarks" / "results")
