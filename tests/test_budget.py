@@ -329,8 +329,8 @@ def test_tiny_template_opens_reasoning(tiny_dir):
 def test_vllm_and_sglang_requests_carry_prefix_budget_and_stop(tiny_dir):
     from transformers import AutoTokenizer
 
-    from egm.infer.backends.sglang import sglang_inputs, sglang_request_params, sglang_sampling_params
-    from egm.infer.backends.vllm import vllm_prompt, vllm_request_sampling_kwargs, vllm_sampling_kwargs
+    from egm.infer.backends.sglang import sglang_inputs, sglang_request_params
+    from egm.infer.backends.vllm import vllm_prompt, vllm_request_sampling_kwargs
     from egm.models.inputs import render_prompt
 
     tok = AutoTokenizer.from_pretrained(str(tiny_dir))
@@ -343,14 +343,14 @@ def test_vllm_and_sglang_requests_carry_prefix_budget_and_stop(tiny_dir):
 
     assert vllm_prompt(tok, plain, None)["prompt"] == base
     assert vllm_prompt(tok, phase2, None)["prompt"] == base + "I see a cat\n</think>\n\n"
-    assert vllm_request_sampling_kwargs(sampling, plain) == vllm_sampling_kwargs(sampling)
+    assert vllm_request_sampling_kwargs(sampling, plain) == vllm_request_sampling_kwargs(sampling)
     kw = vllm_request_sampling_kwargs(sampling, phase1)
     assert (kw["max_tokens"], kw["stop"], kw["include_stop_str_in_output"]) == (16, [END_THINK], True)
     assert vllm_request_sampling_kwargs(sampling, phase2)["max_tokens"] == ANSWER
 
     prompts, images = sglang_inputs(tok, [plain, phase2])
     assert prompts == [base, base + "I see a cat\n</think>\n\n"] and images == ["/img.png"] * 2
-    assert sglang_request_params(sampling, plain) == sglang_sampling_params(sampling)
+    assert sglang_request_params(sampling, plain) == sglang_request_params(sampling)
     params = sglang_request_params(sampling, phase1)
     assert (params["max_new_tokens"], params["stop"], params["no_stop_trim"]) == (16, [END_THINK], True)
 

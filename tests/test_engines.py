@@ -17,8 +17,8 @@ from egm.infer.backends.gpus import groups, resolve_data_parallel, visible_gpus
 from egm.infer.backends.ray_slurm import plan, plan_local
 from egm.infer.backends.replicas import replicated_chunk_size, shard
 from egm.infer.backends.server import ServerSpec, server_command
-from egm.infer.backends.sglang import sglang_engine_kwargs, sglang_inputs, sglang_sampling_params
-from egm.infer.backends.vllm import vllm_engine_kwargs, vllm_prompt, vllm_sampling_kwargs
+from egm.infer.backends.sglang import sglang_engine_kwargs, sglang_inputs, sglang_request_params
+from egm.infer.backends.vllm import vllm_engine_kwargs, vllm_prompt, vllm_request_sampling_kwargs
 from egm.infer.base import BackendUnavailable, Completion, EngineBase, LazyEngine, Request
 from egm.infer.engine import load_engine
 from egm.options import SamplingOptions
@@ -28,9 +28,9 @@ PROMPT = PROMPTS["qwen3"].format(sent="the red circle")
 
 
 def test_vllm_sampling_and_engine_options():
-    assert vllm_sampling_kwargs(PAPER) == {"max_tokens": 4096, "temperature": 0.0, "top_p": 1.0, "top_k": 20,
+    assert vllm_request_sampling_kwargs(PAPER) == {"max_tokens": 4096, "temperature": 0.0, "top_p": 1.0, "top_k": 20,
                                            "repetition_penalty": 1.0, "presence_penalty": 0.0}
-    sampled = vllm_sampling_kwargs(SamplingOptions(temperature=0.7, top_k=0, presence_penalty=1.5, extra={"seed": 3}))
+    sampled = vllm_request_sampling_kwargs(SamplingOptions(temperature=0.7, top_k=0, presence_penalty=1.5, extra={"seed": 3}))
     assert sampled["top_k"] == -1 and sampled["seed"] == 3 and sampled["presence_penalty"] == 1.5
 
     kwargs = vllm_engine_kwargs("/m", {"tensor_parallel_size": 8, "dtype": "bfloat16", "max_model_len": 8192,
@@ -87,7 +87,7 @@ def test_offline_prompts_are_the_papers_request(tiny_dir):
 
 
 def test_sglang_sampling_and_engine_options():
-    assert sglang_sampling_params(PAPER) == {"max_new_tokens": 4096, "temperature": 0.0, "top_p": 1.0, "top_k": 20,
+    assert sglang_request_params(PAPER) == {"max_new_tokens": 4096, "temperature": 0.0, "top_p": 1.0, "top_k": 20,
                                              "repetition_penalty": 1.0, "presence_penalty": 0.0}
     kwargs = sglang_engine_kwargs("/m", {"tensor_parallel_size": 2, "data_parallel_size": "auto", "max_model_len": 8192,
                                          "gpu_memory_utilization": 0.85, "batch_size": 64},
