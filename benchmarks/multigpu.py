@@ -2,8 +2,8 @@
 
 benchmarks/multigpu.sh runs the pipeline's own commands (`python -m egm sft|rl|predict`, the
 Ray launcher) once on one GPU and once on two, with the options built here from
-config/benchmarks/multigpu.yaml exactly as the rules build theirs from a pipeline config
-(workflow/rules/common.smk: `train_options`, `predict_options`). Then this script writes the record
+config/benchmarks/multigpu.yaml by the functions the rules build theirs with from a pipeline config
+(egm.options: `train_job_options`, `predict_job_options`). Then this script writes the record
 from what those commands wrote, measuring nothing itself:
 
     python -m benchmarks.multigpu options sft gpus2                   # the --options JSON of a run
