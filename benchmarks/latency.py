@@ -306,38 +306,55 @@ def profile_step(decoder, device: str, path: Path) -> dict:
     return {"kernels_per_step": len(events), "kernel_time_per_step_ms": round(kernel_us / 1000, 3)}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--models", default="qwen3-vl-8b,qwen3-vl-4b,qwen3-vl-2b")
-    parser.add_argument("--tokens", default="42,101")
-    parser.add_argument("--batches", default="1,64")
-    parser.add_argument("--methods", default="generate,graph,graph_compiled")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions of the graph methods")
-    parser.add_argument("--generate-reps", type=int, default=5, help="timed repetitions of plain generate")
-    parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Qwen3-VL")
-    parser.add_argument("--preprocess", default="auto", help="where images are resized/normalised: cpu, cuda, auto")
-    parser.add_argument("--profile-dir", default=None, help="write one decode step's kernel table per model here")
-    parser.add_argument("--diagnose", action="store_true", help="only break down the fixed costs (needs --profile-dir)")
-    args = parser.parse_args(argv)
+def add_floors(result: dict) -> None:
+    """Each model's split and each run's floors (module docstring) at the best copy bandwidth
+    measured so far, and the prefill-inclusive floor where a matrix-product rate was measured."""
+    bw = [b for b in result["bandwidth_Bps"] if not math.isnan(b)]
+    result["bandwidth_best_Bps"] = max(bw) if bw else None
+    for entry in result["models"].values():
+        entry["split"] = before_and_per_token(entry)
+        for run in entry["runs"]:
+            if bw:
+                floor = entry["llm_weight_bytes"] * run["new_tokens"] / max(bw)
+                run["floor_ms"] = round(1000 * floor, 2)
+                run["ratio_to_floor"] = round(run["ms_per_request"] / 1000 / floor, 3)
+                decode = decode_floor_s(entry["decode_weight_bytes"], entry["kv_bytes_per_position"],
+                                        entry["prompt_tokens"], run["new_tokens"], run["batch"], max(bw))
+                run["decode_floor_ms"] = round(1000 * decode, 2)
+                run["ratio_to_decode_floor"] = round(run["ms_per_request"] / 1000 / decode, 3)
+                flops = result.get("matmul_flops")
+                if flops and not math.isnan(flops):
+                    # Prefill is compute-bound: 2 x parameters x tokens for the LLM (prompt)
+                    # and the vision tower (patches), at the measured matrix-product rate.
+                    prefill = 2 * run["batch"] * (entry["llm_parameters"] * entry["prompt_tokens"]
+                                                  + entry["vision_parameters"] * 4 * entry["visual_tokens"]) / flops
+                    run["floor_with_prefill_ms"] = round(1000 * (floor + prefill), 2)
+                    run["ratio_to_floor_with_prefill"] = round(run["ms_per_request"] / 1000 / (floor + prefill), 3)
 
+
+def model_entry(model, make, ids: dict, build_s: float) -> dict:
+    """A model's sizes (the floors' inputs) and its prompt, before any run."""
+    entry = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "llm_weight_bytes": llm_weight_bytes(model),
+        "decode_weight_bytes": decode_weight_bytes(model),
+        "kv_bytes_per_position": kv_bytes_per_position(model),
+        "llm_parameters": sum(p.numel() for p in model.model.language_model.parameters()),
+        "vision_parameters": sum(p.numel() for p in model.model.visual.parameters()),
+        "build_s": round(build_s, 1),
+        "prompt_tokens": int(make(1)["input_ids"].shape[1]),
+        "runs": [],
+    }
+    entry["visual_tokens"] = int((make(1)["input_ids"] == ids["image_pad"]).sum())
+    return entry
+
+
+def record_header(device: str, dtype, width: int, height: int, tokens: list[int], batches: list[int]) -> dict:
+    """The record's description of the run, before any model: versions, settings, the floors' definitions."""
     import torch
     import transformers
 
-    from egm.infer.fast.decoder import GraphDecoder
-
-    t_start = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    models = ["tiny"] if args.tiny else args.models.split(",")
-    tokens = [int(t) for t in args.tokens.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
-    methods = args.methods.split(",")
-    width, height = (640, 480) if not args.tiny else (64, 64)
-    max_new = max(tokens)
-
-    result = {
+    return {
         "benchmark": "benchmarks/latency.py",
         "device": device_name(device),
         "torch": torch.__version__,
@@ -354,31 +371,48 @@ def main(argv=None) -> int:
         "models": {},
         "skipped": [],
     }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", default="qwen3-vl-8b,qwen3-vl-4b,qwen3-vl-2b")
+    parser.add_argument("--tokens", default="42,101")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--methods", default="generate,graph,graph_compiled")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions of the graph methods")
+    parser.add_argument("--generate-reps", type=int, default=5, help="timed repetitions of plain generate")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Qwen3-VL")
+    parser.add_argument("--preprocess", default="auto", help="where images are resized/normalised: cpu, cuda, auto")
+    parser.add_argument("--profile-dir", default=None, help="write one decode step's kernel table per model here")
+    parser.add_argument("--diagnose", action="store_true", help="only break down the fixed costs (needs --profile-dir)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    import torch
+
+    from egm.infer.fast.decoder import GraphDecoder
+
+    t_start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    models = ["tiny"] if args.tiny else args.models.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    methods = args.methods.split(",")
+    width, height = (640, 480) if not args.tiny else (64, 64)
+    max_new = max(tokens)
+
+    result = record_header(device, dtype, width, height, tokens, batches)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
-        bw = [b for b in result["bandwidth_Bps"] if not math.isnan(b)]
-        result["bandwidth_best_Bps"] = max(bw) if bw else None
-        for entry in result["models"].values():
-            entry["split"] = before_and_per_token(entry)
-            for run in entry["runs"]:
-                if bw:
-                    floor = entry["llm_weight_bytes"] * run["new_tokens"] / max(bw)
-                    run["floor_ms"] = round(1000 * floor, 2)
-                    run["ratio_to_floor"] = round(run["ms_per_request"] / 1000 / floor, 3)
-                    decode = decode_floor_s(entry["decode_weight_bytes"], entry["kv_bytes_per_position"],
-                                            entry["prompt_tokens"], run["new_tokens"], run["batch"], max(bw))
-                    run["decode_floor_ms"] = round(1000 * decode, 2)
-                    run["ratio_to_decode_floor"] = round(run["ms_per_request"] / 1000 / decode, 3)
-                    flops = result.get("matmul_flops")
-                    if flops and not math.isnan(flops):
-                        # Prefill is compute-bound: 2 x parameters x tokens for the LLM (prompt)
-                        # and the vision tower (patches), at the measured matrix-product rate.
-                        prefill = 2 * run["batch"] * (entry["llm_parameters"] * entry["prompt_tokens"]
-                                                      + entry["vision_parameters"] * 4 * entry["visual_tokens"]) / flops
-                        run["floor_with_prefill_ms"] = round(1000 * (floor + prefill), 2)
-                        run["ratio_to_floor_with_prefill"] = round(run["ms_per_request"] / 1000 / (floor + prefill), 3)
+        add_floors(result)
         tmp = out_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(tmp, out_path)
@@ -420,19 +454,7 @@ def main(argv=None) -> int:
             print(f"preprocessing on {preprocess} failed ({err}); using the CPU", flush=True)
             preprocess = result["preprocess_device"] = "cpu"
             make = Requests(processor, image, ids, vocab_text, device, dtype)
-        entry = {
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "llm_weight_bytes": llm_weight_bytes(model),
-            "decode_weight_bytes": decode_weight_bytes(model),
-            "kv_bytes_per_position": kv_bytes_per_position(model),
-            "llm_parameters": sum(p.numel() for p in model.model.language_model.parameters()),
-            "vision_parameters": sum(p.numel() for p in model.model.visual.parameters()),
-            "build_s": round(build_s, 1),
-            "prompt_tokens": int(make(1)["input_ids"].shape[1]),
-            "runs": [],
-        }
-        entry["visual_tokens"] = int((make(1)["input_ids"] == ids["image_pad"]).sum())
-        result["models"][name] = entry
+        entry = result["models"][name] = model_entry(model, make, ids, build_s)
         print(f"{name}: {entry['parameters'] / 1e9:.3f}B parameters, LLM {entry['llm_weight_bytes'] / 1e9:.2f} GB, "
               f"prompt {entry['prompt_tokens']} tokens ({entry['visual_tokens']} visual), built in {build_s:.1f}s", flush=True)
         bucket = 128
