@@ -40,7 +40,7 @@ plan: $(STAMP)
 
 # docs/cost.md and its record: the paper config priced on 1 and 8 H100s, 8 H200s, 8 A100s.
 paper-cost: $(STAMP)
-	$(RUN) python benchmarks/paper_cost.py --out benchmarks/results/paper-cost.json --doc docs/cost.md
+	$(RUN) python -m benchmarks.paper_cost --out benchmarks/results/paper-cost.json --doc docs/cost.md
 
 # The rule files' formatting (snakefmt, settings in pyproject.toml), then `snakemake --lint` on
 # every shipped config; any lint fails (CI runs this before the tests).

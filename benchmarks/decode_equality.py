@@ -14,7 +14,7 @@ With `--own-spread` the record also holds the yardstick for a low-precision dtyp
 and how often the fast decode in that dtype does. A fast path no further from float32 than
 `generate` is adds no error of its own.
 
-    python benchmarks/decode_equality.py --model-dir results/checkpoints/tiny/sft \\
+    python -m benchmarks.decode_equality --model-dir results/checkpoints/tiny/sft \\
         --splits resources/hub/egm-demo/EGM_Datasets/metadata/eval/*.jsonl --image-root resources/images \\
         --out benchmarks/results/decode-equality-h200.json        # on a GPU, after `make demo`
 """
@@ -22,18 +22,16 @@ and how often the fast decode in that dtype does. A fast path no further from fl
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from egm.data.splits import load_split  # noqa: E402  (after the path above)
-from egm.grounding import build_prompt  # noqa: E402
-from egm.infer.base import Request, SamplingOptions  # noqa: E402
-from egm.infer.engine import load_engine  # noqa: E402
-from egm.io import write_json  # noqa: E402
+from benchmarks.common import device_label
+from egm.data.splits import load_split
+from egm.grounding import build_prompt
+from egm.infer.base import Request
+from egm.infer.engine import load_engine
+from egm.io import write_json
+from egm.options import SamplingOptions
 
 REQUIRED_SHARE = {"float32": 1.0, "bfloat16": 0.99}
 SHOWN_DIFFERENCES = 20
@@ -71,13 +69,6 @@ def compare(labelled: list[tuple[str, Request]], reference, fast) -> dict:
             "differing": len(differences), "differences": differences[:SHOWN_DIFFERENCES]}
 
 
-def device_name(device: str) -> str:
-    from latency import device_name as name_of  # benchmarks/ is this script's folder
-
-    name = name_of(device)
-    return name if device == "cuda" else f"CPU ({name})"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True)
@@ -102,7 +93,7 @@ def main(argv=None) -> int:
     requests = [req for _, req in labelled]
     sampling = SamplingOptions(max_tokens=args.max_tokens)
     result = {
-        "benchmark": "decode_equality", "device": device_name(device), "torch": torch.__version__,
+        "benchmark": "decode_equality", "device": device_label(device), "torch": torch.__version__,
         "transformers": transformers.__version__, "model_dir": args.model_dir, "splits": len(args.splits),
         "max_tokens": args.max_tokens, "batch_size": args.batch_size, "dtypes": {},
     }

@@ -4,7 +4,7 @@ Matrix-vector products: for each weight shape one decode step multiplies a singl
 (fused QKV, output projection, fused gate/up, down projection, lm_head), bf16, one row:
 
 - `cublas`: `F.linear` (`torch.matmul`'s library choice), what the decoder used before;
-- `triton`: `egm.infer.kernels.gemv` with its launch configuration (`GEMV_CONFIG`);
+- `triton`: `egm.infer.fast.kernels.gemv` with its launch configuration (`GEMV_CONFIG`);
 - `triton_best`: the best of a sweep of that kernel's launch configurations (block rows, block
   columns, warps, pipeline stages), and the sweep itself under `sweep`;
 - `inductor`: the product written as `(w * x).sum(-1)` in fp32 and compiled by `torch.compile`,
@@ -13,7 +13,7 @@ Matrix-vector products: for each weight shape one decode step multiplies a singl
 Attention (`attention`): one step's grouped queries [1, KV heads, group, head dim] against a
 layer's cache of `--cache-lengths` positions (the last 50 masked, as padding would be):
 `sdpa` (`F.scaled_dot_product_attention` with the additive mask, its default backend) against
-`egm.infer.kernels.attention`.
+`egm.infer.fast.kernels.attention`.
 
 Timing: each weight (each cache) has enough copies that one pass over them is several times the
 L2 (a decode step reads each weight once and ~15 GB in between, so none is ever in the cache);
@@ -24,7 +24,7 @@ bandwidth (bytes read + written / time) measured in the same run, the floor `lat
 `step_ms` adds one step's products up: per layer QKV + O + gate/up + down, times the layers,
 plus lm_head. `max_rel_error` is against an fp32 computation on the same data.
 
-    python benchmarks/decode_kernels.py --out benchmarks/results/decode-kernels-h200.json   # on a GPU
+    python -m benchmarks.decode_kernels --out benchmarks/results/decode-kernels-h200.json   # on a GPU
 """
 
 from __future__ import annotations
@@ -39,11 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.latency import build_config, copy_bandwidth, device_name  # noqa: E402
-from egm.infer import kernels  # noqa: E402
+from benchmarks.common import build_config, copy_bandwidth, device_name
+from egm.infer.fast import kernels
 
 SWEEP = {"block_n": (4, 8, 16, 32), "block_k": (256, 512, 1024), "warps": (2, 4, 8), "stages": (1, 3)}
 

@@ -4,7 +4,7 @@ In a fresh copy of the workflow: `egm plan` of the demo config (a shortened demo
 records and training steps, so one run takes minutes on two cores), then the run itself through
 Snakemake, then `egm plan --check` of the plan made before the run. Written to --out:
 
-    python benchmarks/demo_plan_check.py --out benchmarks/results/demo-plan-check-cpu.json
+    python -m benchmarks.demo_plan_check --out benchmarks/results/demo-plan-check-cpu.json
 
 Every number comes from the plan or from the files the run wrote (Snakemake's benchmark files
 and its .snakemake metadata); the machine's load average is recorded beside them, since the
@@ -23,13 +23,9 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from paper_cost import fresh_copy  # noqa: E402  (this directory)
-
-from egm.io import write_json  # noqa: E402
-from egm.plan.plan import check, check_per_rule, make_plan, markdown  # noqa: E402
+from benchmarks.common import REPO, fresh_copy
+from egm.io import write_json
+from egm.plan.plan import check, check_per_rule, make_plan, markdown
 
 
 def short_demo() -> dict:

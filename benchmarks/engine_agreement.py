@@ -19,7 +19,7 @@ stopped mid-split: the 512 records as one split, the server's process group kill
 answers are in; the job must fail naming the server and what it saw, and its rerun must answer
 exactly the records that were missing (none lost, none answered twice).
 
-    PYTHONPATH=$PWD python benchmarks/engine_agreement.py --model-dir results/checkpoints/tiny/sft \\
+    python -m benchmarks.engine_agreement --model-dir results/checkpoints/tiny/sft \\
         --splits resources/hub/egm-demo/EGM_Datasets/metadata/eval/*.jsonl --image-root resources/images \\
         --work /tmp/egm-agreement --out benchmarks/results/engine-agreement-h100.json [--steps server,vllm,hf,kill]
 
@@ -48,7 +48,7 @@ import sys
 import time
 from pathlib import Path
 
-from egm.infer.agreement import engine_agreement
+from benchmarks.agreement import engine_agreement
 from egm.io import read_json, write_json
 
 ENGINES = {

@@ -3,7 +3,7 @@
 Run in the work directory of a finished (or partly finished) Snakemake run of
 config/gpu-smoke.yaml (benchmarks/gpu_pipeline.sh does both on the GPU machine):
 
-    python benchmarks/gpu_pipeline.py --config config/gpu-smoke.yaml --out benchmarks/results/gpu-pipeline-h200.json
+    python -m benchmarks.gpu_pipeline --config config/gpu-smoke.yaml --out benchmarks/results/gpu-pipeline-h200.json
 
 Nothing here is measured by this script: every number comes from a file the DAG's jobs wrote.
 - jobs: every job Snakemake recorded (.snakemake/metadata: rule, start and end time per output),
@@ -26,14 +26,12 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import yaml
 
-import yaml  # noqa: E402
-
-from egm.infer.agreement import engine_agreement  # noqa: E402
-from egm.io import read_json, write_json  # noqa: E402
-from egm.metrics import read_prediction_rows  # noqa: E402
+from benchmarks.agreement import engine_agreement
+from egm.data.splits import EVAL_SPLITS
+from egm.io import read_json, write_json
+from egm.metrics import read_prediction_rows
 
 MODEL_RULES = {"predict": "results/predictions/", "latency": "results/latency/", "scaling": "results/scaling/"}
 
@@ -150,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.root)
     config = yaml.safe_load(Path(args.config).read_text())
-    models, splits = config["models"], config["splits"]
+    # The schema's default where the config leaves `splits` out.
+    models, splits = config["models"], config.get("splits", list(EVAL_SPLITS))
     latency = config.get("latency") or {}
 
     jobs = [job_entry(j, models, latency, root) for j in snakemake_jobs(root)]

@@ -59,7 +59,7 @@ timeout -s INT -k 60 "${EGM_RUN_TIMEOUT:-0}" python3 -m snakemake "$@" --cores "
   --rerun-incomplete --scheduler greedy --resources gpu=1 --configfile config/gpu-smoke.yaml >>"$runlog" 2>&1
 status=$?
 step "snakemake exit $status; record"
-timeout 60 python3 benchmarks/gpu_pipeline.py --config config/gpu-smoke.yaml --out "$out/gpu-pipeline-$slug.json" \
+timeout 60 python3 -m benchmarks.gpu_pipeline --config config/gpu-smoke.yaml --out "$out/gpu-pipeline-$slug.json" \
   >>"$runlog" 2>&1
 # Each job's estimate beside what it cost (benchmark files, the jobs' own cost records).
 step "plan --check"; timeout 120 python -m egm plan --check --saved "$before" --configfile config/gpu-smoke.yaml \

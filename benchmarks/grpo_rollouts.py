@@ -24,11 +24,11 @@ the demo generator's RL data, each in its own process (a vLLM engine does not le
 The finished model directory is not written (`common.finish_stage` is replaced by a stub that keeps
 the stage's meta and log history): it costs ~21 s for the 2B (train-h100.json) and says nothing here.
 
-    python benchmarks/grpo_rollouts.py check-model --out resources/grpo-rollouts/tiny-sft    # CPU machine
-    python3 benchmarks/grpo_rollouts.py run --check-model resources/grpo-rollouts/tiny-sft --out $OUT  # GPU
-    python benchmarks/grpo_rollouts.py run --size tiny --variants speed-hf --out /tmp/r     # CPU smoke
-    python benchmarks/grpo_rollouts.py run --dry-run --out /tmp/r     # each variant's GRPOConfig, nothing run
-    python benchmarks/grpo_rollouts.py record --work W --out F        # the record from a run's work dir
+    python -m benchmarks.grpo_rollouts check-model --out resources/grpo-rollouts/tiny-sft    # CPU machine
+    python3 -m benchmarks.grpo_rollouts run --check-model resources/grpo-rollouts/tiny-sft --out $OUT  # GPU
+    python -m benchmarks.grpo_rollouts run --size tiny --variants speed-hf --out /tmp/r     # CPU smoke
+    python -m benchmarks.grpo_rollouts run --dry-run --out /tmp/r     # each variant's GRPOConfig, nothing run
+    python -m benchmarks.grpo_rollouts record --work W --out F        # the record from a run's work dir
 """
 
 from __future__ import annotations
@@ -44,11 +44,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.train_gpu import build_data  # noqa: E402  (the demo data set, as train_gpu.py lays it out)
-from egm.io import read_json, write_json  # noqa: E402
+from benchmarks.common import REPO
+from benchmarks.train_gpu import build_data  # the demo data set, as train_gpu.py lays it out
+from egm.io import read_json, write_json
 
 RECIPE = REPO / "config" / "recipes" / "rl_areal.yaml"
 PACKAGES = ("torch", "transformers", "trl", "accelerate", "datasets", "vllm")
@@ -100,7 +98,7 @@ def make_check_model(out: Path, steps: int, images: int) -> dict:
     import tempfile
 
     from egm.models.tiny import write_tiny_model
-    from egm.train.data import SFT_DATA
+    from egm.data.paths import SFT_DATA
     from egm.train.recipes import load_recipe
     from egm.train.sft import train_sft
 
@@ -476,7 +474,7 @@ def run_step(command: list[str], log: Path, limit: float) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as handle:
-        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         try:
             rc = proc.wait(timeout=max(limit, 1))
         except subprocess.TimeoutExpired:
@@ -503,7 +501,7 @@ def run(args) -> Path:
                   *(f"{name}/steps.json" for name in plan["variants"])):
         (work / stale).unlink(missing_ok=True)  # an earlier call's would pass for this call's
     write_json(work / "plan.json", plan)
-    me = [sys.executable, str(Path(__file__).resolve())]
+    me = [sys.executable, "-m", "benchmarks.grpo_rollouts"]  # run_step starts it in the repository
     statuses = {}
     statuses["prepare"] = run_step([*me, "prepare", "--plan", str(work / "plan.json")], work / "logs/prepare.log",
                                    min(180, deadline - time.perf_counter()))

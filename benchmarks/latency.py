@@ -5,12 +5,12 @@ tokens (42: the baselines' mean answer length in the paper, 101: EGM-8B's), batc
 Methods:
 
 - `generate`: plain `model.generate` (eager, dynamic cache): the reference path;
-- `graph`: `egm.infer.fast.GraphDecoder` (static cache, one CUDA graph per decode step; at
-  batch 1 its projections and attention through `egm.infer.kernels` where Triton is present);
+- `graph`: `egm.infer.fast.decoder.GraphDecoder` (static cache, one CUDA graph per decode step; at
+  batch 1 its projections and attention through `egm.infer.fast.kernels` where Triton is present);
 - `graph_compiled`: the same with each layer's pre/post-attention blocks compiled first;
 - `vllm`: vLLM in this process, the peer: the same architecture written as a weightless
   directory (`egm.models.architectures`) and loaded with `load_format: dummy` through
-  `egm.infer.vllm.VLLMEngine`, the same image and the paper's prompt through the chat template,
+  `egm.infer.backends.vllm.VLLMEngine`, the same image and the paper's prompt through the chat template,
   `min_tokens = max_tokens = n` with `ignore_eos`. Prefix caching and vLLM's cache of processed
   images are off, so each repetition preprocesses and prefills as egm's methods do. Its timing
   ends when `LLM.generate` returns; it runs after egm's methods for a model, once their weights
@@ -39,8 +39,8 @@ and `max_ms` the spread, `all_ms` every repetition. Per model, `split` divides e
 medians at the two token counts into ms per new token and ms before the first decode step, and
 `phases_ms` times the parts of that fixed cost for egm's compiled method (`phases`).
 
-    python benchmarks/latency.py --out benchmarks/results/latency-h100.json     # on a GPU
-    python benchmarks/latency.py --tiny --out /tmp/latency-tiny.json            # CPU smoke run
+    python -m benchmarks.latency --out benchmarks/results/latency-h100.json     # on a GPU
+    python -m benchmarks.latency --tiny --out /tmp/latency-tiny.json            # CPU smoke run
 """
 
 from __future__ import annotations
@@ -50,46 +50,23 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from egm.models.architectures import architecture_config  # noqa: E402  (after the path above)
-
-# Qwen3-VL's special token ids.
-IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
-VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151655, 151656
-TINY_IDS = dict(im_end=990, endoftext=991, vision_start=992, vision_end=993, image_pad=994, video_pad=995)
-
-
-def build_config(name: str):
-    """The architecture with Qwen3-VL's own special-token ids (inputs here are built from ids)."""
-    ids = TINY_IDS if name == "tiny" else dict(im_end=IM_END, endoftext=ENDOFTEXT, vision_start=VISION_START,
-                                               vision_end=VISION_END, image_pad=IMAGE_PAD, video_pad=VIDEO_PAD)
-    return architecture_config(name, ids), ids
-
-
-def build_model(name: str, device: str, dtype):
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
-
-    config, ids = build_config(name)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in bf16 directly: an fp32 build of the 8B is twice the memory
-    try:
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = Qwen3VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval()
-    return model, ids
+from benchmarks.common import (
+    Requests,
+    build_model,
+    copy_bandwidth,
+    device_name,
+    image_processor,
+    make_image,
+    run_graph,
+    sync,
+    timed,
+)
 
 
 def _weight_bytes(*modules) -> int:
@@ -123,96 +100,6 @@ def decode_floor_s(weight_bytes: int, kv_bytes: int, prompt: int, n: int, batch:
     return (n * weight_bytes + kv_positions * kv_bytes) / bandwidth
 
 
-def copy_bandwidth(device: str, gib: float = 2.0, iters: int = 20, rounds: int = 5) -> list[float]:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    import torch
-
-    if device != "cuda":
-        return [float("nan")]
-    n = int(gib * 2**30)
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            dst.copy_(src)
-        end.record()
-        end.synchronize()
-        out.append(2 * n * iters / (start.elapsed_time(end) / 1000))
-    del src, dst
-    torch.cuda.empty_cache()
-    return out
-
-
-def image_processor():
-    from transformers.utils import is_torchvision_available
-
-    kwargs = dict(size={"shortest_edge": 65536, "longest_edge": 16777216}, patch_size=16, temporal_patch_size=2,
-                  merge_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    if is_torchvision_available():
-        from transformers import Qwen2VLImageProcessor
-
-        return Qwen2VLImageProcessor(**kwargs)
-    from transformers import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(**kwargs)
-
-
-def make_image(width: int, height: int):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-class Requests:
-    """The same request B times: the image through the processor, then a Qwen3-VL chat prompt."""
-
-    def __init__(self, processor, image, ids: dict, vocab_text: int, device: str, dtype, text_tokens: int = 24,
-                 preprocess_device: str = "cpu"):
-        import numpy as np
-
-        self.processor, self.image, self.ids, self.device, self.dtype = processor, image, ids, device, dtype
-        # The torchvision processor can resize and normalise on the GPU (64 images on the CPU take
-        # a large share of a batch's latency); the PIL one works on the CPU only.
-        self.processor_kwargs = {"device": preprocess_device} if preprocess_device != "cpu" else {}
-        rng = np.random.default_rng(1)
-        # <|im_start|>user\n <vision> Locate ..., output its bbox ... <|im_end|>\n<|im_start|>assistant\n<think>\n
-        self.prefix = rng.integers(0, vocab_text, 3).tolist()
-        self.text = rng.integers(0, vocab_text, text_tokens).tolist()
-        self.suffix = [ids["im_end"]] + rng.integers(0, vocab_text, 6).tolist()
-
-    def __call__(self, batch: int, pad_to: int | None = None) -> dict:
-        import torch
-
-        vision = self.processor(images=[self.image] * batch, return_tensors="pt", **self.processor_kwargs)
-        grid = vision["image_grid_thw"]
-        n_visual = int(grid[0].prod()) // 4
-        row = self.prefix + [self.ids["vision_start"]] + [self.ids["image_pad"]] * n_visual + [self.ids["vision_end"]]
-        row += self.text + self.suffix
-        pad = max(0, (pad_to or 0) - len(row))
-        ids = torch.tensor([[self.ids["endoftext"]] * pad + row] * batch)
-        mask = torch.tensor([[0] * pad + [1] * len(row)] * batch)
-        mm = (ids == self.ids["image_pad"]).long()
-        out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm,
-               "pixel_values": vision["pixel_values"], "image_grid_thw": grid}
-        out = {k: v.to(self.device) for k, v in out.items()}
-        out["pixel_values"] = out["pixel_values"].to(self.dtype)
-        return out
-
-
-def sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_generate(model, make, batch, n, ids, device):
     import torch
     from transformers import GenerationConfig
@@ -225,14 +112,6 @@ def run_generate(model, make, batch, n, ids, device):
     with torch.inference_mode():
         out = model.generate(**inputs, generation_config=config)
     tokens = out[:, inputs["input_ids"].shape[1]:].cpu()
-    return time.perf_counter() - t0, tokens
-
-
-def run_graph(decoder, make, batch, n, cache_length, pad_to, device):
-    sync(device)
-    t0 = time.perf_counter()
-    inputs = make(batch, pad_to=pad_to)
-    tokens = decoder.generate_ids(inputs, n, eos_ids=None, cache_length=cache_length).cpu()
     return time.perf_counter() - t0, tokens
 
 
@@ -271,18 +150,6 @@ def matmul_rate(device: str, n: int = 8192, iters: int = 10) -> float:
     end.record()
     end.synchronize()
     return 2 * n**3 * iters / (start.elapsed_time(end) / 1000)
-
-
-def timed(fn, device: str, reps: int = 3) -> float:
-    """Median wall seconds of fn() between device syncs."""
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def attention_variants(batch: int, kvh: int, group: int, hd: int, length: int, device: str, iters: int = 200) -> dict:
@@ -439,46 +306,55 @@ def profile_step(decoder, device: str, path: Path) -> dict:
     return {"kernels_per_step": len(events), "kernel_time_per_step_ms": round(kernel_us / 1000, 3)}
 
 
-def device_name(device: str) -> str:
-    import torch
+def add_floors(result: dict) -> None:
+    """Each model's split and each run's floors (module docstring) at the best copy bandwidth
+    measured so far, and the prefill-inclusive floor where a matrix-product rate was measured."""
+    bw = [b for b in result["bandwidth_Bps"] if not math.isnan(b)]
+    result["bandwidth_best_Bps"] = max(bw) if bw else None
+    for entry in result["models"].values():
+        entry["split"] = before_and_per_token(entry)
+        for run in entry["runs"]:
+            if bw:
+                floor = entry["llm_weight_bytes"] * run["new_tokens"] / max(bw)
+                run["floor_ms"] = round(1000 * floor, 2)
+                run["ratio_to_floor"] = round(run["ms_per_request"] / 1000 / floor, 3)
+                decode = decode_floor_s(entry["decode_weight_bytes"], entry["kv_bytes_per_position"],
+                                        entry["prompt_tokens"], run["new_tokens"], run["batch"], max(bw))
+                run["decode_floor_ms"] = round(1000 * decode, 2)
+                run["ratio_to_decode_floor"] = round(run["ms_per_request"] / 1000 / decode, 3)
+                flops = result.get("matmul_flops")
+                if flops and not math.isnan(flops):
+                    # Prefill is compute-bound: 2 x parameters x tokens for the LLM (prompt)
+                    # and the vision tower (patches), at the measured matrix-product rate.
+                    prefill = 2 * run["batch"] * (entry["llm_parameters"] * entry["prompt_tokens"]
+                                                  + entry["vision_parameters"] * 4 * entry["visual_tokens"]) / flops
+                    run["floor_with_prefill_ms"] = round(1000 * (floor + prefill), 2)
+                    run["ratio_to_floor_with_prefill"] = round(run["ms_per_request"] / 1000 / (floor + prefill), 3)
 
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    return platform.processor() or platform.machine()
+
+def model_entry(model, make, ids: dict, build_s: float) -> dict:
+    """A model's sizes (the floors' inputs) and its prompt, before any run."""
+    entry = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "llm_weight_bytes": llm_weight_bytes(model),
+        "decode_weight_bytes": decode_weight_bytes(model),
+        "kv_bytes_per_position": kv_bytes_per_position(model),
+        "llm_parameters": sum(p.numel() for p in model.model.language_model.parameters()),
+        "vision_parameters": sum(p.numel() for p in model.model.visual.parameters()),
+        "build_s": round(build_s, 1),
+        "prompt_tokens": int(make(1)["input_ids"].shape[1]),
+        "runs": [],
+    }
+    entry["visual_tokens"] = int((make(1)["input_ids"] == ids["image_pad"]).sum())
+    return entry
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--models", default="qwen3-vl-8b,qwen3-vl-4b,qwen3-vl-2b")
-    parser.add_argument("--tokens", default="42,101")
-    parser.add_argument("--batches", default="1,64")
-    parser.add_argument("--methods", default="generate,graph,graph_compiled")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions of the graph methods")
-    parser.add_argument("--generate-reps", type=int, default=5, help="timed repetitions of plain generate")
-    parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Qwen3-VL")
-    parser.add_argument("--preprocess", default="auto", help="where images are resized/normalised: cpu, cuda, auto")
-    parser.add_argument("--profile-dir", default=None, help="write one decode step's kernel table per model here")
-    parser.add_argument("--diagnose", action="store_true", help="only break down the fixed costs (needs --profile-dir)")
-    args = parser.parse_args(argv)
-
+def record_header(device: str, dtype, width: int, height: int, tokens: list[int], batches: list[int]) -> dict:
+    """The record's description of the run, before any model: versions, settings, the floors' definitions."""
     import torch
     import transformers
 
-    from egm.infer.fast import GraphDecoder
-
-    t_start = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    models = ["tiny"] if args.tiny else args.models.split(",")
-    tokens = [int(t) for t in args.tokens.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
-    methods = args.methods.split(",")
-    width, height = (640, 480) if not args.tiny else (64, 64)
-    max_new = max(tokens)
-
-    result = {
+    return {
         "benchmark": "benchmarks/latency.py",
         "device": device_name(device),
         "torch": torch.__version__,
@@ -495,31 +371,48 @@ def main(argv=None) -> int:
         "models": {},
         "skipped": [],
     }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", default="qwen3-vl-8b,qwen3-vl-4b,qwen3-vl-2b")
+    parser.add_argument("--tokens", default="42,101")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--methods", default="generate,graph,graph_compiled")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions of the graph methods")
+    parser.add_argument("--generate-reps", type=int, default=5, help="timed repetitions of plain generate")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Qwen3-VL")
+    parser.add_argument("--preprocess", default="auto", help="where images are resized/normalised: cpu, cuda, auto")
+    parser.add_argument("--profile-dir", default=None, help="write one decode step's kernel table per model here")
+    parser.add_argument("--diagnose", action="store_true", help="only break down the fixed costs (needs --profile-dir)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    import torch
+
+    from egm.infer.fast.decoder import GraphDecoder
+
+    t_start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    models = ["tiny"] if args.tiny else args.models.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    methods = args.methods.split(",")
+    width, height = (640, 480) if not args.tiny else (64, 64)
+    max_new = max(tokens)
+
+    result = record_header(device, dtype, width, height, tokens, batches)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
-        bw = [b for b in result["bandwidth_Bps"] if not math.isnan(b)]
-        result["bandwidth_best_Bps"] = max(bw) if bw else None
-        for entry in result["models"].values():
-            entry["split"] = before_and_per_token(entry)
-            for run in entry["runs"]:
-                if bw:
-                    floor = entry["llm_weight_bytes"] * run["new_tokens"] / max(bw)
-                    run["floor_ms"] = round(1000 * floor, 2)
-                    run["ratio_to_floor"] = round(run["ms_per_request"] / 1000 / floor, 3)
-                    decode = decode_floor_s(entry["decode_weight_bytes"], entry["kv_bytes_per_position"],
-                                            entry["prompt_tokens"], run["new_tokens"], run["batch"], max(bw))
-                    run["decode_floor_ms"] = round(1000 * decode, 2)
-                    run["ratio_to_decode_floor"] = round(run["ms_per_request"] / 1000 / decode, 3)
-                    flops = result.get("matmul_flops")
-                    if flops and not math.isnan(flops):
-                        # Prefill is compute-bound: 2 x parameters x tokens for the LLM (prompt)
-                        # and the vision tower (patches), at the measured matrix-product rate.
-                        prefill = 2 * run["batch"] * (entry["llm_parameters"] * entry["prompt_tokens"]
-                                                      + entry["vision_parameters"] * 4 * entry["visual_tokens"]) / flops
-                        run["floor_with_prefill_ms"] = round(1000 * (floor + prefill), 2)
-                        run["ratio_to_floor_with_prefill"] = round(run["ms_per_request"] / 1000 / (floor + prefill), 3)
+        add_floors(result)
         tmp = out_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(tmp, out_path)
@@ -561,19 +454,7 @@ def main(argv=None) -> int:
             print(f"preprocessing on {preprocess} failed ({err}); using the CPU", flush=True)
             preprocess = result["preprocess_device"] = "cpu"
             make = Requests(processor, image, ids, vocab_text, device, dtype)
-        entry = {
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "llm_weight_bytes": llm_weight_bytes(model),
-            "decode_weight_bytes": decode_weight_bytes(model),
-            "kv_bytes_per_position": kv_bytes_per_position(model),
-            "llm_parameters": sum(p.numel() for p in model.model.language_model.parameters()),
-            "vision_parameters": sum(p.numel() for p in model.model.visual.parameters()),
-            "build_s": round(build_s, 1),
-            "prompt_tokens": int(make(1)["input_ids"].shape[1]),
-            "runs": [],
-        }
-        entry["visual_tokens"] = int((make(1)["input_ids"] == ids["image_pad"]).sum())
-        result["models"][name] = entry
+        entry = result["models"][name] = model_entry(model, make, ids, build_s)
         print(f"{name}: {entry['parameters'] / 1e9:.3f}B parameters, LLM {entry['llm_weight_bytes'] / 1e9:.2f} GB, "
               f"prompt {entry['prompt_tokens']} tokens ({entry['visual_tokens']} visual), built in {build_s:.1f}s", flush=True)
         bucket = 128
@@ -687,8 +568,9 @@ def time_vllm(name: str, image, entry: dict, tokens: list[int], batches: list[in
     from vllm import SamplingParams
 
     from egm.grounding import PROMPTS
-    from egm.infer.base import Request, SamplingOptions
-    from egm.infer.vllm import VLLMEngine, vllm_prompt
+    from egm.infer.base import Request
+    from egm.options import SamplingOptions
+    from egm.infer.backends.vllm import VLLMEngine, vllm_prompt
     from egm.models.architectures import write_architecture_model
 
     model_dir = workdir / name

@@ -5,7 +5,7 @@ RefCOCO splits together) with realistic answers, and an RL parquet of N rows who
 exist on disk, then times `python -m egm score` and `python -m egm rewrite-parquet` as the
 pipeline runs them (separate processes, so peak memory is each command's own).
 
-    python benchmarks/load.py --out benchmarks/results/load-<machine>.json
+    python -m benchmarks.load --out benchmarks/results/load-<machine>.json
 """
 
 from __future__ import annotations

@@ -2,13 +2,13 @@
 
 benchmarks/multigpu.sh runs the pipeline's own commands (`python -m egm sft|rl|predict`, the
 Ray launcher) once on one GPU and once on two, with the options built here from
-config/benchmarks/multigpu.yaml exactly as the rules build theirs from a pipeline config
-(workflow/rules/common.smk: `train_options`, `predict_options`). Then this script writes the record
+config/benchmarks/multigpu.yaml by the functions the rules build theirs with from a pipeline config
+(egm.options: `train_job_options`, `predict_job_options`). Then this script writes the record
 from what those commands wrote, measuring nothing itself:
 
-    python benchmarks/multigpu.py options sft gpus2                   # the --options JSON of a run
-    python benchmarks/multigpu.py options predict tiny-sft vllm --gpus 2
-    python benchmarks/multigpu.py record --work /tmp/egm-mgpu --out benchmarks/results/multigpu-h200x2.json
+    python -m benchmarks.multigpu options sft gpus2                   # the --options JSON of a run
+    python -m benchmarks.multigpu options predict tiny-sft vllm --gpus 2
+    python -m benchmarks.multigpu record --work /tmp/egm-mgpu --out benchmarks/results/multigpu-h200x2.json
 
 The record: for SFT and GRPO (per rollout engine), each GPU count's steady-state step time
 (median after the first step, from the run's own step timer), steps/s and samples/s, every
@@ -29,12 +29,12 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import yaml
 
-import yaml  # noqa: E402
-
-from egm.io import read_json, write_json  # noqa: E402
+from benchmarks.common import REPO
+from egm.io import read_json, write_json
+from egm.options import predict_job_options, train_job_options
+from egm.train.recipes import resolve_recipe
 
 CONFIG = REPO / "config" / "benchmarks" / "multigpu.yaml"
 GPU_COUNTS = (1, 2)
@@ -65,27 +65,20 @@ def ray_key(model: str, variant: str) -> str:
     return f"{model}-vllm-ray-{variant}"
 
 
-def recipe(spec: dict, extra: dict | None = None) -> dict:
-    """The recipe with the overrides, resolved as the rules resolve it, and a run's own on top."""
-    from egm.train.recipes import resolve_recipe
-
-    return resolve_recipe(spec["recipe"], {**spec["overrides"], **(extra or {})}, REPO)
-
-
 def train_options(config: dict, stage: str, run: str, rollout: str | None = None) -> dict:
-    """What the sft/rl rule passes as --options (common.smk `train_options`)."""
+    """What the sft/rl rule passes as --options (the rules' own egm.options.train_job_options)."""
     spec = config["train"]["sft" if stage == "sft" else "rl"]
-    extra = spec["rollouts"][rollout] if stage == "rl" and rollout else None
-    return {"run": run, "recipe": recipe(spec, extra), "max_steps": spec["max_steps"], "limit": spec["limit"]}
+    extra = spec["rollouts"][rollout] if stage == "rl" and rollout else {}
+    return train_job_options(run, spec, resolve_recipe(spec["recipe"], {**spec["overrides"], **extra}, REPO))
 
 
 def predict_options(config: dict, model: str, engine: str, gpus: int, extra: dict | None = None) -> dict:
-    """What the predict rule passes as --options (common.smk `predict_options`), for a model on
-    `gpus` GPUs with one engine replica per GPU (`data_parallel_size`)."""
+    """What the predict rule passes as --options (the rules' own egm.options.predict_job_options),
+    for a model on `gpus` GPUs with one engine replica per GPU (`data_parallel_size`)."""
     spec = config["predict"]
     options = {**spec["models"][model]["engines"][engine], "data_parallel_size": gpus, **(extra or {})}
-    return {"prompt": spec["prompt"], "backend": engine, "engine_options": options, "inference": spec["inference"],
-            "gpus": gpus}
+    entry = {"prompt": spec["prompt"], "backend": engine, "engine_options": options, "gpus": gpus}
+    return predict_job_options(entry, spec["inference"])
 
 
 def ray_options(config: dict, variant: str) -> dict:
@@ -238,7 +231,7 @@ def predict_run(root: Path, key: str, split: str, status: dict | None, work: Pat
 
 
 def agreement(root: Path, a: str, b: str, split: str) -> dict | None:
-    from egm.infer.agreement import engine_agreement
+    from benchmarks.agreement import engine_agreement
 
     dirs = [root / "results" / "predictions" / k for k in (a, b)]
     if not all((d / f"{split}.jsonl").exists() for d in dirs):

@@ -41,7 +41,8 @@ cmd=${1:?usage: multigpu.sh park|check|install|prepare|sft|grpo|predict|ray|roll
 shift
 
 config=${EGM_MGPU_CONFIG:-$repo/config/benchmarks/multigpu.yaml}
-mg() { python3 "$repo/benchmarks/multigpu.py" --config "$config" "$@"; }
+# The benchmark scripts are modules of the repository (python -m benchmarks.<name>), from any folder.
+mg() { PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" python3 -m benchmarks.multigpu --config "$config" "$@"; }
 say() { echo "== $(date +%T) $*"; }
 
 # run_step NAME SECONDS DIR LOG command...: in DIR, output to LOG, exit code and wall time to
@@ -106,7 +107,7 @@ if [ "$cmd" = redo ]; then
   for step in "$@"; do
     case "$step" in
       predict-*) key=${step#predict-} ;;
-      ray-*) key=$(python3 "$repo/benchmarks/multigpu.py" --config "$config" get ray.model)-vllm-$step ;;
+      ray-*) key=$(mg get ray.model)-vllm-$step ;;
       *) echo "redo: only predict-* and ray-* steps, not $step" >&2; exit 2 ;;
     esac
     rm -rf "$work/predict/results/predictions/$key" "$work/predict/logs/predict/$key.log" "$work/status/$step.json"
@@ -150,7 +151,7 @@ if [ "$cmd" = rollouts ]; then
   # Issue 32 on one GPU (benchmarks/grpo_rollouts.py): GRPO with vLLM colocate against generate
   # rollouts and the weight-sync check, in the time left of this call; the record goes to $OUT.
   left=$((deadline - $(date +%s) - 20))
-  set -- python3 "$repo/benchmarks/grpo_rollouts.py" run --out "$out" --budget-s "$left" "$@"
+  set -- python3 -m benchmarks.grpo_rollouts run --out "$out" --budget-s "$left" "$@"
   [ -n "$dry" ] && { printf '%q ' "$@"; echo; exit 0; }
   "$@"
   exit $?
@@ -164,7 +165,7 @@ split_file=resources/hub/egm-mgpu/eval-data/metadata/eval/$split.jsonl
 record() {
   [ -n "$dry" ] && return 0
   mkdir -p "$out"
-  local mgpy=("$repo/benchmarks/multigpu.py" --config "$config")
+  local mgpy=(-m benchmarks.multigpu --config "$config")
   [ -f "$work/environment.json" ] || timeout 120 python3 "${mgpy[@]}" environment --out "$work/environment.json"
   timeout 120 python3 "${mgpy[@]}" record --work "$work" --out "$out/multigpu-h200x2.json"
   # Logs, step statuses, training manifests and the predictions the agreement is computed from.
@@ -297,7 +298,7 @@ case "$cmd" in
     predict_step vllm "$model" 1 || status=$?
     key="$model-vllm-ray-$variant"
     run_step "ray-$variant" 480 "$pred" "logs/predict/$key.log" env CUDA_VISIBLE_DEVICES=0,1 \
-      python -m egm.infer.ray_slurm --local-nodes "$nodes" --gpus-per-node "$per_node" --timeout-s 120 -- \
+      python -m egm.infer.backends.ray_slurm --local-nodes "$nodes" --gpus-per-node "$per_node" --timeout-s 120 -- \
       python -m egm predict --model-dir "resources/models/$model" \
       --model-manifest "resources/manifests/model-$model.json" --splits "$split_file" --image-root resources/images \
       --out-dir "results/predictions/$key" --options "$(mg options ray "$variant")" --model "$key" \

@@ -2,7 +2,7 @@
 docs/cost.md and its record, by `egm plan` itself (egm.plan) on a fresh copy of the workflow:
 nothing fetched, nothing run, so the price is that of a new machine.
 
-    python benchmarks/paper_cost.py --out benchmarks/results/paper-cost.json --doc docs/cost.md
+    python -m benchmarks.paper_cost --out benchmarks/results/paper-cost.json --doc docs/cost.md
 
 The RL stage has no step count before its data is fetched (the step count follows the RL
 parquet's rows); it is priced per 100 steps by planning the same config with `max_steps: 100`.
@@ -11,33 +11,19 @@ parquet's rows); it is priced per 100 steps by planning the same config with `ma
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from egm.io import atomic_write, write_json  # noqa: E402
-from egm.plan.cost import GPU_RULES  # noqa: E402
-from egm.plan.plan import make_plan  # noqa: E402
+from benchmarks.common import REPO, fresh_copy
+from egm.io import atomic_write, write_json
+from egm.plan.cost import GPU_RULES
+from egm.plan.plan import make_plan
 
 SETUPS = (("H100", 1), ("H100", 8), ("H200", 8), ("A100", 8))
 RL_STEPS = 100
-
-
-def fresh_copy(dest: Path) -> Path:
-    for name in ("Snakefile",):
-        shutil.copy(REPO / name, dest / name)
-    for name in ("workflow", "config"):
-        shutil.copytree(REPO / name, dest / name)
-    (dest / "containers").mkdir()
-    for definition in (REPO / "containers").glob("*.def"):
-        shutil.copy(definition, dest / "containers" / definition.name)
-    return dest
 
 
 def rl_priced(config_path: Path, dest: Path) -> Path:

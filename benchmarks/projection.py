@@ -29,7 +29,7 @@ no prediction there.
 `--check RECORD` compares the predictions with another GPU's measured record (same method,
 batch 1, every architecture and token count both have): the method's error, stated per cell.
 
-    python benchmarks/projection.py --base benchmarks/results/latency-h100.json \\
+    python -m benchmarks.projection --base benchmarks/results/latency-h100.json \\
         --out benchmarks/results/projection-from-h100.json [--check benchmarks/results/latency-h200.json]
 """
 
@@ -40,13 +40,10 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from egm.io import write_json  # noqa: E402  (after the path above)
-from egm.plan.gpus import (  # noqa: E402  (the same formulas price jobs in `egm plan`)
+from egm.io import write_json
+from egm.plan.gpus import (
     ACTIVE_235B, GPUS_FILE, TOTAL_235B, fits, gpu_of, load_gpus, predict_ms, split_costs)
-from egm.report.paper import MEAN_COMPLETION_TOKENS, tradeoff_point  # noqa: E402
+from egm.report.paper import MEAN_COMPLETION_TOKENS, tradeoff_point
 
 # (paper model, measured architecture it runs as, answer tokens, how the tokens were chosen)
 PAPER_MODELS = (

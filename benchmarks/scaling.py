@@ -1,6 +1,6 @@
 """The latency side of the test-time-scaling sweep on a real-size Qwen3-VL (random bf16 weights).
 
-Budget forcing as egm.infer.budget runs it, on the fast engine's decoder (egm.infer.fast.GraphDecoder:
+Budget forcing as egm.infer.budget runs it, on the fast engine's decoder (egm.infer.fast.decoder.GraphDecoder:
 static cache, CUDA graph per step, compiled layer blocks), at batch 1, one 640x480 image (300
 visual tokens) and a ~30-token prompt, per budget N:
 
@@ -16,34 +16,26 @@ the tokens are on the host (as benchmarks/latency.py, whose model builder and re
 reused). Lengths are forced (no eos), so the numbers are the latency side only: accuracy per
 budget needs the real checkpoints (the sweep rule).
 
-    python benchmarks/scaling.py --out benchmarks/results/scaling-h100.json   # on a GPU
-    python benchmarks/scaling.py --tiny --out /tmp/scaling-tiny.json          # CPU smoke run
+    python -m benchmarks.scaling --out benchmarks/results/scaling-h100.json   # on a GPU
+    python -m benchmarks.scaling --tiny --out /tmp/scaling-tiny.json          # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.common import Requests, build_model, device_name, image_processor, make_image, run_graph
+
 # Qwen tokens of the forced text "\n</think>\n\n": "\n", "</think>", "\n\n".
 FORCED_IDS = [198, 151668, 271]
 TINY_FORCED_IDS = [5, 6, 7]
-
-
-def _latency_module():
-    spec = importlib.util.spec_from_file_location("bench_latency", HERE / "latency.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv=None) -> int:
@@ -60,10 +52,8 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    sys.path.insert(0, str(HERE.parent))
-    from egm.infer.fast import GraphDecoder
+    from egm.infer.fast.decoder import GraphDecoder
 
-    bench = _latency_module()
     t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -73,19 +63,19 @@ def main(argv=None) -> int:
     width, height = (640, 480) if not args.tiny else (64, 64)
 
     t0 = time.perf_counter()
-    model, ids = bench.build_model(name, device, dtype)
+    model, ids = build_model(name, device, dtype)
     build_s = time.perf_counter() - t0
     vocab_text = min(model.config.text_config.vocab_size - 16, 150000)
-    processor = bench.image_processor()
-    image = bench.make_image(width, height)
+    processor = image_processor()
+    image = make_image(width, height)
     preprocess = device if device == "cuda" else "cpu"
-    make = bench.Requests(processor, image, ids, vocab_text, device, dtype, preprocess_device=preprocess)
+    make = Requests(processor, image, ids, vocab_text, device, dtype, preprocess_device=preprocess)
     try:
         make(1)
     except Exception as err:  # an image processor that cannot run on the GPU: preprocess on the CPU
         print(f"preprocessing on {preprocess} failed ({err}); using the CPU", flush=True)
         preprocess = "cpu"
-        make = bench.Requests(processor, image, ids, vocab_text, device, dtype)
+        make = Requests(processor, image, ids, vocab_text, device, dtype)
     prompt = int(make(1)["input_ids"].shape[1])
     bucket = 128  # the fast engine's length_bucket
 
@@ -105,18 +95,18 @@ def main(argv=None) -> int:
         return later
 
     t0 = time.perf_counter()
-    bench.run_graph(decoder, make, 1, 4, cache_length, padded(prompt), device)  # capture (and compile)
+    run_graph(decoder, make, 1, 4, cache_length, padded(prompt), device)  # capture (and compile)
     warmup_s = time.perf_counter() - t0
 
     result = {
         "benchmark": "benchmarks/scaling.py",
-        "device": bench.device_name(device),
+        "device": device_name(device),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cuda": torch.version.cuda,
         "model": name,
         "weights": "random, seeded, " + str(dtype).removeprefix("torch."),
-        "engine": "egm.infer.fast.GraphDecoder" + ("" if args.no_compile or device != "cuda" else " (compiled layers)"),
+        "engine": "egm.infer.fast.decoder.GraphDecoder" + ("" if args.no_compile or device != "cuda" else " (compiled layers)"),
         "batch": 1,
         "image": f"{width}x{height}",
         "prompt_tokens": prompt,
@@ -150,10 +140,10 @@ def main(argv=None) -> int:
 
     for n in budgets:
         later = continued(n)
-        phase1 = timed(lambda: bench.run_graph(decoder, make, 1, n, cache_length, padded(prompt), device)) if n else [0.0] * args.reps
-        phase2 = timed(lambda: bench.run_graph(decoder, later, 1, args.answer, cache_length,
+        phase1 = timed(lambda: run_graph(decoder, make, 1, n, cache_length, padded(prompt), device)) if n else [0.0] * args.reps
+        phase2 = timed(lambda: run_graph(decoder, later, 1, args.answer, cache_length,
                                                padded(prompt + n + len(forced)), device))
-        single = timed(lambda: bench.run_graph(decoder, make, 1, n + len(forced) + args.answer, cache_length,
+        single = timed(lambda: run_graph(decoder, make, 1, n + len(forced) + args.answer, cache_length,
                                                padded(prompt), device))
         total = [a + b for a, b in zip(phase1, phase2)]
         entry = {

@@ -6,7 +6,7 @@ with nothing of the run's own answers in it: a fresh copy of the workflow, whose
 holds split files of the size the record answered (its predict jobs' records / the splits), as the
 real mirror did. Each model job of the record is put beside the plan's estimate of that job.
 
-    python benchmarks/smoke_plan_check.py --record benchmarks/results/gpu-pipeline-h200.json \\
+    python -m benchmarks.smoke_plan_check --record benchmarks/results/gpu-pipeline-h200.json \\
         --out benchmarks/results/gpu-plan-check-h200-pipeline.json
 """
 
@@ -20,14 +20,11 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from paper_cost import fresh_copy  # noqa: E402  (this directory)
-
-from egm.io import write_json  # noqa: E402
-from egm.plan.gpus import find_gpu, load_gpus  # noqa: E402
-from egm.plan.plan import check_per_rule, make_plan  # noqa: E402
+from benchmarks.common import REPO, fresh_copy
+from egm.data.splits import EVAL_SPLITS
+from egm.io import write_json
+from egm.plan.gpus import find_gpu, load_gpus
+from egm.plan.plan import check_per_rule, make_plan
 
 
 def main(argv=None) -> int:
@@ -42,10 +39,11 @@ def main(argv=None) -> int:
         workdir = fresh_copy(Path(tmp))
         config = yaml.safe_load((workdir / "config" / "gpu-smoke.yaml").read_text())
         predicted = [j for j in record["jobs"] if j["rule"] == "predict"]
-        per_split = predicted[0]["records"] // len(config["splits"])
+        splits = config.get("splits", EVAL_SPLITS)  # the schema's default where the config has none
+        per_split = predicted[0]["records"] // len(splits)
         folder = workdir / config["hub"]["mirror"] / config["dataset"]["repo_id"] / "metadata" / "eval"
         folder.mkdir(parents=True)
-        for split in config["splits"]:
+        for split in splits:
             (folder / f"{split}.jsonl").write_text("{}\n" * per_split)
         plan = make_plan([workdir / "config" / "gpu-smoke.yaml"], card, 1, None, workdir,
                          records_dir=REPO / "benchmarks" / "results")

@@ -14,8 +14,8 @@ fp32 master weights (TRL's default), gradient checkpointing on as in the recipes
 steady-state steps/s and samples/s (first step excluded), peak GPU memory, and the time of
 writing the finished model directory (weights, hashes, manifest).
 
-    python benchmarks/train_gpu.py --out benchmarks/results/train-h100.json        # on a GPU
-    python benchmarks/train_gpu.py --size tiny --out /tmp/train-tiny.json           # CPU smoke run
+    python -m benchmarks.train_gpu --out benchmarks/results/train-h100.json        # on a GPU
+    python -m benchmarks.train_gpu --size tiny --out /tmp/train-tiny.json           # CPU smoke run
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ import logging
 import platform
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.common import REPO
+
 
 def build_model_dir(out: Path, arch: str, device: str) -> int:
     """The architecture with random bf16 weights, saved like the released checkpoints."""
@@ -115,7 +114,7 @@ def main() -> None:
     import trl
 
     from egm.train import common
-    from egm.train.data import SFT_DATA
+    from egm.data.paths import SFT_DATA
     from egm.train.recipes import load_recipe
     from egm.train.rl import train_rl
     from egm.train.sft import train_sft

@@ -328,6 +328,22 @@ def cmd_config_readme(args: argparse.Namespace) -> None:
     write_config_readme(Path(args.schema), Path(args.out))
 
 
+def add_engine_job_arguments(p: argparse.ArgumentParser, options_keys: str, model_required: bool = True,
+                             manifest_required: bool = True) -> None:
+    """The arguments of every command that loads an engine for one model (predict, latency, scaling)."""
+    from egm.options import json_arg
+
+    p.add_argument("--model", required=model_required, default=None,
+                   help="the model's key in the config, named in the provenance (and the figures)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--model-manifest", required=manifest_required, default=None,
+                   help="the model's manifest, named in the provenance; predict and scaling key their resume cache by its hash")
+    p.add_argument("--image-root", required=True)
+    p.add_argument("--options", type=json_arg, required=True,
+                   help=f"JSON: prompt, backend, engine_options, inference{options_keys}")
+    p.add_argument("--data-manifest", default=None, help="the data set's fetch manifest, named in the provenance")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from egm.options import json_arg
 
@@ -403,14 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rewrite_parquet)
 
     p = sub.add_parser("predict", help="answer every record of the given splits with one model (resumable)")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--model-manifest", required=True, help="fetch manifest: its hash keys the resume cache")
+    add_engine_job_arguments(p, "", model_required=False)
     p.add_argument("--splits", nargs="+", required=True, help="eval split JSONL files")
-    p.add_argument("--image-root", required=True)
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--options", type=json_arg, required=True, help="JSON: prompt, backend, inference, engine_options")
-    p.add_argument("--model", default=None, help="the model's key in the config, named in the provenance")
-    p.add_argument("--data-manifest", default=None, help="the data set's fetch manifest, named in the provenance")
     p.add_argument("--run-record", default=None, help="JSON written at the end: what produced these answers")
     p.set_defaults(func=cmd_predict)
 
@@ -446,27 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report_tradeoff)
 
     p = sub.add_parser("latency", help="one model's latency under the paper's protocol and at batch 1")
-    p.add_argument("--model", required=True, help="the model's key in the config (names it in the figure)")
-    p.add_argument("--model-dir", required=True)
+    add_engine_job_arguments(p, ", latency", manifest_required=False)
     p.add_argument("--split", required=True, help="eval split JSONL the sample is drawn from")
-    p.add_argument("--image-root", required=True)
-    p.add_argument("--options", type=json_arg, required=True, help="JSON: prompt, backend, engine_options, inference, latency")
-    p.add_argument("--model-manifest", default=None, help="the model's manifest, named in the provenance")
-    p.add_argument("--data-manifest", default=None, help="the data set's fetch manifest, named in the provenance")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_latency)
 
     p = sub.add_parser("scaling", help="one model's test-time-scaling sweep: budget forcing over a seeded sample")
-    p.add_argument("--model", required=True, help="the model's key in the config")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--model-manifest", required=True, help="fetch manifest: its hash keys the resume cache")
+    add_engine_job_arguments(p, ", scaling (budgets, answer_max_tokens, ...)")
     p.add_argument("--splits", nargs="+", required=True, help="eval split JSONL files the sample is drawn from")
-    p.add_argument("--image-root", required=True)
     p.add_argument("--out-dir", required=True, help="budget-{N}.jsonl and budget-{N}.json go here")
     p.add_argument("--work-dir", default=None, help="resume cache: finished budgets, by settings")
-    p.add_argument("--options", type=json_arg, required=True,
-                   help="JSON: prompt, backend, engine_options, inference, scaling (budgets, answer_max_tokens, ...)")
-    p.add_argument("--data-manifest", default=None, help="the data set's fetch manifest, named in the provenance")
     p.set_defaults(func=cmd_scaling)
 
     p = sub.add_parser("report-scaling", help="the test-time-scaling table and/or figure")

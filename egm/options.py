@@ -1,6 +1,7 @@
-"""The `--options` JSON of the commands, parsed into typed dataclasses.
+"""The `--options` JSON of the commands: assembled from the config, and parsed into typed dataclasses.
 
-The rules resolve every option from the config (workflow/rules/common.smk) and pass it as one
+The rules resolve every option from the config (workflow/rules/common.smk, through the
+`*_job_options` functions here, which benchmarks/multigpu.py calls too) and pass it as one
 JSON object; here it becomes a dataclass, so a key the code does not know (a typo, a config key
 passed to the wrong command) fails the job before anything loads, naming the key, instead of
 being ignored. The raw object stays the job's provenance record (what the rule passed).
@@ -14,8 +15,6 @@ import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any
-
-from egm.infer.base import SamplingOptions
 
 
 class OptionsError(ValueError):
@@ -51,6 +50,19 @@ def parse_options(cls: type[T], data: Any, where: str = "--options") -> T:
         hint = hints[name]
         values[name] = parse_options(hint, value, f"{where}.{name}") if dataclasses.is_dataclass(hint) else value
     return cls(**values)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The paper's decoding settings (greedy when temperature is 0)."""
+
+    max_tokens: int = 4096
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 20
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -133,3 +145,25 @@ class ScalingSettings:
 @dataclass(frozen=True, kw_only=True)
 class ScalingOptions(EngineJobOptions):
     scaling: ScalingSettings
+
+
+# Assembly: what the rules (workflow/rules/common.smk) and benchmarks/multigpu.py pass as --options.
+
+
+def predict_job_options(entry: dict, inference: dict) -> dict:
+    """Predict's options for a model's config entry (prompt, backend, engine_options, gpus) under
+    the config's `inference:` section."""
+    return {
+        "prompt": entry["prompt"],
+        "backend": entry["backend"],
+        "engine_options": entry["engine_options"],
+        "inference": inference,
+        "gpus": entry["gpus"],
+    }
+
+
+def train_job_options(run: str, spec: dict, recipe: dict) -> dict:
+    """A training stage's options: the recipe's content, resolved by the caller with its overrides
+    (egm.train.recipes.resolve_recipe; the content, not the path, so a changed value reruns the
+    stage and an edited comment does not), the stage's step and row limits, the run name."""
+    return {"run": run, "recipe": recipe, "max_steps": spec["max_steps"], "limit": spec["limit"]}

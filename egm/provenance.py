@@ -162,7 +162,7 @@ def _cpu_model() -> str:
 
 def describe_device() -> dict:
     """The hardware this ran on: the visible GPUs by name, else the CPU model."""
-    from egm.infer.gpus import visible_gpus
+    from egm.infer.backends.gpus import visible_gpus
 
     info = {"host": platform.node(), "cpu": _cpu_model(), "cpu_count": os.cpu_count()}
     gpus = visible_gpus()
@@ -188,7 +188,7 @@ def protocol_record(backend: str | None, engine_options: Mapping[str, Any] | Non
     data parallel 8, tensor parallel 1, 64 in flight) from ours: server or offline, the data and
     tensor parallel sizes (data parallel "auto" resolved against the job's GPUs), requests in
     flight (a server's concurrency; an offline engine's batch)."""
-    from egm.infer.gpus import resolve_data_parallel
+    from egm.infer.backends.gpus import resolve_data_parallel
 
     options = dict(engine_options or {})
     tp = int(options.get("tensor_parallel_size") or 1) if backend in ("vllm", "sglang", "server") else 1

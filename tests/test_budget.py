@@ -11,10 +11,11 @@ from PIL import Image, ImageDraw
 
 from egm.grounding import PROMPTS, parse_box
 from egm.infer import budget as bf
-from egm.infer.base import Completion, EngineBase, Request, SamplingOptions, batches_by_settings
+from egm.infer.backends.hf import HFEngine
+from egm.infer.base import Completion, EngineBase, Request, batches_by_settings
 from egm.infer.budget import END_THINK, FORCED_CLOSE, generate_with_budget, parse_budget, sweep_model
-from egm.infer.hf import HFEngine
 from egm.metrics import evaluate_answer
+from egm.options import SamplingOptions
 
 ANSWER = 10  # answer tokens after the reasoning closes
 
@@ -207,7 +208,7 @@ def test_tiny_natural_close_path(engine, requests_, monkeypatch):
 def test_fast_engine_forces_the_budget_like_hf(tiny_dir, engine, requests_):
     """The fast hf path (decode: graph; eager on CPU) under budget forcing: same answers, same counts."""
     from egm.infer.engine import load_engine
-    from egm.infer.fast import FastHFEngine
+    from egm.infer.fast.engine import FastHFEngine
 
     fast = load_engine("hf", str(tiny_dir), SamplingOptions(max_tokens=24),
                        {"batch_size": 4, "decode": "graph", "length_bucket": 16, "data_parallel_size": 1})
@@ -328,8 +329,8 @@ def test_tiny_template_opens_reasoning(tiny_dir):
 def test_vllm_and_sglang_requests_carry_prefix_budget_and_stop(tiny_dir):
     from transformers import AutoTokenizer
 
-    from egm.infer.sglang import sglang_inputs, sglang_request_params, sglang_sampling_params
-    from egm.infer.vllm import vllm_prompt, vllm_request_sampling_kwargs, vllm_sampling_kwargs
+    from egm.infer.backends.sglang import sglang_inputs, sglang_request_params
+    from egm.infer.backends.vllm import vllm_prompt, vllm_request_sampling_kwargs
     from egm.models.inputs import render_prompt
 
     tok = AutoTokenizer.from_pretrained(str(tiny_dir))
@@ -342,20 +343,20 @@ def test_vllm_and_sglang_requests_carry_prefix_budget_and_stop(tiny_dir):
 
     assert vllm_prompt(tok, plain, None)["prompt"] == base
     assert vllm_prompt(tok, phase2, None)["prompt"] == base + "I see a cat\n</think>\n\n"
-    assert vllm_request_sampling_kwargs(sampling, plain) == vllm_sampling_kwargs(sampling)
+    assert vllm_request_sampling_kwargs(sampling, plain) == vllm_request_sampling_kwargs(sampling)
     kw = vllm_request_sampling_kwargs(sampling, phase1)
     assert (kw["max_tokens"], kw["stop"], kw["include_stop_str_in_output"]) == (16, [END_THINK], True)
     assert vllm_request_sampling_kwargs(sampling, phase2)["max_tokens"] == ANSWER
 
     prompts, images = sglang_inputs(tok, [plain, phase2])
     assert prompts == [base, base + "I see a cat\n</think>\n\n"] and images == ["/img.png"] * 2
-    assert sglang_request_params(sampling, plain) == sglang_sampling_params(sampling)
+    assert sglang_request_params(sampling, plain) == sglang_request_params(sampling)
     params = sglang_request_params(sampling, phase1)
     assert (params["max_new_tokens"], params["stop"], params["no_stop_trim"]) == (16, [END_THINK], True)
 
 
 def test_server_request_continues_the_final_assistant_message():
-    from egm.infer import client as cl
+    from egm.infer.backends import client as cl
 
     sampling = SamplingOptions(max_tokens=4096)
     plain = cl.request_body("egm", "data:image/png;base64,AA", "Locate it", sampling)
@@ -384,7 +385,7 @@ def test_server_client_sends_the_request_fields():
 
     import httpx
 
-    from egm.infer.client import OpenAIChatClient
+    from egm.infer.backends.client import OpenAIChatClient
 
     bodies = []
 

@@ -2,15 +2,11 @@
 the embedded tiny model (float32: the fast decode must give generate's answers exactly)."""
 
 import json
-import sys
 
 from PIL import Image, ImageDraw
 
+from benchmarks import decode_equality
 from egm.infer.base import Completion, Request
-from tests.workflow_helpers import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import decode_equality  # noqa: E402
 
 
 def test_a_record_differs_on_text_or_token_count():

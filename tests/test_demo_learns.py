@@ -12,9 +12,9 @@ import statistics
 import pytest
 import yaml
 
-from tests.workflow_helpers import REPO, copy_workflow, run_snakemake, write_config
+from tests.workflow_helpers import REPO, copy_workflow, run_snakemake, shipped_config, write_config
 
-SPLITS = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())["splits"]
+SPLITS = shipped_config("demo.yaml")["splits"]
 
 
 def avg_acc(workdir, model: str) -> float:

@@ -12,24 +12,25 @@ from importlib.machinery import ModuleSpec
 import pytest
 
 from egm.grounding import PROMPTS
-from egm.infer import client as cl
-from egm.infer.base import BackendUnavailable, Completion, EngineBase, LazyEngine, Request, SamplingOptions
+from egm.infer.backends import client as cl
+from egm.infer.backends.gpus import groups, resolve_data_parallel, visible_gpus
+from egm.infer.backends.ray_slurm import plan, plan_local
+from egm.infer.backends.replicas import replicated_chunk_size, shard
+from egm.infer.backends.server import ServerSpec, server_command
+from egm.infer.backends.sglang import sglang_engine_kwargs, sglang_inputs, sglang_request_params
+from egm.infer.backends.vllm import vllm_engine_kwargs, vllm_prompt, vllm_request_sampling_kwargs
+from egm.infer.base import BackendUnavailable, Completion, EngineBase, LazyEngine, Request
 from egm.infer.engine import load_engine
-from egm.infer.gpus import groups, resolve_data_parallel, visible_gpus
-from egm.infer.ray_slurm import plan, plan_local
-from egm.infer.replicas import replicated_chunk_size, shard
-from egm.infer.server import ServerSpec, server_command
-from egm.infer.sglang import sglang_engine_kwargs, sglang_inputs, sglang_sampling_params
-from egm.infer.vllm import vllm_engine_kwargs, vllm_prompt, vllm_sampling_kwargs
+from egm.options import SamplingOptions
 
 PAPER = SamplingOptions(max_tokens=4096, temperature=0.0, top_p=1.0, top_k=20, repetition_penalty=1.0, presence_penalty=0.0)
 PROMPT = PROMPTS["qwen3"].format(sent="the red circle")
 
 
 def test_vllm_sampling_and_engine_options():
-    assert vllm_sampling_kwargs(PAPER) == {"max_tokens": 4096, "temperature": 0.0, "top_p": 1.0, "top_k": 20,
+    assert vllm_request_sampling_kwargs(PAPER) == {"max_tokens": 4096, "temperature": 0.0, "top_p": 1.0, "top_k": 20,
                                            "repetition_penalty": 1.0, "presence_penalty": 0.0}
-    sampled = vllm_sampling_kwargs(SamplingOptions(temperature=0.7, top_k=0, presence_penalty=1.5, extra={"seed": 3}))
+    sampled = vllm_request_sampling_kwargs(SamplingOptions(temperature=0.7, top_k=0, presence_penalty=1.5, extra={"seed": 3}))
     assert sampled["top_k"] == -1 and sampled["seed"] == 3 and sampled["presence_penalty"] == 1.5
 
     kwargs = vllm_engine_kwargs("/m", {"tensor_parallel_size": 8, "dtype": "bfloat16", "max_model_len": 8192,
@@ -86,7 +87,7 @@ def test_offline_prompts_are_the_papers_request(tiny_dir):
 
 
 def test_sglang_sampling_and_engine_options():
-    assert sglang_sampling_params(PAPER) == {"max_new_tokens": 4096, "temperature": 0.0, "top_p": 1.0, "top_k": 20,
+    assert sglang_request_params(PAPER) == {"max_new_tokens": 4096, "temperature": 0.0, "top_p": 1.0, "top_k": 20,
                                              "repetition_penalty": 1.0, "presence_penalty": 0.0}
     kwargs = sglang_engine_kwargs("/m", {"tensor_parallel_size": 2, "data_parallel_size": "auto", "max_model_len": 8192,
                                          "gpu_memory_utilization": 0.85, "batch_size": 64},
@@ -258,7 +259,7 @@ def test_vllm_engine_process_is_spawned_and_egm_main_is_import_safe(monkeypatch,
     run the command line."""
     import runpy
 
-    from egm.infer.vllm import VLLMEngine
+    from egm.infer.backends.vllm import VLLMEngine
 
     seen = {}
 
@@ -291,8 +292,8 @@ def test_replicas_answer_as_one_engine_does(tiny_dir, tmp_path):
     chunk each, get one engine's batches, and so give its answers, in request order."""
     from PIL import Image
 
-    from egm.infer.hf import HFEngine
-    from egm.infer.replicas import ReplicatedEngine
+    from egm.infer.backends.hf import HFEngine
+    from egm.infer.backends.replicas import ReplicatedEngine
 
     requests = []
     for i in range(4):
@@ -334,7 +335,7 @@ def load_engine_with_its_own_process(backend, model_dir, sampling, options):
 
 def test_a_replica_may_start_processes_of_its_own():
     """On two H200s, vLLM replicas failed: a daemonic worker may not have children."""
-    from egm.infer.replicas import ReplicatedEngine
+    from egm.infer.backends.replicas import ReplicatedEngine
 
     engine = ReplicatedEngine(load_engine_with_its_own_process, "own-process", "m", SamplingOptions(),
                               {"batch_size": 1}, [["0"], ["1"]])
@@ -365,7 +366,7 @@ def test_a_replica_starts_with_its_gpus_and_its_share_of_the_cpus(monkeypatch):
     """On two H200s two hf replicas answered slower than one: a replica must see only its GPUs
     from its first instruction (a CUDA device count fixes them for good), and every replica's
     OpenMP pool taking every core starved them all."""
-    from egm.infer.replicas import ReplicatedEngine
+    from egm.infer.backends.replicas import ReplicatedEngine
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # as a job with two GPUs is started
@@ -383,7 +384,7 @@ def test_a_replica_starts_with_its_gpus_and_its_share_of_the_cpus(monkeypatch):
 def test_local_ray_run_starts_every_node_runs_the_command_and_stops_them(tmp_path, monkeypatch):
     """The launcher's run path with `ray start` stood in for: each node's process gets its GPUs,
     the command runs once all have joined with the cluster's address, and every node is stopped."""
-    from egm.infer import ray_slurm
+    from egm.infer.backends import ray_slurm
 
     marks = tmp_path / "nodes"
     marks.mkdir()

@@ -5,11 +5,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 from egm.grounding import PROMPTS
-from egm.infer.base import Request, SamplingOptions
+from egm.infer.backends.hf import HFEngine
+from egm.infer.backends.replicas import ReplicatedEngine
+from egm.infer.base import Request
 from egm.infer.engine import load_engine
-from egm.infer.fast import FastHFEngine
-from egm.infer.hf import HFEngine
-from egm.infer.replicas import ReplicatedEngine
+from egm.infer.fast.engine import FastHFEngine
+from egm.options import SamplingOptions
 
 MAX_TOKENS = 10
 
@@ -105,7 +106,7 @@ def test_prefill_matches_the_models_forward(tiny_dir, sizes):
     import torch
     from transformers import DynamicCache
 
-    from egm.infer.fast import pad_left
+    from egm.infer.fast.engine import pad_left
     from egm.models.inputs import build_inputs
 
     engine = FastHFEngine(str(tiny_dir), SamplingOptions(max_tokens=4), batch_size=len(sizes), length_bucket=16)
@@ -150,8 +151,8 @@ def test_prefill_device_work_never_reads_the_gpu_back(tiny_dir):
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    from egm.infer.fast import GraphDecoder
-    from egm.infer.prefill import VisionTables
+    from egm.infer.fast.decoder import GraphDecoder
+    from egm.infer.fast.prefill import VisionTables
     from egm.models.inputs import build_inputs
 
     engine = FastHFEngine(str(tiny_dir), SamplingOptions(max_tokens=4), batch_size=2, length_bucket=16)
@@ -199,9 +200,10 @@ def test_stop_ids_stay_where_a_captured_step_reads_them(tiny_dir):
 
 KERNEL_RUN = """
 import json, sys
-from egm.infer import kernels
-from egm.infer.base import Request, SamplingOptions
-from egm.infer.fast import FastHFEngine
+from egm.infer.base import Request
+from egm.infer.fast import kernels
+from egm.infer.fast.engine import FastHFEngine
+from egm.options import SamplingOptions
 
 calls = {"gemv": 0, "attention": 0}
 gemv, attention = kernels.gemv, kernels.attention
@@ -224,7 +226,7 @@ print(json.dumps({"texts": [c.text for c in out], "tokens": [c.completion_tokens
 
 
 def test_batch_one_decode_through_the_triton_kernels(tiny_dir, mixed_requests, reference):
-    """Batch-1 steps through egm.infer.kernels (matrix-vector products and attention), run here by
+    """Batch-1 steps through egm.infer.fast.kernels (matrix-vector products and attention), run here by
     Triton's interpreter in a process of its own (it must be chosen before Triton is imported):
     the same answers as generate, and the kernels really ran, every projection and every layer's
     attention of every step."""

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from egm.infer.agreement import engine_agreement
-from egm.infer.base import Request, SamplingOptions
+from benchmarks.agreement import engine_agreement
+from egm.infer.backends.server import ServerSpec, server_command
+from egm.infer.backends.vllm import vllm_engine_kwargs
+from egm.infer.base import Request
 from egm.infer.engine import load_engine
-from egm.infer.server import ServerSpec, server_command
-from egm.infer.vllm import vllm_engine_kwargs
+from egm.options import SamplingOptions
 from tests.workflow_helpers import REPO, copy_workflow, plan, stage_of, write_config
 
 
@@ -164,8 +165,8 @@ def test_record_script_groups_each_jobs_outputs(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps({"splits": ["refcoco_val"], "models": {"m": {"repo_id": "r", "backend": "vllm"}}}))
     out = tmp_path / "record.json"
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_pipeline.py"), "--config", str(config),
-                    "--root", str(tmp_path), "--out", str(out)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.gpu_pipeline", "--config", str(config),
+                    "--root", str(tmp_path), "--out", str(out)], check=True, capture_output=True, cwd=REPO)
     record = json.loads(out.read_text())
     (job,) = record["jobs"]
     assert job["rule"] == "predict" and job["model"] == "m" and job["backend"] == "vllm"
@@ -177,8 +178,7 @@ def test_record_script_groups_each_jobs_outputs(tmp_path):
 def test_agreement_pairs_are_one_checkpoint_through_two_engines():
     import yaml
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_pipeline
+    from benchmarks import gpu_pipeline
 
     models = yaml.safe_load((REPO / "config" / "gpu-smoke.yaml").read_text())["models"]
     # The random 8B is drawn by each engine on its own: not a pair to compare.

@@ -3,7 +3,6 @@ architecture, real TRL steps, the grounding reward), the GRPO configs of the GPU
 stale-sync fault it injects, and the weight-sync verdict it draws from TRL's logged figures.
 The vLLM variants themselves need a GPU (docs/training.md, "Rollouts: vLLM or generate")."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,24 +11,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "grpo_rollouts.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("grpo_rollouts", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import grpo_rollouts
+
+    return grpo_rollouts
 
 
 def test_generate_variant_runs_and_is_recorded(tmp_path):
     # ~40 s: two GRPO steps of the tiny architecture, each variant in its own process like on the GPU.
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "run", "--size", "tiny", "--variants", "speed-hf", "--steps", "2",
+        [sys.executable, "-m", "benchmarks.grpo_rollouts", "run", "--size", "tiny", "--variants", "speed-hf", "--steps", "2",
          "--work", str(tmp_path / "work"), "--out", str(out)],
-        capture_output=True, text=True, timeout=400,
+        capture_output=True, text=True, timeout=400, cwd=REPO,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     record = json.loads((out / "grpo-rollouts-cpu.json").read_text())

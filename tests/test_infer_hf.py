@@ -4,9 +4,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from egm.grounding import PROMPTS
-from egm.infer.base import Request, SamplingOptions
+from egm.infer.backends.hf import HFEngine
+from egm.infer.base import Request
 from egm.infer.engine import load_engine
-from egm.infer.hf import HFEngine
+from egm.options import SamplingOptions
 
 MAX_TOKENS = 12
 

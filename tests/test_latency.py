@@ -151,9 +151,9 @@ def test_paper_config_measures_every_model_and_the_figure_uses_it(tmp_path):
 def test_benchmark_script_smoke(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "latency.py"), "--tiny", "--out", str(out), "--tokens", "2,3",
+        [sys.executable, "-m", "benchmarks.latency", "--tiny", "--out", str(out), "--tokens", "2,3",
          "--batches", "1", "--methods", "generate,graph,vllm", "--reps", "1", "--generate-reps", "1"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -172,11 +172,11 @@ def test_decode_floor_counts_what_a_step_reads():
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import latency as bench
+    from benchmarks import latency as bench
+    from benchmarks.common import build_config
 
     for arch, tied in (("qwen3-vl-8b", False), ("qwen3-vl-4b", True)):
-        config, _ = bench.build_config(arch)
+        config, _ = build_config(arch)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
         try:

@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 # Where the helpers and shared globals of the rules live (README, STYLE of the workflow).
-RULE_HELPERS = ("common.smk", "containers.smk")
+RULE_HELPERS = ("common.smk", "resources.smk")
 
 
 def egm_modules() -> dict[str, Path]:
@@ -68,6 +68,54 @@ def test_egm_imports_have_no_cycle_and_no_private_name():
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
+def test_egm_folders_import_one_way():
+    """Between the folders of egm/ (data, models, train, infer, report, plan), imports run one
+    way: a folder that imports another is never imported back by it, lazily or not."""
+    modules = egm_modules()
+
+    def folder(module):
+        parts = module.split(".")
+        return parts[1] if len(parts) > 2 or (REPO / "egm" / parts[-1]).is_dir() else None
+
+    edges = {}
+    for module, path in modules.items():
+        for target, _, line in imports(module, path, modules):
+            a, b = folder(module), folder(target)
+            if a and b and a != b:
+                edges.setdefault((a, b), f"{path.relative_to(REPO)}:{line} imports {target}")
+    loops = [f"{a} <-> {b}: {edges[a, b]}; {edges[b, a]}" for a, b in sorted(edges) if a < b and (b, a) in edges]
+    assert not loops, "folders of egm/ that import each other:\n" + "\n".join(loops)
+
+
+def benchmark_scripts() -> list[Path]:
+    return sorted((REPO / "benchmarks").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", benchmark_scripts(), ids=lambda p: p.name)
+def test_benchmarks_import_one_way(path):
+    """The benchmark scripts are modules of the repository (`python -m benchmarks.<name>` from its
+    root): none edits sys.path or loads a file by its path, and a sibling is imported one way,
+    `from benchmarks.<module> import ...`, never as a top-level module of the scripts' folder."""
+    tree = ast.parse(path.read_text(), str(path))
+    siblings = {p.stem for p in benchmark_scripts()}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys":
+            found.append(f"line {node.lineno}: sys.path")
+        elif isinstance(node, ast.Attribute) and node.attr == "spec_from_file_location":
+            found.append(f"line {node.lineno}: a module loaded from its file")
+        elif isinstance(node, ast.Import):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names
+                      if a.name.split(".")[0] in siblings or a.name.startswith("benchmarks")]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            top = (node.module or "").split(".")[0]
+            if top in siblings or (node.module == "benchmarks"):
+                found.append(f"line {node.lineno}: from {node.module} import ...")
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            found.append(f"line {node.lineno}: a relative import")
+    assert not found, f"{path.name}: import benchmarks' shared code as `from benchmarks.<module> import ...`: {found}"
+
+
 def rule_files() -> list[Path]:
     return [p for p in sorted((REPO / "workflow" / "rules").glob("*.smk")) if p.name not in RULE_HELPERS]
 
@@ -75,7 +123,7 @@ def rule_files() -> list[Path]:
 @pytest.mark.parametrize("path", rule_files(), ids=lambda p: p.name)
 def test_rule_file_holds_rules_only(path):
     text = path.read_text()
-    # Top-level Python (a function, a global, an import) belongs in common.smk or containers.smk.
+    # Top-level Python (a function, a global, an import) belongs in common.smk or resources.smk.
     python = [line for line in text.splitlines() if re.match(r"(def |class |import |from |[A-Za-z_]\w*\s*=)", line)]
     assert not python, f"{path.name}: move to {' or '.join(RULE_HELPERS)}: {python}"
     # A shell command sees only its rule's fields, never a workflow global.
@@ -83,6 +131,25 @@ def test_rule_file_holds_rules_only(path):
         names = set(re.findall(r"(?<!\{)\{([A-Za-z_]\w*)", block))
         outside = names - {"input", "output", "params", "wildcards", "log", "threads", "resources"}
         assert not outside, f"{path.name}: a shell command reads {sorted(outside)}: pass it through params:"
+        # Nor does it spell a path: the rule's output:, input: or params: hold each one once.
+        paths = re.findall(r"(?:results|resources|logs)/[^\s\"']*", block)
+        assert not paths, f"{path.name}: a shell command writes the path(s) {paths}: take them from the rule's fields"
+
+
+# Names of modules and classes the rule files use without a prefix.
+IMPORTED_NAMES = ("os", "json", "re", "shlex", "shutil", "Path", "WorkflowError")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "workflow" / "rules").glob("*.smk")), ids=lambda p: p.name)
+def test_rule_file_imports_what_it_uses(path):
+    """Snakemake runs every included file in one namespace, so a name imported in common.smk is
+    visible everywhere; each file still imports what it uses, so it reads on its own."""
+    text = path.read_text()
+    code = "\n".join(line.split("#")[0] for line in text.splitlines())
+    imported = set(re.findall(r"^import (\w+)", text, re.M))
+    imported |= {name.strip() for names in re.findall(r"^from \S+ import (.+)$", text, re.M) for name in names.split(",")}
+    used = {name for name in IMPORTED_NAMES if re.search(rf"(?<![\w.]){name}\b(?=[.(])", code)}
+    assert used <= imported, f"{path.name} uses {sorted(used - imported)} without importing them"
 
 
 def test_readme_stage_table_names_what_exists():

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import multigpu
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import multigpu  # noqa: E402
-
 CONFIG = multigpu.load_config()
 SPLIT = CONFIG["predict"]["split"]
 
@@ -71,7 +69,7 @@ def work(tmp_path):
     predictions(tmp_path, "tiny-sft-hf-2gpu", boxes[:7] + [[0, 0, 1, 1]], answer_s=4.2)
     predictions(tmp_path, "tiny-sft-vllm-1gpu", boxes, answer_s=4.0)
     ray_log = predictions(tmp_path, "tiny-sft-vllm-ray-pp", boxes, answer_s=6.0)
-    ray_log.write_text("INFO egm.infer.ray_slurm: ray cluster up: 2 nodes; running python -m egm predict\n"
+    ray_log.write_text("INFO egm.infer.backends.ray_slurm: ray cluster up: 2 nodes; running python -m egm predict\n"
                        + ray_log.read_text())
     write_json(tmp_path / "status" / "ray-pp.json", {"rc": 0, "wall_s": 200.0, "limit_s": 480})
     return tmp_path
@@ -167,8 +165,8 @@ def test_restore_keeps_finished_runs_and_redo_forgets_one(work, tmp_path):
 
 def test_record_command_writes_the_file(work, tmp_path):
     out = tmp_path / "out" / "multigpu-h200x2.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multigpu.py"), "record", "--work", str(work),
-                             "--out", str(out)], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.multigpu", "record", "--work", str(work),
+                             "--out", str(out)], capture_output=True, text=True, check=True, cwd=REPO)
     assert json.loads(out.read_text())["sft"]["speedup_steps_per_s"] == 1.6
     assert "predict hf tiny-sft: samples/s [1.0, 1.905] speed-up 1.905 equal boxes 7/8" in result.stdout
 
@@ -190,7 +188,7 @@ def test_training_options_are_the_rules_and_fit_the_gpu_count(gpus):
 
 
 def test_predict_options_parse_as_the_predict_command_does():
-    from egm.infer.vllm import vllm_engine_kwargs
+    from egm.infer.backends.vllm import vllm_engine_kwargs
     from egm.options import PredictOptions, parse_options
 
     for model, spec in CONFIG["predict"]["models"].items():
@@ -251,7 +249,7 @@ def test_grpo_and_predict_and_ray_write_where_the_record_reads():
     assert [w[-1] for w in predict] == [f">logs/predict/{k}.log" for k in keys]
     assert json.loads(option(predict[1], "--options"))["engine_options"]["data_parallel_size"] == 2
 
-    ray = [w for w in dry_run("ray", "tp") if "egm.infer.ray_slurm" in w]
+    ray = [w for w in dry_run("ray", "tp") if "egm.infer.backends.ray_slurm" in w]
     assert len(ray) == 1
     words = ray[0]
     assert option(words, "--local-nodes") == "2" and option(words, "--gpus-per-node") == "1"

@@ -3,8 +3,7 @@ import json
 import pytest
 
 from egm.cli import main as egm_main
-from egm.infer.base import SamplingOptions
-from egm.options import LatencyOptions, OptionsError, PredictOptions, ScalingOptions, TrainOptions, parse_options
+from egm.options import LatencyOptions, OptionsError, PredictOptions, SamplingOptions, ScalingOptions, TrainOptions, parse_options
 
 INFERENCE = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": 20, "repetition_penalty": 1.0,
              "presence_penalty": 0.0}

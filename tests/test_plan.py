@@ -18,7 +18,7 @@ from egm.plan.cost import CostModel
 from egm.plan.gpus import load_gpus
 from egm.plan.jobs import PlannedJob
 from egm.plan.plan import check, check_per_rule, make_plan, markdown, schedule
-from tests.workflow_helpers import REPO, copy_workflow, plan as dry_run, small_demo_config, write_config
+from tests.workflow_helpers import REPO, copy_workflow, plan as dry_run, shipped_config, small_demo_config, write_config
 
 RECORDS = REPO / "benchmarks" / "results"
 
@@ -232,7 +232,7 @@ def test_check_plans_for_the_card_the_run_used(workdir, tmp_path):
 
 
 def test_records_are_counted_in_the_offline_mirror_before_the_fetch(workdir):
-    config = yaml.safe_load((REPO / "config" / "gpu-smoke.yaml").read_text())
+    config = shipped_config("gpu-smoke.yaml")
     configfile = write_config(workdir, config, "smoke.yaml")
     target = ["results/predictions/qwen3-vl-8b-vllm/run.json"]
     before = _plan(workdir, configfile, targets=target)

@@ -7,10 +7,8 @@ import sys
 
 import pytest
 
+from benchmarks import projection
 from tests.workflow_helpers import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import projection  # noqa: E402
 
 GPUS = {
     "Base": {"memory_gb": 80, "bandwidth_tbps": 2.0, "bf16_dense_tflops": 100.0, "record_device": "Base card", "source": "s"},
@@ -83,8 +81,8 @@ def test_shipped_gpu_table_and_the_command(tmp_path):
     base = tmp_path / "base.json"
     base.write_text(json.dumps(record("NVIDIA H100 80GB HBM3", {"qwen3-vl-8b": {42: 350.0, 101: 760.0}})))
     out = tmp_path / "projection.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "projection.py"), "--base", str(base),
-                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.projection", "--base", str(base),
+                             "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["base"]["gpu"] == "H100 SXM" and data["check"] == []

@@ -13,7 +13,7 @@ zgq1879/EGM `verl/scripts/`):
   message: the image with detail "high", then the prompt; temperature 0.0, top_p 1.0,
   presence_penalty 0.0, max_tokens, and in extra_body top_k 20, repetition_penalty 1.0), line 197
   (the `qwen3` prompt).
-Where we differ on purpose (host, port, no --trust-remote-code), egm/infer/server.py says why.
+Where we differ on purpose (host, port, no --trust-remote-code), egm/infer/backends/server.py says why.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from egm.infer.base import Request, SamplingOptions
-from egm.infer.client import OpenAIChatClient
-from egm.infer.server import server_command, server_spec
-from egm.options import PredictOptions, parse_options
+from egm.infer.backends.client import OpenAIChatClient
+from egm.infer.backends.server import server_command, server_spec
+from egm.infer.base import Request
+from egm.options import PredictOptions, SamplingOptions, parse_options
 from tests.workflow_helpers import REPO, copy_workflow, run_snakemake
 
 AUTHORS_MODELS = ("egm-8b", "egm-4b", "qwen3-vl-8b-thinking", "qwen3-vl-4b-thinking")
@@ -43,7 +43,7 @@ PROMPT = "Locate the red mug on the left, output its bbox coordinates using JSON
 
 def authors_flags(cmd: list[str]) -> tuple[str, dict[str, str]]:
     """A rendered `python -m MODULE --flag value ...` as (MODULE, flags), less the three flags the job
-    sets on purpose and the authors' scripts set otherwise (host, port, served name: egm.infer.server)."""
+    sets on purpose and the authors' scripts set otherwise (host, port, served name: egm.infer.backends.server)."""
     assert cmd[1] == "-m" and len(cmd) % 2 == 1, cmd  # flags and values in pairs, nothing bare
     flags = dict(zip(cmd[3::2], cmd[4::2]))
     assert {"--host", "--port", "--served-model-name"} <= set(flags), cmd

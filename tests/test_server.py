@@ -20,11 +20,12 @@ from PIL import Image, ImageDraw
 
 from egm.data.splits import load_split
 from egm.grounding import PROMPTS, build_prompt
-from egm.infer.client import ServerDied
-from egm.infer.base import EngineBase, Request, SamplingOptions
+from egm.infer.backends.client import ServerDied
+from egm.infer.backends.hf import HFEngine
+from egm.infer.base import EngineBase, Request
 from egm.infer.engine import load_engine
-from egm.infer.hf import HFEngine
 from egm.infer.predict import predict_split, read_work_file
+from egm.options import SamplingOptions
 
 MAX_TOKENS = 6
 PROCESSOR = '''

@@ -135,6 +135,8 @@ def test_the_schema_and_configs_name_the_package_splits():
     repo = Path(__file__).resolve().parent.parent
     schema = yaml.safe_load((repo / "workflow/schemas/config.schema.yaml").read_text())
     assert schema["properties"]["splits"]["items"]["enum"] == list(EVAL_SPLITS)
+    # A config that leaves `splits` out gets all eight: the shipped full configs do.
+    assert schema["properties"]["splits"]["default"] == list(EVAL_SPLITS)
     assert schema["properties"]["latency"]["properties"]["split"]["enum"] == list(EVAL_SPLITS)
     for config in sorted((repo / "config").glob("*.yaml")):
         splits = yaml.safe_load(config.read_text()).get("splits")

@@ -12,8 +12,10 @@ import torch
 from egm.data.archives import extract_archive, part_files
 from egm.data.demo import write_demo_dataset
 from egm.data.parquet import rewrite_image_paths
+from egm.data.paths import SFT_DATA
+from egm.data.rows import BadRow, split_user_turn
 from egm.train import common, recipes
-from egm.train.data import SFT_DATA, BadRow, RowCounter, iter_sft_rows, rl_rows, sft_row, split_user_turn
+from egm.train.data import RowCounter, iter_sft_rows, rl_rows, sft_row
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "config" / "recipes"
@@ -332,8 +334,9 @@ def test_one_sft_step_trains_llm_and_merger_not_the_vit(tiny_dir, demo_data, tmp
     assert (out / "preprocessor_config.json").read_bytes() == (tiny_dir / "preprocessor_config.json").read_bytes()
     assert json.loads((tmp_path / "sft.json").read_text())["files"]
     assert not (tmp_path / ".work" / "sft").exists()  # checkpoints go once the manifest exists
-    from egm.infer.base import Request, SamplingOptions
-    from egm.infer.hf import HFEngine
+    from egm.infer.base import Request
+    from egm.options import SamplingOptions
+    from egm.infer.backends.hf import HFEngine
 
     image = next((demo_data / "images" / "coco" / "train2014").iterdir())
     engine = HFEngine(str(out), SamplingOptions(max_tokens=4))

@@ -12,8 +12,8 @@ from PIL import Image
 
 from egm.data.validation import ValidationError, unscored, validate_rl_parquet, validate_split
 from egm.report.common import write_table
-from egm.report.tables import paper_comparison, refcoco_table
 from egm.report.paper import SPLITS
+from egm.report.tables import paper_comparison, refcoco_table
 
 
 @pytest.fixture

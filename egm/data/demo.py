@@ -24,10 +24,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from egm.data.paths import RL_DATA, SFT_DATA
 from egm.data.splits import EVAL_SPLITS
 from egm.grounding import PROMPTS, SFT_PROMPT, format_sft_target, to_grid
 from egm.io import atomic_dir
-from egm.train.data import RL_DATA, SFT_DATA
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

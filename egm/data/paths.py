@@ -1,4 +1,5 @@
-"""Map the image paths written in the dataset's files onto where the images live here.
+"""Where the data set's files are: the training files' names in its repo (SFT_DATA, RL_DATA), and
+the image paths written in its files mapped onto where the images live here.
 
 The eval JSONL and the RL parquet carry the authors' absolute or repo-relative paths
 ("/data/coco/train2014/...", "data/coco_flip/train2014/..."). The authors relocate them with a
@@ -10,6 +11,11 @@ because a different rule would silently point some records at the wrong (or no) 
 from __future__ import annotations
 
 import os
+
+# The SFT JSONL files of the data set repo, by `data`: raw (the full set) or cot_subset (1k rows).
+SFT_DATA = "vanilla_grounding_reasoning_training_dataset_{data}.jsonl"
+# The RL parquet files of the data set repo, by `part`: train or val.
+RL_DATA = "processed_rl_data/{part}_grounding.parquet"
 
 FLIP_MARKER = "coco_flip"
 MARKER = "coco"

@@ -1,7 +1,7 @@
 """Check the eval splits and the RL parquet right after extraction, before any GPU job.
 
 The checks are the ones the consumers make (`egm.data.splits` for predict: fields, types, image
-present, size as recorded; `egm.train.data` for RL training: one user turn whose image
+present, size as recorded; `egm.train.data` for RL training (`egm.data.rows`): one user turn whose image
 placeholders match one image, a 4-number ground truth, width/height), run on the CPU as soon as
 the images are on disk, so an empty or broken file is known hours before a GPU job would have
 found it. Each file gets a small JSON report: how many records are valid, the bad ones by
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from egm.data.paths import relocate_image_path
+from egm.data.rows import BadRow, split_user_turn
 from egm.data.splits import InvalidRecord, image_size, is_number, positive_int, read_split, released_size
 
 # Bad records listed in a report (all are counted): enough to see the pattern, small to read.
@@ -65,8 +66,6 @@ def _ground_truth(reward_model: Any) -> list[float]:
 
 def _rl_row(row: dict, image_root: str, sizes: dict) -> None:
     """Raise InvalidRecord with the reason when RL training could not use this row as it is."""
-    from egm.train.data import BadRow, split_user_turn
-
     images, prompt = row.get("images"), row.get("prompt")
     if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str) or not images[0]:
         raise InvalidRecord(f"images: expected one image path, got {images!r}")

@@ -8,8 +8,10 @@ module; `egm.infer.engine.load_engine` imports the engines.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
+
+from egm.options import SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -36,22 +38,32 @@ class Completion:
     latency_s: float
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """The paper's decoding settings (greedy when temperature is 0)."""
-
-    max_tokens: int = 4096
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 20
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-
 def request_max_tokens(request: Request, sampling: SamplingOptions) -> int:
     """The new-token cap of one request: its own, else the engine's."""
     return int(sampling.max_tokens if request.max_tokens is None else request.max_tokens)
+
+
+def engine_sampling(sampling: SamplingOptions, request: Request | None = None, *, max_tokens_key: str,
+                    seed_key: str, keep_stop_key: str) -> dict:
+    """The decoding settings as vLLM and SGLang both take them, under each one's names for the token
+    cap, the seed and "keep the stop string in the text": top_k <= 0 is "off" (-1), the seed (if
+    any) comes from `sampling.extra`; with a `request`, its own max_tokens and stop strings (kept
+    in the text, so a caller can tell where it stopped)."""
+    params = {
+        max_tokens_key: int(sampling.max_tokens),
+        "temperature": float(sampling.temperature),
+        "top_p": float(sampling.top_p),
+        "top_k": int(sampling.top_k) if sampling.top_k and sampling.top_k > 0 else -1,
+        "repetition_penalty": float(sampling.repetition_penalty),
+        "presence_penalty": float(sampling.presence_penalty),
+    }
+    if sampling.extra.get("seed") is not None:
+        params[seed_key] = int(sampling.extra["seed"])
+    if request is not None and request.max_tokens is not None:
+        params[max_tokens_key] = int(request.max_tokens)
+    if request is not None and request.stop:
+        params.update({"stop": list(request.stop), keep_stop_key: True})
+    return params
 
 
 def batches_by_settings(requests: list[Request], size: int) -> list[list[int]]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from egm.infer.base import BackendUnavailable, Engine, SamplingOptions
+from egm.infer.base import BackendUnavailable, Engine
+from egm.options import SamplingOptions
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,13 @@ def load_engine(backend: str, model_dir: str, sampling: SamplingOptions, options
     """
     options = dict(options or {})
     if backend == "hf":
-        from egm.infer.hf import HFEngine
+        from egm.infer.backends.hf import HFEngine
 
         replicas = _replicas(backend, model_dir, sampling, options)
         if replicas:
             return replicas
         if options.pop("decode", "generate") == "graph":
-            from egm.infer.fast import FastHFEngine
+            from egm.infer.fast.engine import FastHFEngine
 
             return FastHFEngine(model_dir, sampling, **options)
         return HFEngine(model_dir, sampling, **options)
@@ -39,15 +40,15 @@ def load_engine(backend: str, model_dir: str, sampling: SamplingOptions, options
         replicas = _replicas(backend, model_dir, sampling, options)
         if replicas:
             return replicas
-        from egm.infer.vllm import VLLMEngine
+        from egm.infer.backends.vllm import VLLMEngine
 
         return VLLMEngine(model_dir, sampling, **options)
     if backend == "sglang":
-        from egm.infer.sglang import SGLangEngine
+        from egm.infer.backends.sglang import SGLangEngine
 
         return SGLangEngine(model_dir, sampling, **options)
     if backend == "server":
-        from egm.infer.server import ServerEngine
+        from egm.infer.backends.server import ServerEngine
 
         return ServerEngine(model_dir, sampling, **options)
     raise BackendUnavailable(f"unknown inference backend {backend!r}; known: {', '.join(BACKENDS)}")
@@ -66,7 +67,7 @@ def engine_loader(backend: str, model_dir: str, sampling: SamplingOptions, optio
 
 def _replicas(backend: str, model_dir: str, sampling: SamplingOptions, options: dict):
     """A ReplicatedEngine when more than one GPU group is available, else None (options trimmed)."""
-    from egm.infer.gpus import groups, resolve_data_parallel, visible_gpus
+    from egm.infer.backends.gpus import groups, resolve_data_parallel, visible_gpus
 
     dp = options.pop("data_parallel_size", "auto")
     tp = int(options.get("tensor_parallel_size", 1)) if backend == "vllm" else 1
@@ -77,6 +78,6 @@ def _replicas(backend: str, model_dir: str, sampling: SamplingOptions, options: 
     gpu_groups = groups(gpus, tp)[:n]
     if len(gpu_groups) < n:
         raise ValueError(f"data_parallel_size {n} x tensor_parallel_size {tp} needs {n * tp} GPUs; visible: {gpus}")
-    from egm.infer.replicas import ReplicatedEngine
+    from egm.infer.backends.replicas import ReplicatedEngine
 
     return ReplicatedEngine(load_engine, backend, model_dir, sampling, options, gpu_groups)

@@ -33,16 +33,11 @@ SOURCE = (
 
 SPLITS = EVAL_SPLITS
 
-# A dict (ordered like SPLITS) so callers can look a label up by split id.
+# A dict (ordered like SPLITS) so callers can look a label up by split id: "refcoco+_testA" ->
+# "RefCOCO+ testA", the data set as the paper writes it, then the split.
+DATASET_LABELS = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg"}
 SPLIT_LABELS: dict[str, str] = {
-    "refcoco_val": "RefCOCO val",
-    "refcoco_testA": "RefCOCO testA",
-    "refcoco_testB": "RefCOCO testB",
-    "refcoco+_val": "RefCOCO+ val",
-    "refcoco+_testA": "RefCOCO+ testA",
-    "refcoco+_testB": "RefCOCO+ testB",
-    "refcocog_val": "RefCOCOg val",
-    "refcocog_test": "RefCOCOg test",
+    split: f"{DATASET_LABELS[dataset]} {part}" for split in SPLITS for dataset, part in [split.split("_", 1)]
 }
 
 AVG = "Avg"

@@ -306,6 +306,49 @@ class Timer:
         return round(time.perf_counter() - self.start, 3)
 
 
+class Stage:
+    """What both training stages (sft, rl) do around their trainer: the process's place in the
+    distributed world, the fingerprint a resume checks, the checkpoints folder and the wall clock;
+    then training (resuming) and the model directory and manifest with the stage's record."""
+
+    def __init__(self, name: str, model_dir: str | os.PathLike, work_dir: str | os.PathLike, options: dict,
+                 inputs: list[str]):
+        self.name, self.model_dir, self.work_dir, self.options = name, model_dir, Path(work_dir), options
+        self.recipe = options["recipe"]
+        self.world_size, self.rank = world()
+        self.gpu = on_gpu()
+        self.timer = Timer()
+        self.fingerprint = fingerprint(options, inputs)
+        self.checkpoints = self.work_dir / CHECKPOINTS
+
+    def load_model(self, args, freeze_by_default: bool):
+        """(processor, model, frozen parameter groups) for the trainer `args` (load_for_training)."""
+        return load_for_training(args, self.work_dir, self.fingerprint, self.rank, self.model_dir, self.recipe,
+                                 freeze_by_default=freeze_by_default)
+
+    def train_and_finish(self, trainer, cost, out_dir: str | os.PathLike, manifest_path: str | os.PathLike,
+                         **record) -> dict | None:
+        """Train (from the last checkpoint of the same fingerprint, if any), then write the model
+        directory and the manifest; `record` is the stage's own part of the record (trl_args, data,
+        frozen, ...), beside what every stage records."""
+        result, resume = train_resuming(trainer, self.checkpoints)
+        meta = {
+            "stage": self.name,
+            "run": self.options.get("run"),
+            "start": str(self.model_dir),
+            "options": self.options,
+            "world_size": self.world_size,
+            "device": "cuda" if self.gpu else "cpu",
+            **record,
+            "resumed_from": resume,
+            "train_metrics": result.metrics,
+            "cost": cost.summary(),
+            "wall_s": self.timer.seconds(),
+            "fingerprint": self.fingerprint,
+        }
+        return finish_stage(trainer, self.work_dir, self.model_dir, out_dir, manifest_path, meta)
+
+
 def finish_stage(trainer, work_dir: Path, start_dir: str | os.PathLike, out_dir: str | os.PathLike,
                  manifest_path: str | os.PathLike, meta: dict) -> dict | None:
     """Save the trained model (all processes: ZeRO-3 gathers the weights), then on rank 0 write

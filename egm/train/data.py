@@ -22,35 +22,11 @@ import os
 from collections.abc import Iterator
 
 from egm.data.paths import relocate_image_path
-
-# The SFT JSONL files of the data set repo, by `data`: raw (the full set) or cot_subset (1k rows).
-SFT_DATA = "vanilla_grounding_reasoning_training_dataset_{data}.jsonl"
-# The RL parquet files of the data set repo, by `part`: train or val.
-RL_DATA = "processed_rl_data/{part}_grounding.parquet"
+from egm.data.rows import BadRow, split_user_turn
 
 log = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
 _REPORTED = 5
-
-
-class BadRow(ValueError):
-    pass
-
-
-def split_user_turn(content: str, n_images: int) -> str:
-    """The user text without its leading image placeholders (one per image, `<image>\\n` each)."""
-    if content.count(IMAGE_PLACEHOLDER) != n_images:
-        raise BadRow(f"{content.count(IMAGE_PLACEHOLDER)} image placeholders for {n_images} images")
-    text = content
-    for _ in range(n_images):
-        text = text.lstrip("\n")
-        if not text.startswith(IMAGE_PLACEHOLDER):
-            # The paper's requests put the image first; a placeholder inside the text would
-            # need interleaving that this data never has.
-            raise BadRow("image placeholder not at the start of the user turn")
-        text = text[len(IMAGE_PLACEHOLDER):]
-    return text.lstrip("\n")
 
 
 def sft_row(row: dict, image_root: str) -> dict:

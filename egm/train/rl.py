@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from pathlib import Path
 
 from egm.train import common
 from egm.train.recipes import rl_args, warn_unapplied
@@ -59,24 +58,17 @@ def train_rl(
     from egm.train.data import rl_dataset
     from egm.train.rewards import trl_grounding_reward
 
-    recipe = options["recipe"]
-    world_size, rank = common.world()
-    gpu = common.on_gpu()
-    timer = common.Timer()
     inputs = [*fingerprint_inputs, train_path, *([val_path] if val_path else [])]
-    print_ = common.fingerprint(options, inputs)
-    checkpoints = Path(work_dir) / common.CHECKPOINTS
-
-    kwargs = rl_args(recipe, world_size=world_size, on_gpu=gpu, max_steps=options.get("max_steps"),
+    stage = common.Stage("rl", model_dir, work_dir, options, inputs)
+    recipe = stage.recipe
+    kwargs = rl_args(recipe, world_size=stage.world_size, on_gpu=stage.gpu, max_steps=options.get("max_steps"),
                      vllm_available=vllm_available())
     if not val_path:
         kwargs.pop("eval_strategy", None)
         kwargs.pop("eval_steps", None)
     not_applied = warn_unapplied(recipe, "rl")
-    args = GRPOConfig(output_dir=str(checkpoints), **common.TRAINER_DEFAULTS, **kwargs)
-    processor, model, frozen = common.load_for_training(
-        args, work_dir, print_, rank, model_dir, recipe, freeze_by_default=False
-    )
+    args = GRPOConfig(output_dir=str(stage.checkpoints), **common.TRAINER_DEFAULTS, **kwargs)
+    processor, model, frozen = stage.load_model(args, freeze_by_default=False)
 
     train, train_summary = rl_dataset(train_path, limit=options.get("limit"))
     val, val_summary = (None, None)
@@ -96,24 +88,5 @@ def train_rl(
     )
     rollout = rollout_path(trainer)
     log.info("rollouts: %s", rollout)
-    result, resume = common.train_resuming(trainer, checkpoints)
-
-    meta = {
-        "stage": "rl",
-        "run": options.get("run"),
-        "start": str(model_dir),
-        "options": options,
-        "trl_args": kwargs,
-        "not_applied": not_applied,
-        "world_size": world_size,
-        "device": "cuda" if gpu else "cpu",
-        "rollout": rollout,
-        "data": {"train": train_summary, "val": val_summary},
-        "frozen": frozen,
-        "resumed_from": resume,
-        "train_metrics": result.metrics,
-        "cost": cost.summary(),
-        "wall_s": timer.seconds(),
-        "fingerprint": print_,
-    }
-    return common.finish_stage(trainer, Path(work_dir), model_dir, out_dir, manifest_path, meta)
+    return stage.train_and_finish(trainer, cost, out_dir, manifest_path, trl_args=kwargs, not_applied=not_applied,
+                                  rollout=rollout, data={"train": train_summary, "val": val_summary}, frozen=frozen)

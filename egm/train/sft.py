@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from egm.train import common
 from egm.train.recipes import sft_args, warn_unapplied
@@ -40,26 +39,19 @@ def train_sft(
     from egm.train.cost import TrainingCost
     from egm.train.data import sft_dataset
 
-    recipe = options["recipe"]
-    world_size, rank = common.world()
-    gpu = common.on_gpu()
-    timer = common.Timer()
-    print_ = common.fingerprint(options, [*fingerprint_inputs, data_path])
-    checkpoints = Path(work_dir) / common.CHECKPOINTS
-
-    kwargs = sft_args(recipe, world_size=world_size, on_gpu=gpu, max_steps=options.get("max_steps"))
+    stage = common.Stage("sft", model_dir, work_dir, options, [*fingerprint_inputs, data_path])
+    recipe = stage.recipe
+    kwargs = sft_args(recipe, world_size=stage.world_size, on_gpu=stage.gpu, max_steps=options.get("max_steps"))
     warn_unapplied(recipe, "sft")
     # The config first: with DeepSpeed ZeRO-3 it must exist before the model is built.
     args = SFTConfig(
-        output_dir=str(checkpoints),
+        output_dir=str(stage.checkpoints),
         **common.TRAINER_DEFAULTS,
         # The vision collator reads images and messages; it needs the raw columns.
         remove_unused_columns=False,
         **kwargs,
     )
-    processor, model, frozen = common.load_for_training(
-        args, work_dir, print_, rank, model_dir, recipe, freeze_by_default=True
-    )
+    processor, model, frozen = stage.load_model(args, freeze_by_default=True)
 
     dataset, data_summary = sft_dataset(data_path, image_root, limit=options.get("limit"))
     log.info("SFT data: %s", data_summary)
@@ -72,22 +64,5 @@ def train_sft(
         processing_class=processor,
         callbacks=[cost, *(callbacks or [])],
     )
-    result, resume = common.train_resuming(trainer, checkpoints)
-
-    meta = {
-        "stage": "sft",
-        "run": options.get("run"),
-        "start": str(model_dir),
-        "options": options,
-        "trl_args": dict(kwargs),
-        "world_size": world_size,
-        "device": "cuda" if gpu else "cpu",
-        "data": data_summary,
-        "frozen": frozen,
-        "resumed_from": resume,
-        "train_metrics": result.metrics,
-        "cost": cost.summary(),
-        "wall_s": timer.seconds(),
-        "fingerprint": print_,
-    }
-    return common.finish_stage(trainer, Path(work_dir), model_dir, out_dir, manifest_path, meta)
+    return stage.train_and_finish(trainer, cost, out_dir, manifest_path, trl_args=dict(kwargs), data=data_summary,
+                                  frozen=frozen)

@@ -8,8 +8,9 @@ import shlex
 from snakemake.exceptions import WorkflowError
 
 from egm.data.hub import mirror_state
+from egm.data.paths import RL_DATA, SFT_DATA
+from egm.options import predict_job_options, train_job_options
 from egm.report.tables import check_expected
-from egm.train.data import RL_DATA, SFT_DATA
 from egm.train.recipes import resolve_recipe
 
 SPLITS = config["splits"]
@@ -46,6 +47,11 @@ def model_dir(model):
         run, stage = TRAINED[model]
         return f"results/checkpoints/{run}/{stage}"
     return f"resources/models/{model}"
+
+
+def folder_of(path):
+    """The folder a rule's output lies in, for a command that takes the folder."""
+    return os.path.dirname(path)
 
 
 def model_manifest(model):
@@ -139,16 +145,7 @@ def validation_reports():
 
 
 def predict_options(model):
-    entry = MODELS[model]
-    return json_arg(
-        {
-            "prompt": entry["prompt"],
-            "backend": entry["backend"],
-            "engine_options": entry["engine_options"],
-            "inference": config["inference"],
-            "gpus": entry["gpus"],
-        }
-    )
+    return json_arg(predict_job_options(MODELS[model], config["inference"]))
 
 
 # Latency (latency.smk): each model under the paper's protocol, only with a `latency:` section.
@@ -205,17 +202,14 @@ wildcard_constraints:
 
 
 def train_options(run, stage):
-    """Everything a training stage uses, resolved: the recipe's content (not its path, so a changed
-    value reruns the stage and an edited comment does not), step and row limits, the run name."""
+    """Everything a training stage uses, its recipe resolved (egm.options.train_job_options)."""
     spec = RUNS[run][stage]
-    return json_arg(
-        {
-            "run": run,
-            "recipe": resolve_recipe(spec["recipe"], spec["overrides"], workflow.basedir),
-            "max_steps": spec["max_steps"],
-            "limit": spec["limit"],
-        }
-    )
+    return json_arg(train_job_options(run, spec, resolve_recipe(spec["recipe"], spec["overrides"], workflow.basedir)))
+
+
+def train_work_dir(run, stage):
+    """Where a training stage keeps its checkpoints until it finishes (it resumes from them)."""
+    return f"results/checkpoints/{run}/.work/{stage}"
 
 
 def rl_start(run):
@@ -223,22 +217,6 @@ def rl_start(run):
     if RUNS[run]["rl"]["from"] == "sft":
         return f"results/checkpoints/{run}/sft.json", f"results/checkpoints/{run}/sft"
     return f"resources/manifests/start-{run}.json", f"resources/models/start-{run}"
-
-
-def train_image_key(run):
-    return "vllm" if RUNS[run]["gpus"] > 0 else "cpu"
-
-
-def train_job():
-    """Scheduler resources of a training job: the run's `gpus:`. The command launches one process
-    per configured GPU; the global batch is the recipe's either way."""
-    return gpu_job(lambda wildcards: RUNS[wildcards.run]["gpus"])
-
-
-def train_threads(wildcards):
-    """Threads of a training job, which Snakemake exports as OMP_NUM_THREADS: a CPU run (the
-    demo) trains 1.45x faster on two threads than on one; a GPU job's CPUs are cpus_per_gpu."""
-    return RESOURCES["cpu_train_threads"] if RUNS[wildcards.run]["gpus"] == 0 else 1
 
 
 # Report (report.smk).
@@ -287,6 +265,11 @@ def scaling_budgets(model):
     return ["unlimited"] if model in SINGLE_POINT else SCALING_BUDGETS
 
 
+def scaling_work_dir(model):
+    """Where a scaling job keeps the answers of the budgets it has finished (it resumes from them)."""
+    return f"results/scaling/.work/{model}"
+
+
 def scaling_options(model):
     entry = MODELS[model]
     settings = {k: SCALING[k] for k in ("answer_max_tokens", "n_per_split", "seed")}
@@ -314,3 +297,9 @@ def _scaling_outputs(budgets):
 
 
 SCALING_METRICS = [f"results/scaling/{m}/budget-{b}.json" for m in MODELS for b in scaling_budgets(m)]
+
+
+def configfiles_given():
+    """The config files this run was given, relative to the workflow: the run's location is
+    not a parameter of a job that reads them (table_cost)."""
+    return [os.path.relpath(c) for c in workflow.configfiles]

@@ -41,7 +41,7 @@ rule fetch_dataset:
             config["dataset"]["repo_id"], "resources/manifests/dataset.json", config["dataset"]["allow_patterns"]
         ),
         # The repo's root: where coco_flip.tar, one of its top-level files, lands.
-        dest=lambda wildcards, output: os.path.dirname(output.flip),
+        dest=lambda wildcards, output: folder_of(output.flip),
     container:
         image_for("cpu")
     log:

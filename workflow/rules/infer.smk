@@ -17,6 +17,7 @@ rule predict:
         image_root=IMAGE_ROOT,
         options=lambda wc: predict_options(wc.model),
         model_dir=lambda wc: model_dir(wc.model),
+        out_dir=lambda wildcards, output: folder_of(output.run),
     container:
         image_for(lambda wc: model_image_key(wc.model))
     resources:
@@ -27,6 +28,6 @@ rule predict:
         "logs/predict/{model}.log",
     shell:
         "python -m egm predict --model-dir {params.model_dir} --model-manifest {input.model}"
-        " --splits {input.splits} --image-root {params.image_root} --out-dir results/predictions/{wildcards.model}"
+        " --splits {input.splits} --image-root {params.image_root} --out-dir {params.out_dir}"
         " --options {params.options} --model {wildcards.model} --data-manifest {input.data} --run-record {output.run}"
         " > {log} 2>&1"

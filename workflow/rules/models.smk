@@ -14,6 +14,7 @@ rule fetch_model:
         checksums=lambda wc: json_arg(MODELS[wc.model]["checksums"]),
         mirror=lambda wc: mirror_arg(MODELS[wc.model]["repo_id"]),
         mirror_files=lambda wc: mirror_files(MODELS[wc.model]["repo_id"], model_manifest(wc.model)),
+        dest=lambda wc: model_dir(wc.model),
     container:
         image_for("cpu")
     log:
@@ -21,5 +22,4 @@ rule fetch_model:
     shell:
         "python -m egm fetch --repo-type model --repo-id {params.repo_id} --revision {params.revision}"
         " --checksums {params.checksums} {params.mirror} --mirror-files {params.mirror_files}"
-        " --dest resources/models/{wildcards.model}"
-        " --manifest {output} > {log} 2>&1"
+        " --dest {params.dest} --manifest {output} > {log} 2>&1"

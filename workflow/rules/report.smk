@@ -174,8 +174,7 @@ rule table_cost:
         report("results/tables/cost.md", caption="../report/cost.rst", category="Tables"),
         json="results/tables/cost.json",
     params:
-        # As given, relative to the workflow: the run's location is not a parameter of the table.
-        configfiles=[os.path.relpath(c) for c in workflow.configfiles],
+        configfiles=configfiles_given(),
     localrule: True
     log:
         "logs/table_cost.log",

@@ -18,6 +18,8 @@ rule scaling:
         image_root=IMAGE_ROOT,
         options=lambda wc: scaling_options(wc.model),
         model_dir=lambda wc: model_dir(wc.model),
+        out_dir=lambda wildcards, output: folder_of(output[0]),
+        work_dir=lambda wc: scaling_work_dir(wc.model),
     container:
         image_for(lambda wc: model_image_key(wc.model))
     resources:
@@ -28,8 +30,8 @@ rule scaling:
         "logs/scaling/{model}.log",
     shell:
         "python -m egm scaling --model {wildcards.model} --model-dir {params.model_dir} --model-manifest {input.model}"
-        " --splits {input.splits} --image-root {params.image_root} --out-dir results/scaling/{wildcards.model}"
-        " --work-dir results/scaling/.work/{wildcards.model} --options {params.options}"
+        " --splits {input.splits} --image-root {params.image_root} --out-dir {params.out_dir}"
+        " --work-dir {params.work_dir} --options {params.options}"
         " --data-manifest {input.data} > {log} 2>&1"
 
 

@@ -13,6 +13,7 @@ rule fetch_rl_start:
         revision=lambda wc: RUNS[wc.run]["rl"]["revision"],
         mirror=lambda wc: mirror_arg(RUNS[wc.run]["rl"]["from"]),
         mirror_files=lambda wc: mirror_files(RUNS[wc.run]["rl"]["from"], f"resources/manifests/start-{wc.run}.json"),
+        dest=lambda wc: rl_start(wc.run)[1],
     container:
         image_for("cpu")
     log:
@@ -20,7 +21,7 @@ rule fetch_rl_start:
     shell:
         "python -m egm fetch --repo-type model --repo-id {params.repo_id} --revision {params.revision}"
         " {params.mirror} --mirror-files {params.mirror_files}"
-        " --dest resources/models/start-{wildcards.run} --manifest {output} > {log} 2>&1"
+        " --dest {params.dest} --manifest {output} > {log} 2>&1"
 
 
 rule sft:
@@ -36,6 +37,7 @@ rule sft:
         image_root=IMAGE_ROOT,
         options=lambda wc: train_options(wc.run, "sft"),
         start=lambda wc: model_dir(RUNS[wc.run]["base"]),
+        work_dir=lambda wc: train_work_dir(wc.run, "sft"),
         # From the config, not {resources.gpu}: a local profile caps that resource.
         gpus=lambda wc: RUNS[wc.run]["gpus"],
     container:
@@ -51,7 +53,7 @@ rule sft:
         "python -m egm sft --model-dir {params.start} --model-manifest {input.model}"
         " --data {input.data}"
         " --image-root {params.image_root} --inputs {input.dataset} --out-dir {output.model} --manifest {output.manifest}"
-        " --work-dir results/checkpoints/{wildcards.run}/.work/sft --options {params.options}"
+        " --work-dir {params.work_dir} --options {params.options}"
         " --gpus {params.gpus} > {log} 2>&1"
 
 
@@ -66,6 +68,7 @@ rule rl:
     params:
         options=lambda wc: train_options(wc.run, "rl"),
         start=lambda wc: rl_start(wc.run)[1],
+        work_dir=lambda wc: train_work_dir(wc.run, "rl"),
         gpus=lambda wc: RUNS[wc.run]["gpus"],
     container:
         image_for(lambda wc: train_image_key(wc.run))
@@ -79,5 +82,5 @@ rule rl:
     shell:
         "python -m egm rl --model-dir {params.start} --model-manifest {input.start}"
         " --train {input.train} --val {input.val} --out-dir {output.model} --manifest {output.manifest}"
-        " --work-dir results/checkpoints/{wildcards.run}/.work/rl --options {params.options}"
+        " --work-dir {params.work_dir} --options {params.options}"
         " --gpus {params.gpus} > {log} 2>&1"

@@ -1,8 +1,18 @@
-# Containers and cluster resources. Every rule names its image through image_for() and what it
-# asks a scheduler for through cpu_job() / model_job(); without --use-apptainer (or a profile
-# that sets it) and without a cluster executor, neither changes how a rule runs.
+# How every job asks for its image and its resources: each rule names its image through
+# image_for() (the key from model_image_key() / train_image_key()) and what it asks a scheduler
+# for through cpu_job() / gpu_job() / model_job() / train_job() (and train_threads()); the
+# profiles (profiles/) only say where jobs run. Without --use-apptainer (or a profile that sets
+# it) and without a cluster executor, neither changes how a rule runs. Reads common.smk's MODELS
+# and RUNS (included first); common.smk reads nothing from here.
+import json
+import os
 import shutil
+from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+
+from egm.io import sha256_file
+from egm.provenance import IMAGE_DIGESTS_ENV, image_sha256
 from egm.runtime import GPU_JOBS_ON_CPU_ENV
 
 # containers.<key> -> the definition (containers/<name>.def) whose content hash fills "{hash}".
@@ -29,7 +39,7 @@ def model_image_key(model, entry=None):
         return "vllm"
     options = entry["engine_options"]
     if entry["backend"] == "server" and not options.get("url") and options.get("server", "vllm") in ("vllm", "sglang"):
-        # The job starts the server itself (egm.infer.server): it runs in that engine's image.
+        # The job starts the server itself (egm.infer.backends.server): it runs in that engine's image.
         return options.get("server", "vllm")
     return "cpu"  # hf on CPU, or a client of an external server (engine_options.url)
 
@@ -41,8 +51,6 @@ def _image_ref(key):
     definition = os.path.join(workflow.basedir, "containers", f"{IMAGE_DEFINITIONS[key]}.def")
     if not os.path.exists(definition):
         raise WorkflowError(f"containers.{key} names {ref!r}, but its definition {definition} is missing")
-    from egm.io import sha256_file
-
     digest = sha256_file(definition)[:12]
     # The same name containers/build.sh gives the image: a new definition means a new image path,
     # and Snakemake reruns every job whose container string changed.
@@ -75,10 +83,6 @@ if USE_APPTAINER:
             "module (or install it: containers/README.md), or run without --use-apptainer."
         )
     _require_images({"cpu", *map(model_image_key, MODELS)})
-    from pathlib import Path
-
-    from egm.provenance import IMAGE_DIGESTS_ENV, image_sha256
-
     # Results name the image they were made in by its digest (egm.provenance.image_record). The
     # host reads every image file; a job inside one may not see its own (a symlinked image's
     # target is outside the job's binds). Jobs and their Apptainer inherit this environment.
@@ -139,3 +143,19 @@ def gpu_job(gpus_of):
 def model_job():
     """Scheduler resources of a model's job: its `gpus:` GPUs."""
     return gpu_job(lambda wildcards: MODELS[wildcards.model]["gpus"])
+
+
+def train_image_key(run):
+    return "vllm" if RUNS[run]["gpus"] > 0 else "cpu"
+
+
+def train_job():
+    """Scheduler resources of a training job: the run's `gpus:`. The command launches one process
+    per configured GPU; the global batch is the recipe's either way."""
+    return gpu_job(lambda wildcards: RUNS[wildcards.run]["gpus"])
+
+
+def train_threads(wildcards):
+    """Threads of a training job, which Snakemake exports as OMP_NUM_THREADS: a CPU run (the
+    demo) trains 1.45x faster on two threads than on one; a GPU job's CPUs are cpus_per_gpu."""
+    return RESOURCES["cpu_train_threads"] if RUNS[wildcards.run]["gpus"] == 0 else 1

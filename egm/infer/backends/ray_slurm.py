@@ -3,7 +3,7 @@
 Models too large for one node run vLLM (or SGLang) with tensor parallelism inside a node and
 pipeline parallelism across nodes, over Ray. Inside an allocation of N nodes:
 
-    python -m egm.infer.ray_slurm -- python -m egm predict ...      # or any command
+    python -m egm.infer.backends.ray_slurm -- python -m egm predict ...      # or any command
 
 starts the Ray head on the first node of the allocation, one Ray worker on every other node
 (each through `srun`, one task per node), waits until all N nodes have joined, runs the command
@@ -185,7 +185,7 @@ def run_on_cluster(p: RayPlan, command: list[str], timeout_s: float = 600.0, hea
 def run(command: list[str], port: int = 6379, timeout_s: float = 600.0, gpus_per_node: int | None = None,
         local_nodes: int | None = None) -> int:
     if local_nodes:
-        from egm.infer.gpus import visible_gpus
+        from egm.infer.backends.gpus import visible_gpus
 
         p = plan_local(local_nodes, visible_gpus(), gpus_per_node or 1, port=port)
     else:
@@ -195,7 +195,7 @@ def run(command: list[str], port: int = 6379, timeout_s: float = 600.0, gpus_per
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m egm.infer.ray_slurm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m egm.infer.backends.ray_slurm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=6379)
     parser.add_argument("--gpus-per-node", type=int, default=None)
     parser.add_argument("--timeout-s", type=float, default=600.0)

@@ -12,7 +12,7 @@ through boolean masks (each a sync). Here the work is split in two:
   image size (cached) the vision tower's position embeddings and rotary tables;
 - device work of fixed shapes: `Prefiller.vision` (patch embedding plus position embedding, the
   vision blocks with attention per image, images of one size in one batched call, the DeepStack
-  mergers and the merger), then `egm.infer.fast.GraphDecoder.run_prefill` for the text: token
+  mergers and the merger), then `egm.infer.fast.decoder.GraphDecoder.run_prefill` for the text: token
   embeddings with the image features written at the image tokens, every layer with the
   decoder's fused weights (causal attention under the padding mask, keys and values written
   straight into the decoder's static cache), DeepStack features added after the first layers,

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import time
 
-from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, SamplingOptions, require_module
-from egm.infer.gpus import resolve_data_parallel
+from egm.infer.backends.gpus import resolve_data_parallel
+from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, engine_sampling, require_module
+from egm.options import SamplingOptions
 
 # Our option name -> sglang.Engine's.
 OPTION_NAMES = {
@@ -28,30 +29,11 @@ OPTION_NAMES = {
 }
 
 
-def sglang_sampling_params(sampling: SamplingOptions) -> dict:
-    """SGLang's per-request `sampling_params` dict for the config's decoding settings."""
-    params = {
-        "max_new_tokens": int(sampling.max_tokens),
-        "temperature": float(sampling.temperature),
-        "top_p": float(sampling.top_p),
-        "top_k": int(sampling.top_k) if sampling.top_k and sampling.top_k > 0 else -1,
-        "repetition_penalty": float(sampling.repetition_penalty),
-        "presence_penalty": float(sampling.presence_penalty),
-    }
-    if sampling.extra.get("seed") is not None:
-        params["sampling_seed"] = int(sampling.extra["seed"])
-    return params
-
-
-def sglang_request_params(sampling: SamplingOptions, request: Request) -> dict:
-    """`sglang_sampling_params` with the request's own max_tokens and stop strings (kept in the
-    text: `no_stop_trim`)."""
-    params = sglang_sampling_params(sampling)
-    if request.max_tokens is not None:
-        params["max_new_tokens"] = int(request.max_tokens)
-    if request.stop:
-        params.update(stop=list(request.stop), no_stop_trim=True)
-    return params
+def sglang_request_params(sampling: SamplingOptions, request: Request | None = None) -> dict:
+    """SGLang's per-request `sampling_params` dict for the config's decoding settings and, given
+    one, the request's own max_tokens and stop strings (egm.infer.base.engine_sampling)."""
+    return engine_sampling(sampling, request, max_tokens_key="max_new_tokens", seed_key="sampling_seed",
+                           keep_stop_key="no_stop_trim")
 
 
 def sglang_engine_kwargs(model_dir: str, options: dict, gpus: list[str] | None = None) -> dict:
@@ -95,7 +77,7 @@ class SGLangEngine(EngineBase):
         self.data_parallel_size = kwargs["dp_size"]
         self.engine = sglang.Engine(**kwargs)
         self.sampling = sampling
-        self.params = sglang_sampling_params(sampling)
+        self.params = sglang_request_params(sampling)
         self.chunk_size = max(int(batch_size), 256)
 
     def generate(self, requests: list[Request]) -> list[Completion]:

@@ -20,7 +20,8 @@ import os
 import traceback
 from collections.abc import Callable, Iterator
 
-from egm.infer.base import Completion, Engine, EngineBase, Request, SamplingOptions
+from egm.infer.base import Completion, Engine, EngineBase, Request
+from egm.options import SamplingOptions
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 `ServerEngine` (backend `server`) starts a vLLM or SGLang server on the job's GPUs (data
 parallel over all of them by default, tensor parallel as configured), waits until it answers,
-sends the requests with at most `concurrency` in flight (egm.infer.client), and stops the server
+sends the requests with at most `concurrency` in flight (egm.infer.backends.client), and stops the server
 by its process group when done. The server's output goes to a log file that is kept; its PID is
 written beside it while it runs. `url:` uses a server that is already running instead.
 
@@ -45,9 +45,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from egm.infer.client import OpenAIChatClient, ServerError
-from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, SamplingOptions, require_module
-from egm.infer.gpus import resolve_data_parallel
+from egm.infer.backends.client import OpenAIChatClient, ServerError
+from egm.infer.backends.gpus import resolve_data_parallel
+from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, require_module
+from egm.options import SamplingOptions
 
 log = logging.getLogger(__name__)
 

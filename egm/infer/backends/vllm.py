@@ -18,39 +18,18 @@ import os
 import time
 from pathlib import Path
 
-from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, SamplingOptions, require_module
+from egm.infer.base import CONTAINERS, Completion, EngineBase, Request, engine_sampling, require_module
+from egm.options import SamplingOptions
 
 ENGINE_KEYS = ("tensor_parallel_size", "dtype", "max_model_len", "gpu_memory_utilization", "max_num_seqs", "seed",
                "enforce_eager", "pipeline_parallel_size", "distributed_executor_backend", "load_format")
 
 
-def vllm_sampling_kwargs(sampling: SamplingOptions) -> dict:
-    """Keyword arguments of `vllm.SamplingParams` for the config's decoding settings.
-
-    top_k <= 0 means "off" (vLLM's -1); the seed, if any, comes from `sampling.extra`.
-    """
-    kwargs = {
-        "max_tokens": int(sampling.max_tokens),
-        "temperature": float(sampling.temperature),
-        "top_p": float(sampling.top_p),
-        "top_k": int(sampling.top_k) if sampling.top_k and sampling.top_k > 0 else -1,
-        "repetition_penalty": float(sampling.repetition_penalty),
-        "presence_penalty": float(sampling.presence_penalty),
-    }
-    if sampling.extra.get("seed") is not None:
-        kwargs["seed"] = int(sampling.extra["seed"])
-    return kwargs
-
-
-def vllm_request_sampling_kwargs(sampling: SamplingOptions, request: Request) -> dict:
-    """`vllm_sampling_kwargs` with the request's own max_tokens and stop strings (kept in the
-    text, so a caller can tell where it stopped)."""
-    kwargs = vllm_sampling_kwargs(sampling)
-    if request.max_tokens is not None:
-        kwargs["max_tokens"] = int(request.max_tokens)
-    if request.stop:
-        kwargs.update(stop=list(request.stop), include_stop_str_in_output=True)
-    return kwargs
+def vllm_request_sampling_kwargs(sampling: SamplingOptions, request: Request | None = None) -> dict:
+    """Keyword arguments of `vllm.SamplingParams` for the config's decoding settings and, given
+    one, the request's own max_tokens and stop strings (egm.infer.base.engine_sampling)."""
+    return engine_sampling(sampling, request, max_tokens_key="max_tokens", seed_key="seed",
+                           keep_stop_key="include_stop_str_in_output")
 
 
 # The causal-LM architecture of a multimodal config's nested text config, by its model type.
@@ -129,7 +108,7 @@ class VLLMEngine(EngineBase):
         use_spawned_engine_process()
         self.llm = LLM(**vllm_engine_kwargs(self.model_dir, options))
         self.sampling = sampling
-        self.params = SamplingParams(**vllm_sampling_kwargs(sampling))
+        self.params = SamplingParams(**vllm_request_sampling_kwargs(sampling))
         # vLLM schedules everything it is given; predict hands it bigger chunks than a batch.
         self.chunk_size = max(self.batch_size, 256)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 
-from egm.infer.base import Completion, EngineBase, Request, SamplingOptions, batches_by_settings, request_max_tokens
+from egm.infer.base import Completion, EngineBase, Request, batches_by_settings, request_max_tokens
+from egm.options import SamplingOptions
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16"}

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from egm.infer.base import Completion, Request, SamplingOptions
+from egm.infer.base import Completion, Request
+from egm.options import SamplingOptions
 
 log = logging.getLogger(__name__)
 
