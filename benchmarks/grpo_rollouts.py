@@ -362,6 +362,7 @@ def logp_floor(plan: dict, precision: str) -> dict:
 
     from egm.train.data import rl_dataset
     from egm.train.processing import load_processor
+    from egm.train.rl import IMAGE_PAD, collapse_image_placeholders
 
     spec = next(v for v in plan["variants"].values() if v["model"] == "check")
     model_dir = spec["model_dir"]
@@ -402,30 +403,35 @@ def logp_floor(plan: dict, precision: str) -> dict:
     for part, conversations in (("image", with_image), ("text_only", text_only)):
         encoded = [encode(c) for c in conversations]
         requests = []
+        image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         for conv, enc in zip(conversations, encoded):
-            request = {"prompt_token_ids": enc["input_ids"][0].tolist()}
+            # As the `rl` stage sends them: one placeholder per image, which vLLM expands.
+            request = {"prompt_token_ids": collapse_image_placeholders(enc["input_ids"][0].tolist(), image_token)}
             images = [c["image"] for m in conv for c in m["content"] if c["type"] == "image"]
             if images:
                 request["multi_modal_data"] = {"image": images[0]}
             requests.append(request)
         outputs = llm.generate(requests, sampling_params=sampling, use_tqdm=False)
-        completion, prompt_text, same_prompt = [], [], 0
-        image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        for request, enc, output in zip(requests, encoded, outputs):
-            prompt_ids = list(output.prompt_token_ids)
-            same_prompt += prompt_ids == request["prompt_token_ids"]
+        completion, prompt_text, same_prompt, image_tokens = [], [], 0, []
+        for enc, output in zip(encoded, outputs):
+            prompt_ids = enc["input_ids"][0].tolist()  # the trainer's prompt
+            theirs_prompt = list(output.prompt_token_ids)
+            same_prompt += theirs_prompt == prompt_ids
+            image_tokens.append([prompt_ids.count(image_token), theirs_prompt.count(image_token)])
             sample = output.outputs[0]
             ids = prompt_ids + list(sample.token_ids)
             ours = own_logps(ids, enc)
             theirs = [None] * len(prompt_ids) + [lp[t].logprob for lp, t in zip(sample.logprobs, sample.token_ids)]
             last_image = max((i for i, t in enumerate(prompt_ids) if t == image_token), default=0)
-            for i, logprob in enumerate(output.prompt_logprobs or []):
-                if logprob and i > last_image:
-                    prompt_text.append(abs(logprob[prompt_ids[i]].logprob - ours[i]))
+            if theirs_prompt == prompt_ids:  # vLLM's prompt log-probs line up with ours
+                for i, logprob in enumerate(output.prompt_logprobs or []):
+                    if logprob and i > last_image:
+                        prompt_text.append(abs(logprob[prompt_ids[i]].logprob - ours[i]))
             completion += [abs(a - b) for a, b in zip(theirs[len(prompt_ids):], ours[len(prompt_ids):])]
             if part == "image":
                 batched_for.setdefault("samples", []).append((prompt_ids, list(sample.token_ids), theirs[len(prompt_ids):]))
-        out[part] = {"prompt_ids_equal": same_prompt, "completion": floor_stats(completion),
+        out[part] = {"prompt_ids_equal": same_prompt, "image_tokens_ours_vllm": image_tokens,
+                     "completion": floor_stats(completion),
                      "prompt_text_after_image": floor_stats(prompt_text)}
     # TRL's own forward: the batch's prompts through the processor with padding (left), the
     # completions right-padded after them, one forward for all.

@@ -149,13 +149,20 @@ class FakeVLLMFromTransformers:
 
         torch = self.torch
         outputs = []
+        pad = self.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         for request in requests:
-            ids = torch.tensor([request["prompt_token_ids"]])
+            prompt = list(request["prompt_token_ids"])
             extra = {}
             if "multi_modal_data" in request:
-                extra = self.processor.image_processor(images=[request["multi_modal_data"]["image"]], return_tensors="pt")
-                extra = dict(extra)
-                extra["mm_token_type_ids"] = (ids == self.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).long()
+                extra = dict(self.processor.image_processor(images=[request["multi_modal_data"]["image"]],
+                                                            return_tensors="pt"))
+                # As vLLM does with a one-placeholder prompt: the placeholder becomes the image's tokens.
+                n = int(extra["image_grid_thw"].prod()) // self.processor.image_processor.merge_size ** 2
+                at = prompt.index(pad)
+                prompt = prompt[:at] + [pad] * n + prompt[at + 1:]
+            ids = torch.tensor([prompt])
+            if extra:
+                extra["mm_token_type_ids"] = (ids == pad).long()
             with torch.inference_mode():
                 full = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                            do_sample=False, **extra)
@@ -169,7 +176,7 @@ class FakeVLLMFromTransformers:
             prompt_lp = [None] + [{int(t): NS(logprob=lp)} for t, lp in zip(full[0, 1:n].tolist(), logps[:n - 1])]
             sample = NS(token_ids=completion,
                         logprobs=[{t: NS(logprob=lp + self.bias)} for t, lp in zip(completion, logps[n - 1:])])
-            outputs.append(NS(prompt_token_ids=request["prompt_token_ids"], prompt_logprobs=prompt_lp, outputs=[sample]))
+            outputs.append(NS(prompt_token_ids=prompt, prompt_logprobs=prompt_lp, outputs=[sample]))
         return outputs
 
 
@@ -193,6 +200,8 @@ def test_logp_floor_measures_the_engines_difference(bench, tmp_path, monkeypatch
         monkeypatch.setenv(name, "")  # logp_floor sets them; monkeypatch puts them back
     out = bench.logp_floor(plan, "tf32")
     assert out["prompts"] == 3 and out["triton_f32_default"] == "tf32"
+    # The engine was sent one placeholder per image and expanded it to the trainer's prompt.
+    assert out["image"]["image_tokens_ours_vllm"] == [[9, 9]] * 3
     for part in ("image", "text_only"):
         assert out[part]["prompt_ids_equal"] == 3
         completion = out[part]["completion"]

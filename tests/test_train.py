@@ -415,10 +415,46 @@ def test_one_grpo_step(tiny_dir, demo_data, tmp_path):
     before, after = weights(tiny_dir), weights(tmp_path / "rl")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     training = json.loads((tmp_path / "rl" / "training.json").read_text())
-    assert training["rollout"] == "transformers-generate"
+    assert training["rollout"] == "transformers-generate" and "vllm_prompts" not in training
     from transformers import AutoModelForImageTextToText
 
     AutoModelForImageTextToText.from_pretrained(tmp_path / "rl")  # the checkpoint reloads
+
+
+class VLLMGenerationStandIn:
+    """Stands in for TRL's VLLMGeneration, whose vLLM needs a GPU: it keeps the prompts it is sent."""
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        self.sent = prompts
+        return "completions"
+
+
+def test_vllm_gets_one_image_placeholder_per_image(tiny_dir):
+    from PIL import Image
+
+    from egm.train import rl
+    from egm.train.processing import load_processor
+
+    processor = load_processor(tiny_dir)
+    pad = processor.tokenizer.convert_tokens_to_ids(rl.IMAGE_PAD)
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (96, 96))},
+                                             {"type": "text", "text": "Locate the dog."}]}]
+    # What TRL sends (the processor's ids, placeholders expanded) and what vLLM expands itself.
+    expanded = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"][0]
+    single = processor.tokenizer(processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                               tokenize=False))["input_ids"]
+    assert expanded.count(pad) == 9 and single.count(pad) == 1
+    assert rl.collapse_image_placeholders(expanded, pad) == single
+
+    trainer = type("Trainer", (), {})()
+    trainer.vllm_generation = VLLMGenerationStandIn()
+    assert rl.send_vllm_unexpanded_prompts(trainer, pad)
+    assert trainer.vllm_generation.generate(prompts=[expanded], images=[["image"]], num_generations=2) == "completions"
+    assert trainer.vllm_generation.sent == [single]
+    trainer.vllm_generation.generate(prompts=[[1, pad, pad, 2]], images=None, num_generations=2)
+    assert trainer.vllm_generation.sent == [[1, pad, pad, 2]]  # no image: sent as it is
+    assert not rl.send_vllm_unexpanded_prompts(type("Trainer", (), {})(), pad)  # generate rollouts: nothing to route
 
 
 def test_grpo_uses_the_grounding_reward_by_default(tiny_dir, demo_data, tmp_path):

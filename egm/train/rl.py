@@ -34,6 +34,42 @@ def rollout_path(trainer) -> str:
     return "transformers-generate"
 
 
+IMAGE_PAD = "<|image_pad|>"
+
+
+def collapse_image_placeholders(ids: list[int], pad_id: int) -> list[int]:
+    """A prompt's ids with each run of image placeholders cut to one: the form vLLM expands itself.
+
+    TRL hands vLLM the trainer processor's ids, whose placeholders are already expanded to the
+    image's token count, beside the image; vLLM 0.25.1 expands the first placeholder of such a
+    prompt again and reads the rest as text (benchmarks/results/vllm-placeholders-h100.json: 300
+    sent, 599 in vLLM's prompt for a 640x480 image with Qwen3-VL-8B's processor), so every rollout
+    would be sampled from another prompt than the one the policy is trained on."""
+    out: list[int] = []
+    for token in ids:
+        if token == pad_id and out and out[-1] == pad_id:
+            continue
+        out.append(token)
+    return out
+
+
+def send_vllm_unexpanded_prompts(trainer, pad_id: int) -> bool:
+    """Route the trainer's vLLM prompts through collapse_image_placeholders (colocate and server
+    mode share TRL's VLLMGeneration.generate). False where the trainer has no vLLM."""
+    generation = getattr(trainer, "vllm_generation", None)
+    if generation is None:
+        return False
+    original = generation.generate
+
+    def generate(prompts, images, *args, **kwargs):
+        if images is not None:
+            prompts = [collapse_image_placeholders(list(ids), pad_id) for ids in prompts]
+        return original(prompts=prompts, images=images, *args, **kwargs)
+
+    generation.generate = generate
+    return True
+
+
 def train_rl(
     model_dir: str | os.PathLike,
     train_path: str | os.PathLike,
@@ -87,6 +123,10 @@ def train_rl(
         callbacks=[cost, *(callbacks or [])],
     )
     rollout = rollout_path(trainer)
-    log.info("rollouts: %s", rollout)
+    extra = {}
+    if send_vllm_unexpanded_prompts(trainer, processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)):
+        extra["vllm_prompts"] = "one placeholder per image, expanded by vLLM (collapse_image_placeholders)"
+    log.info("rollouts: %s %s", rollout, extra)
     return stage.train_and_finish(trainer, cost, out_dir, manifest_path, trl_args=kwargs, not_applied=not_applied,
-                                  rollout=rollout, data={"train": train_summary, "val": val_summary}, frozen=frozen)
+                                  rollout=rollout, data={"train": train_summary, "val": val_summary}, frozen=frozen,
+                                  **extra)
