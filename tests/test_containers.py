@@ -334,7 +334,11 @@ def test_demo_runs_every_job_inside_the_cpu_image(tmp_path):
     logs = job_logs(workdir)
     assert len(logs) == steps - 1, [str(p.relative_to(workdir)) for p in logs]  # one log per job but `all`
     markers = {str(p.relative_to(workdir)): image_marker(p) for p in logs}
-    assert set(markers.values()) == {image.stem}, markers  # every job, in exactly this image
+    # Every job in exactly this image, but the report's cost table: it plans through Snakemake's
+    # API, which the images leave out, so its rule runs on the host (table_cost, a `run:` block).
+    on_host = {"logs/table_cost.log"}
+    assert {markers[log] for log in on_host} == {"none"}, markers
+    assert {image for log, image in markers.items() if log not in on_host} == {image.stem}, markers
     # Every metrics file names that image by the digest of its file (provenance).
     from egm.io import sha256_file
 
