@@ -338,7 +338,7 @@ def test_demo_runs_every_job_inside_the_cpu_image(tmp_path):
     # API, which the images leave out, so its rule runs on the host (table_cost, a `run:` block).
     on_host = {"logs/table_cost.log"}
     assert {markers[log] for log in on_host} == {"none"}, markers
-    assert {image for log, image in markers.items() if log not in on_host} == {image.stem}, markers
+    assert {name for log, name in markers.items() if log not in on_host} == {image.stem}, markers
     # Every metrics file names that image by the digest of its file (provenance).
     from egm.io import sha256_file
 
