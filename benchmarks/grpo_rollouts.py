@@ -697,6 +697,23 @@ def write_record(work: Path, out_dir: Path) -> Path:
 # ----------------------------------------------------------------------------- CLI
 
 
+def exit_after(step) -> None:
+    """Run a step that may hold a vLLM engine, then leave at once: a colocated engine's threads can
+    hold the interpreter at exit, and everything is written by then (steps.json after every step,
+    the traceback in the log). Exit code 1 on any exception, the time limit's SIGINT included."""
+    rc = 0
+    try:
+        step()
+    except BaseException:  # noqa: BLE001 - also the SIGINT of the time limit
+        import traceback
+
+        traceback.print_exc()
+        rc = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -742,31 +759,10 @@ def main() -> None:
         write_json(Path(plan["work"]) / "prepared.json", {**prepare(plan), "environment": environment()})
     elif args.command == "floor":
         plan = read_json(args.plan)
-        rc = 0
-        try:
-            write_json(Path(plan["work"]) / f"floor-{args.precision}.json", logp_floor(plan, args.precision))
-        except BaseException:  # noqa: BLE001 - also the SIGINT of the time limit
-            import traceback
-
-            traceback.print_exc()
-            rc = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
+        exit_after(lambda: write_json(Path(plan["work"]) / f"floor-{args.precision}.json",
+                                      logp_floor(plan, args.precision)))
     elif args.command == "variant":
-        # A colocated vLLM engine's threads can hold the interpreter at exit: leave at once, once
-        # everything is written (steps.json after every step, the traceback in the log).
-        rc = 0
-        try:
-            run_variant(read_json(args.plan), args.name)
-        except BaseException:  # noqa: BLE001 - also the SIGINT of the time limit
-            import traceback
-
-            traceback.print_exc()
-            rc = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
+        exit_after(lambda: run_variant(read_json(args.plan), args.name))
     else:
         write_record(Path(args.work), Path(args.out))
 
