@@ -64,7 +64,7 @@ def send_vllm_unexpanded_prompts(trainer, pad_id: int) -> bool:
     def generate(prompts, images, *args, **kwargs):
         if images is not None:
             prompts = [collapse_image_placeholders(list(ids), pad_id) for ids in prompts]
-        return original(prompts=prompts, images=images, *args, **kwargs)
+        return original(prompts, images, *args, **kwargs)
 
     generation.generate = generate
     return True
