@@ -382,6 +382,9 @@ def logp_floor(plan: dict, precision: str) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
 
+    def images_of(messages) -> list:
+        return [c["image"] for m in messages for c in m["content"] if c["type"] == "image"]
+
     def encode(messages):
         return processor.apply_chat_template(conversation=[messages], add_generation_prompt=True, tokenize=True,
                                              return_dict=True, return_tensors="pt")
@@ -400,14 +403,14 @@ def logp_floor(plan: dict, precision: str) -> dict:
     out: dict = {"precision": precision, "triton_f32_default": os.environ.get("TRITON_F32_DEFAULT"),
                  "prompts": len(rows), "engine": {**CHECK_ENGINE, "logprobs_mode": "processed_logprobs"}}
     batched_for: dict = {}
+    image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     for part, conversations in (("image", with_image), ("text_only", text_only)):
         encoded = [encode(c) for c in conversations]
         requests = []
-        image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         for conv, enc in zip(conversations, encoded):
             # As the `rl` stage sends them: one placeholder per image, which vLLM expands.
             request = {"prompt_token_ids": collapse_image_placeholders(enc["input_ids"][0].tolist(), image_token)}
-            images = [c["image"] for m in conv for c in m["content"] if c["type"] == "image"]
+            images = images_of(conv)
             if images:
                 request["multi_modal_data"] = {"image": images[0]}
             requests.append(request)
@@ -437,7 +440,7 @@ def logp_floor(plan: dict, precision: str) -> dict:
     # completions right-padded after them, one forward for all.
     samples = batched_for["samples"]
     texts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in with_image]
-    images = [[c["image"] for m in conv for c in m["content"] if c["type"] == "image"] for conv in with_image]
+    images = [images_of(conv) for conv in with_image]
     processor.tokenizer.padding_side = "left"
     batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
     width = max(len(s[1]) for s in samples)

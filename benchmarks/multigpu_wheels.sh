@@ -33,12 +33,13 @@ compgen -G "$vparts/part-*" >/dev/null || { echo "no vLLM parts in $vparts (../s
 # the CPU machine (ENVIRONMENT.md), and vLLM 0.25.1 needs Ray >= 2.43.
 # TRL 1.16 accepts vLLM 0.22-0.31 (0.25.1 is the GPU machine's) and transformers >= 4.56.2 (5.17 there).
 PURE_SDISTS=()
+GRPO=(trl==1.16.0 datasets==5.2.0 multiprocess==0.70.19)
 case "${1:-all}" in
-  all) WANTED=(deepspeed==0.19.8 trl==1.16.0 datasets==5.2.0 multiprocess==0.70.19 hjson==3.1.0 ray==2.60.0) ;;
-  grpo) WANTED=(trl==1.16.0 datasets==5.2.0 multiprocess==0.70.19) ;;
+  all) WANTED=(deepspeed==0.19.8 "${GRPO[@]}" hjson==3.1.0 ray==2.60.0) ;;
+  grpo) WANTED=("${GRPO[@]}") ;;
   # GRPO's set and Snakemake with what it needs (versions as resolved in the project's venv), for
   # one held machine that runs both the rollouts and the smoke pipeline (benchmarks/gpu_pipeline.sh).
-  pipeline) WANTED=(trl==1.16.0 datasets==5.2.0 multiprocess==0.70.19 snakemake==9.27.1
+  pipeline) WANTED=("${GRPO[@]}" snakemake==9.27.1
                     snakemake-interface-common==1.23.0 snakemake-interface-executor-plugins==9.4.0
                     snakemake-interface-logger-plugins==2.1.0 snakemake-interface-report-plugins==1.3.0
                     snakemake-interface-scheduler-plugins==2.0.2 snakemake-interface-storage-plugins==4.4.1

@@ -89,6 +89,14 @@ def _executable(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
+# Each serving engine's spelling of the optional settings: context length, weight loader, and
+# running without graph capture.
+OPTIONAL_FLAGS = {
+    "vllm": ("--max-model-len", "--load-format", "--enforce-eager"),
+    "sglang": ("--context-length", "--load-format", "--disable-cuda-graph"),
+}
+
+
 def server_command(spec: ServerSpec) -> list[str]:
     """The command line that starts `spec`'s server."""
     if spec.kind not in SERVER_KINDS:
@@ -100,29 +108,25 @@ def server_command(spec: ServerSpec) -> list[str]:
                "--data-parallel-size", str(spec.data_parallel_size),
                "--tensor-parallel-size", str(spec.tensor_parallel_size), "--dtype", spec.dtype,
                "--gpu-memory-utilization", str(memory)]
-        if spec.max_model_len:
-            cmd += ["--max-model-len", str(spec.max_model_len)]
-        if spec.load_format:
-            cmd += ["--load-format", spec.load_format]
-        if spec.enforce_eager:
-            cmd.append("--enforce-eager")
     elif spec.kind == "sglang":
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", spec.model_dir, "--host", spec.host,
                "--port", str(spec.port), "--served-model-name", spec.served_name,
                "--dp-size", str(spec.data_parallel_size), "--tp-size", str(spec.tensor_parallel_size),
                "--dtype", spec.dtype, "--mem-fraction-static", str(memory)]
-        if spec.max_model_len:
-            cmd += ["--context-length", str(spec.max_model_len)]
-        if spec.load_format:
-            cmd += ["--load-format", spec.load_format]
-        if spec.enforce_eager:
-            cmd.append("--disable-cuda-graph")
     else:
         # Serves one model, named by its path; one request at a time (no batching for Qwen3-VL).
         if spec.load_format not in (None, "auto"):
             raise ValueError(f"transformers serve has no load_format {spec.load_format!r}")
         cmd = [_executable("transformers"), "serve", spec.model_dir, "--host", spec.host, "--port", str(spec.port),
                "--dtype", spec.dtype, "--device", spec.device or "auto"]
+    if spec.kind in OPTIONAL_FLAGS:
+        length, loader, eager = OPTIONAL_FLAGS[spec.kind]
+        if spec.max_model_len:
+            cmd += [length, str(spec.max_model_len)]
+        if spec.load_format:
+            cmd += [loader, spec.load_format]
+        if spec.enforce_eager:
+            cmd.append(eager)
     if spec.trust_remote_code:
         cmd.append("--trust-remote-code")
     return cmd + [str(a) for a in spec.engine_args]
