@@ -14,7 +14,15 @@ Methods:
   `min_tokens = max_tokens = n` with `ignore_eos`. Prefix caching and vLLM's cache of processed
   images are off, so each repetition preprocesses and prefills as egm's methods do. Its timing
   ends when `LLM.generate` returns; it runs after egm's methods for a model, once their weights
-  are freed.
+  are freed;
+- `engine_egm` and `engine_vllm`: what a user of the pipeline gets. Requests go through
+  `egm.infer.engine.load_engine` (`hf` with `decode: graph`, and `vllm` with its defaults), each
+  with a new 640x480 JPEG written to disk before the clock starts and the paper's prompt, capped
+  at n new tokens (not forced: the random weights stop on an eos only by chance, and a cell where
+  that happened is an error, not a number); timed from `engine.generate` to the completions on
+  the host, so image decoding, the processor, the chat template and bucketing are in it. One
+  engine per method and model, built with `batch_size` = the largest batch, two warm-up batches
+  per cell.
 
 Each timed request includes image preprocessing, the vision tower, prefill and decode, ending
 when the tokens are on the host. Bandwidth = (bytes read + bytes written) / time of a large
@@ -379,7 +387,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", default="qwen3-vl-8b,qwen3-vl-4b,qwen3-vl-2b")
     parser.add_argument("--tokens", default="42,101")
     parser.add_argument("--batches", default="1,64")
-    parser.add_argument("--methods", default="generate,graph,graph_compiled")
+    parser.add_argument("--methods", default="generate,graph,graph_compiled",
+                        help="generate, graph, graph_compiled, vllm, engine_egm, engine_vllm")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions of the graph methods")
     parser.add_argument("--generate-reps", type=int, default=5, help="timed repetitions of plain generate")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
@@ -424,12 +433,12 @@ def main(argv=None) -> int:
             return True
         return False
 
-    if "vllm" in methods:
-        import importlib.util
+    import importlib.util
 
-        if device != "cuda" or importlib.util.find_spec("vllm") is None:
-            methods = [m for m in methods if m != "vllm"]
-            result["skipped"].append("vllm: " + ("not installed" if device == "cuda" else "needs a GPU"))
+    if device != "cuda" or importlib.util.find_spec("vllm") is None:
+        for method in [m for m in methods if m in ("vllm", "engine_vllm")]:
+            methods.remove(method)
+            result["skipped"].append(f"{method}: " + ("not installed" if device == "cuda" else "needs a GPU"))
     result["bandwidth_Bps"] += copy_bandwidth(device)
     result["matmul_flops"] = matmul_rate(device)
     processor = image_processor()
@@ -474,7 +483,7 @@ def main(argv=None) -> int:
         else:
             batches_to_time = batches
         for batch in batches_to_time:
-            for method in [m for m in methods if m != "vllm"]:
+            for method in [m for m in methods if m in IN_PROCESS_METHODS]:
                 what = f"{name} batch {batch} {method}"
                 if over_budget(what):
                     continue
@@ -554,6 +563,21 @@ def main(argv=None) -> int:
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
+        for method in [m for m in methods if m in ENGINE_METHODS]:
+            if args.diagnose or over_budget(f"{name} {method}"):
+                continue
+            try:
+                with tempfile.TemporaryDirectory(prefix="egm-engine-") as scratch:
+                    time_engine(method, name, entry, tokens, batches, args.reps, Path(scratch), device, (width, height))
+            except Exception as err:
+                import traceback
+
+                traceback.print_exc()
+                entry.setdefault("errors", []).append(f"{name} {method}: {type(err).__name__}: {err}"[:2000])
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            save()
         result["bandwidth_Bps"] += copy_bandwidth(device)
         save()
     result["total_s"] = round(time.perf_counter() - t_start, 1)
@@ -596,6 +620,72 @@ def time_vllm(name: str, image, entry: dict, tokens: list[int], batches: list[in
                 vllm["prompt_tokens"] = len(outputs[0].prompt_token_ids)
                 produced = {len(o.outputs[0].token_ids) for o in outputs}
                 record(entry, "vllm", batch, n, times, produced.pop() if len(produced) == 1 else -1)
+    finally:
+        engine.close()
+
+
+# The engine-path methods: (backend, engine options beyond batch size, dtype and dummy weights).
+ENGINE_METHODS = {"engine_egm": ("hf", {"decode": "graph"}), "engine_vllm": ("vllm", {})}
+IN_PROCESS_METHODS = ("generate", "graph", "graph_compiled")
+
+
+def time_engine(method: str, name: str, entry: dict, tokens: list[int], batches: list[int], reps: int,
+                workdir: Path, device: str, size: tuple[int, int]) -> None:
+    """An `engine_*` method (module docstring): appends its runs to `entry["runs"]`."""
+    import numpy as np
+    from PIL import Image
+
+    from egm.grounding import PROMPTS
+    from egm.infer.base import Request
+    from egm.infer.engine import load_engine
+    from egm.models.architectures import write_architecture_model
+    from egm.options import SamplingOptions
+
+    backend, options = ENGINE_METHODS[method]
+    if backend == "vllm":
+        if device != "cuda":
+            raise RuntimeError("vLLM needs a GPU")
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # flashinfer is not in the carried wheels
+    model_dir = workdir / name
+    write_architecture_model(model_dir, name)
+    options = {**options, "batch_size": max(batches), "load_format": "dummy",
+               "dtype": "bfloat16" if device == "cuda" else "float32"}
+    if backend == "hf":
+        options["device"] = device
+    t0 = time.perf_counter()
+    engine = load_engine(backend, str(model_dir), SamplingOptions(max_tokens=max(tokens)), options)
+    stats = entry.setdefault("engine_build_s", {})
+    stats[method] = round(time.perf_counter() - t0, 1)
+    rng = np.random.default_rng(2)
+    prompt = PROMPTS["qwen3"].format(sent="the red car on the left")
+    width, height = size
+
+    def requests(batch: int, n: int) -> list[Request]:
+        """`batch` requests, each with an image file of its own (vLLM and our engines may cache by content)."""
+        out = []
+        for i in range(batch):
+            path = workdir / f"image-{i}.jpg"
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, quality=90)
+            out.append(Request(str(i), str(path), prompt, max_tokens=n))
+        return out
+
+    def timed_batch(batch: int, n: int) -> tuple[float, list]:
+        batch_requests = requests(batch, n)
+        t0 = time.perf_counter()
+        completions = engine.generate(batch_requests)
+        return time.perf_counter() - t0, completions
+
+    try:
+        for batch in batches:
+            for n in tokens:
+                warm = [timed_batch(batch, n)[0] for _ in range(2)]
+                times, produced = [], set()
+                for _ in range(reps):
+                    wall, completions = timed_batch(batch, n)
+                    times.append(wall)
+                    produced |= {c.completion_tokens for c in completions}
+                run = record(entry, method, batch, n, times, produced.pop() if len(produced) == 1 else -1)
+                run["warmup_ms"] = [round(1000 * t, 2) for t in warm]
     finally:
         engine.close()
 

@@ -250,3 +250,33 @@ def test_batch_one_decode_through_the_triton_kernels(tiny_dir, mixed_requests, r
     layers = out["layers"]
     assert out["calls"]["attention"] % layers == 0 and out["calls"]["attention"] >= layers * steps
     assert out["calls"]["gemv"] == (4 * layers + 1) * out["calls"]["attention"] // layers
+
+
+def test_images_preprocessed_on_the_gpu_only_by_the_torchvision_processor(tiny_dir):
+    """`preprocess_device: auto` keeps the CPU for the PIL processor and for a CPU model; a GPU asked
+    for by name with the PIL processor is an error, not a silent CPU run."""
+    from egm.infer.fast.engine import image_device
+    from egm.models.inputs import load_processor_parts
+
+    _, pil = load_processor_parts(tiny_dir, backend="pil")
+    assert image_device(pil, "cuda") is None
+    assert image_device(pil, "cpu", "cpu") is None
+    with pytest.raises(ValueError, match="torchvision"):
+        image_device(pil, "cuda", "cuda")
+
+
+def test_one_batch_of_requests_answered_in_order_without_sorting(tiny_dir, mixed_requests, reference):
+    """Requests that fit one batch are not sorted by image size (no image opened twice); the
+    answers still come back in the order asked."""
+    engine = FastHFEngine(str(tiny_dir), SamplingOptions(max_tokens=MAX_TOKENS), batch_size=4, length_bucket=16)
+    opened = []
+    engine._visual_tokens = lambda path: opened.append(path) or 0
+    try:
+        out = engine.generate(mixed_requests)
+        assert opened == []
+        engine.batch_size = 2  # two batches: sorted by size again
+        again = engine.generate(mixed_requests)
+    finally:
+        engine.close()
+    assert len(opened) == len(mixed_requests)
+    assert [c.text for c in out] == [c.text for c in again] == [c.text for c in reference]

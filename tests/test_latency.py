@@ -152,19 +152,25 @@ def test_benchmark_script_smoke(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.latency", "--tiny", "--out", str(out), "--tokens", "2,3",
-         "--batches", "1", "--methods", "generate,graph,vllm", "--reps", "1", "--generate-reps", "1"],
+         "--batches", "1", "--methods", "generate,graph,vllm,engine_egm,engine_vllm", "--reps", "1",
+         "--generate-reps", "1"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    runs = data["models"]["tiny"]["runs"]
+    entry = data["models"]["tiny"]
+    runs = entry["runs"]
     assert [(r["method"], r["batch"], r["new_tokens"]) for r in runs] == [
-        ("generate", 1, 2), ("generate", 1, 3), ("graph", 1, 2), ("graph", 1, 3)]
+        ("generate", 1, 2), ("generate", 1, 3), ("graph", 1, 2), ("graph", 1, 3),
+        ("engine_egm", 1, 2), ("engine_egm", 1, 3)]
     assert runs[3]["agreement_with_generate"] == 1.0
-    assert set(data["models"]["tiny"]["split"]) == {"generate", "graph"}
+    # The engine path: built through load_engine, warmed up apart from the timed repetitions.
+    assert "errors" not in entry and entry["engine_build_s"]["engine_egm"] > 0
+    assert all(len(r["warmup_ms"]) == 2 for r in runs[4:])
+    assert set(entry["split"]) == {"generate", "graph", "engine_egm"}
     # vLLM, the peer, runs on a GPU only; the record says it was left out instead of omitting it.
-    assert data["skipped"] == ["vllm: needs a GPU"]
-    check_latency_record(data, methods=("generate", "graph"))
+    assert data["skipped"] == ["vllm: needs a GPU", "engine_vllm: needs a GPU"]
+    check_latency_record(data, methods=("generate", "graph", "engine_egm"))
 
 
 def test_decode_floor_counts_what_a_step_reads():
@@ -233,7 +239,7 @@ def check_latency_record(data, methods):
             tokens = batch * run["new_tokens"]
             low, high = tokens / (ms + 0.005) * 1000 - 0.05, tokens / (ms - 0.005) * 1000 + 0.05
             assert low <= run["tokens_per_s"] <= high, what
-            if run["method"] != "generate":
+            if run["method"] in ("graph", "graph_compiled") and ("generate", batch, run["new_tokens"]) in got:
                 assert 0.0 <= run["agreement_with_generate"] <= 1.0, what
             if not bandwidth:
                 assert "floor_ms" not in run and "ratio_to_floor" not in run, what

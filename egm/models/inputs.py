@@ -62,11 +62,13 @@ def _feedable(prefix: str) -> str:
     return prefix.replace(IMAGE_TOKEN, "").replace(VIDEO_TOKEN, "")
 
 
-def build_inputs(images, prompts: list[str], tokenizer, image_processor, prefixes: list[str] | None = None) -> dict:
+def build_inputs(images, prompts: list[str], tokenizer, image_processor, prefixes: list[str] | None = None,
+                 image_device: str | None = None) -> dict:
     """Left-padded batch for `generate`: one image and one prompt per row.
 
     `prefixes` (optional, one per row) is text the assistant turn already holds, appended after
-    the generation prompt, so generation continues it (egm.infer.budget).
+    the generation prompt, so generation continues it (egm.infer.budget). `image_device` (the
+    torchvision processor only) resizes and normalises the images there, pixel_values staying on it.
     Returns input_ids, attention_mask, mm_token_type_ids (1 at image tokens, else 0),
     pixel_values and image_grid_thw as torch tensors.
     """
@@ -74,8 +76,9 @@ def build_inputs(images, prompts: list[str], tokenizer, image_processor, prefixe
 
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-    vision = image_processor(images=list(images), return_tensors="pt")
-    grids = vision["image_grid_thw"]
+    kwargs = {"device": image_device} if image_device else {}
+    vision = image_processor(images=list(images), return_tensors="pt", **kwargs)
+    grids = vision["image_grid_thw"].cpu()
     merge = int(image_processor.merge_size)
     prefixes = [_feedable(p) for p in prefixes] if prefixes else [""] * len(prompts)
     if len(prefixes) != len(prompts):
