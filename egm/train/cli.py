@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from egm.options import TrainOptions, json_arg, parse_options
@@ -49,6 +50,15 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 
 def cmd_rl(args: argparse.Namespace) -> None:
+    from egm.train.rollout_server import SERVER_URL_ENV
+
+    recipe = args.options.get("recipe") or {}
+    if recipe.get("rollout") == "vllm-server":
+        if SERVER_URL_ENV not in os.environ:
+            _rl_beside_rollout_server(args, recipe)
+            return
+        # Here and in each torchrun process: the job's GPUs less the server's.
+        args.gpus -= int(recipe.get("rollout_gpus", 1))
     if _relaunched(args, "rl"):
         return
     from egm.train.rl import train_rl
@@ -59,6 +69,31 @@ def cmd_rl(args: argparse.Namespace) -> None:
     )
     if manifest:
         log.info("RL done: %d steps, last log %s", manifest["global_step"], manifest["log"]["last"])
+
+
+def _rl_beside_rollout_server(args: argparse.Namespace, recipe: dict) -> None:
+    """`rollout: vllm-server`: the server on the recipe's rollout_gpus for as long as training runs,
+    which sees only the other GPUs (egm.train.rollout_server)."""
+    from egm.runtime import require_gpus
+    from egm.train.rollout_server import SERVER_URL_ENV, rollout_server
+
+    parse_options(TrainOptions, args.options)
+    require_gpus(args.gpus, what=f"rl {args.out_dir}")
+    server, training = rollout_server(args.model_dir, args.work_dir, args.gpus, recipe)
+    saved = {k: os.environ.get(k) for k in (SERVER_URL_ENV, "CUDA_VISIBLE_DEVICES")}
+    with server:
+        # The server took the last GPUs, so a trainer in this process (whose CUDA may already have
+        # counted every GPU) still lands on its own: device 0 is training[0].
+        os.environ.update({SERVER_URL_ENV: server.url, "CUDA_VISIBLE_DEVICES": ",".join(training)})
+        try:
+            server.check()
+            cmd_rl(args)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _common(p: argparse.ArgumentParser) -> None:

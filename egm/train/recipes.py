@@ -80,7 +80,8 @@ LOSS_AGGREGATION = {
     "seq-mean-token-mean": "grpo",  # mean per sequence, then over sequences
     "seq-mean-token-sum-norm": "dr_grpo",  # token sums / a constant (max length)
 }
-ROLLOUTS = ("auto", "vllm", "hf")
+# vllm-server: TRL's server mode on `rollout_gpus` of the job's GPUs (egm.train.rollout_server).
+ROLLOUTS = ("auto", "vllm", "hf", "vllm-server")
 # Room for the prompt (text and image tokens) in vLLM's context when a recipe sets no
 # vllm_max_model_length: without a limit vLLM takes the model's (262144 for Qwen3-VL) and refuses
 # to start unless its KV cache holds one sequence that long. A COCO image at the released
@@ -128,6 +129,8 @@ def known_keys(stage: str) -> set[str]:
 
 def recorded_only(recipe: dict, stage: str) -> dict:
     keys = RL_RECORDED_ONLY if stage == "rl" else SFT_RECORDED_ONLY
+    if stage == "rl" and recipe.get("rollout") == "vllm-server":
+        keys = keys - {"rollout_gpus"}  # the server's share of the GPUs (egm.train.rollout_server)
     return {k: recipe[k] for k in sorted(keys) if k in recipe}
 
 
@@ -199,8 +202,9 @@ def sft_args(recipe: dict, world_size: int = 1, on_gpu: bool = False, max_steps:
 
 
 def rl_args(recipe: dict, world_size: int = 1, on_gpu: bool = False, max_steps: int | None = None,
-            vllm_available: bool = False) -> dict:
-    """GRPOConfig keyword arguments of an RL recipe."""
+            vllm_available: bool = False, server_url: str | None = None) -> dict:
+    """GRPOConfig keyword arguments of an RL recipe (`server_url`: the rollout server `egm rl` started
+    for `rollout: vllm-server`)."""
     check_keys(recipe, "rl")
     args = _common(recipe, RL_DIRECT, world_size, on_gpu, max_steps)
     group = int(recipe["group_size"])
@@ -218,12 +222,25 @@ def rl_args(recipe: dict, world_size: int = 1, on_gpu: bool = False, max_steps: 
     rollout = recipe.get("rollout", "auto")
     if rollout not in ROLLOUTS:
         raise RecipeError(f"unknown rollout {rollout!r}; known: {ROLLOUTS}")
-    if rollout == "vllm" and not vllm_available:
+    if rollout in ("vllm", "vllm-server") and not vllm_available:
         raise RecipeError("recipe asks for vLLM rollouts, but vLLM is not importable here (or there is no GPU)")
-    args["use_vllm"] = rollout == "vllm" or (rollout == "auto" and vllm_available)
-    if args["use_vllm"]:
+    if rollout == "vllm-server" and not server_url:
+        raise RecipeError("rollout: vllm-server needs the server `python -m egm rl` starts on the recipe's "
+                          "rollout_gpus; run the stage through that command")
+    args["use_vllm"] = rollout in ("vllm", "vllm-server") or (rollout == "auto" and vllm_available)
+    if rollout == "vllm-server":
+        from egm.train.rollout_server import SERVER_WAIT_S
+
+        args["vllm_mode"] = "server"
+        args["vllm_server_base_url"] = server_url
+        args["vllm_server_timeout"] = float(SERVER_WAIT_S)
+        # Colocate-only settings: the server took its own from its command line.
+        args.pop("vllm_gpu_memory_utilization", None)
+        args.pop("vllm_max_model_length", None)
+    elif args["use_vllm"]:
         args["vllm_mode"] = "colocate"
         args.setdefault("vllm_max_model_length", VLLM_PROMPT_TOKENS + int(recipe["max_new_tokens"]))
+    if args["use_vllm"]:
         budget = sorted({"image_min_pixels", "image_max_pixels"} & set(recipe))
         if budget:
             # TRL hands vLLM the raw images, which vLLM resizes with the model directory's own

@@ -3,7 +3,8 @@
 Prompts are the RL parquet's (the eval prompt, no final period, image first); each is sampled
 `group_size` times and every completion scored by `egm.train.rewards.grounding_reward` ("mix"
 on train rows, accuracy on the val rows, which are split "test"). Rollouts use vLLM colocated
-with training where vLLM is importable on a GPU, `model.generate` otherwise. Checkpoints every
+with training where vLLM is importable on a GPU, `model.generate` otherwise, or (`rollout:
+vllm-server`) a vLLM server on some of the job's GPUs (egm.train.rollout_server). Checkpoints every
 `save_steps`; a killed job resumes from the last one (see egm.train.common).
 
 The recipes of the authors' two code bases (AReaL, verl) live in config/recipes/; how each key
@@ -18,6 +19,7 @@ import os
 
 from egm.train import common
 from egm.train.recipes import rl_args, warn_unapplied
+from egm.train.rollout_server import SERVER_URL_ENV
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def train_rl(
     stage = common.Stage("rl", model_dir, work_dir, options, inputs)
     recipe = stage.recipe
     kwargs = rl_args(recipe, world_size=stage.world_size, on_gpu=stage.gpu, max_steps=options.get("max_steps"),
-                     vllm_available=vllm_available())
+                     vllm_available=vllm_available(), server_url=os.environ.get(SERVER_URL_ENV))
     if not val_path:
         kwargs.pop("eval_strategy", None)
         kwargs.pop("eval_steps", None)
