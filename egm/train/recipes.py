@@ -87,6 +87,9 @@ ROLLOUTS = ("auto", "vllm", "hf", "vllm-server")
 # to start unless its KV cache holds one sequence that long. A COCO image at the released
 # preprocessing is ~300-400 tokens.
 VLLM_PROMPT_TOKENS = 2048
+# How long the trainer waits for the rollout server (`rollout: vllm-server`) to answer: an 8B loads
+# and captures its graphs in a few minutes; TRL's default is 240 s.
+ROLLOUT_SERVER_WAIT_S = 900
 
 
 class RecipeError(ValueError):
@@ -229,11 +232,9 @@ def rl_args(recipe: dict, world_size: int = 1, on_gpu: bool = False, max_steps: 
                           "rollout_gpus; run the stage through that command")
     args["use_vllm"] = rollout in ("vllm", "vllm-server") or (rollout == "auto" and vllm_available)
     if rollout == "vllm-server":
-        from egm.train.rollout_server import SERVER_WAIT_S
-
         args["vllm_mode"] = "server"
         args["vllm_server_base_url"] = server_url
-        args["vllm_server_timeout"] = float(SERVER_WAIT_S)
+        args["vllm_server_timeout"] = float(ROLLOUT_SERVER_WAIT_S)
         # Colocate-only settings: the server took its own from its command line.
         args.pop("vllm_gpu_memory_utilization", None)
         args.pop("vllm_max_model_length", None)

@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 # The trainer's processes (torchrun's children included) find the server here; set only while
 # one runs, so a process that sees it knows a server was started for it.
 SERVER_URL_ENV = "EGM_ROLLOUT_SERVER_URL"
-# An 8B loads and captures its graphs in a few minutes; TRL's default wait is 240 s.
-SERVER_WAIT_S = 900
 
 
 class RolloutServerError(RuntimeError):
