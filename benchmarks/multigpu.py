@@ -267,7 +267,8 @@ def record(config: dict, work: Path) -> dict:
     def train(stage: str, rollout: str | None) -> dict:
         runs = {}
         for gpus in GPU_COUNTS:
-            run = train_run(gpus, rollout)
+            # Server mode runs on two GPUs only; against one GPU of colocated vLLM.
+            run = train_run(gpus, "vllm" if rollout == "vllm-server" and gpus == 1 else rollout)
             runs[f"gpus{gpus}"] = training_run(train_root / "results" / "checkpoints" / run / f"{stage}.json",
                                                train_root / "logs" / "train" / run / f"{stage}.log",
                                                step_status(work, f"{stage}-{run}"), work)

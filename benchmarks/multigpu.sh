@@ -10,7 +10,7 @@
 #   benchmarks/multigpu.sh install            # check and unpack both wheel sets, install into $EGM_SITE
 #   benchmarks/multigpu.sh prepare            # data sets and models, with the pipeline's commands
 #   benchmarks/multigpu.sh sft                # SFT, 1 GPU, then 2 (torchrun + DeepSpeed ZeRO-3)
-#   benchmarks/multigpu.sh grpo [hf|vllm]     # GRPO with transformers or colocated vLLM rollouts
+#   benchmarks/multigpu.sh grpo [hf|vllm|vllm-server]  # GRPO: transformers, colocated vLLM or a vLLM server
 #   benchmarks/multigpu.sh predict ENGINE [MODEL...]   # hf or vllm; one replica per GPU on two
 #   benchmarks/multigpu.sh ray [pp|tp]        # two Ray nodes on this host, one vLLM engine across them
 #   benchmarks/multigpu.sh rollouts [ARGS]    # issue 32, one GPU: benchmarks/grpo_rollouts.py run ARGS
@@ -276,7 +276,9 @@ case "$cmd" in
     # GRPO starts from the one-GPU SFT result; a restored run has its record but not its weights.
     [ -n "$dry" ] || [ -f "$train/results/checkpoints/gpus1/sft/config.json" ] || rm -f "$work/status/sft-gpus1.json"
     sft_step 1 || status=$?
-    for g in 1 2; do rl_step "$g" "$rollout" || status=$?; done
+    # Server mode needs a GPU for the server beside one for training: on two GPUs only.
+    counts="1 2"; [ "$rollout" = vllm-server ] && counts="2" && { rl_step 1 vllm || status=$?; }
+    for g in $counts; do rl_step "$g" "$rollout" || status=$?; done
     ;;
   predict)
     engine=${1:?predict hf|vllm [MODEL...]}

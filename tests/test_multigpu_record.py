@@ -182,9 +182,16 @@ def test_training_options_are_the_rules_and_fit_the_gpu_count(gpus):
     assert args["bf16"] is True and ("deepspeed" in args) == (gpus > 1) and sft["max_steps"] >= 10
     for rollout in CONFIG["train"]["rl"]["rollouts"]:
         rl = multigpu.train_options(CONFIG, "rl", multigpu.train_run(gpus, rollout), rollout)
-        args = rl_args(rl["recipe"], world_size=gpus, on_gpu=True, vllm_available=True)
-        assert args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * gpus == 32
-        assert args["use_vllm"] is (rollout == "vllm")
+        server = rollout == "vllm-server"
+        if server and gpus == 1:
+            continue  # the server takes a GPU of its own: two GPUs only
+        # Server mode trains on the GPUs the server leaves (egm.train.cli), with the address it gets.
+        world = gpus - rl["recipe"]["rollout_gpus"] if server else gpus
+        args = rl_args(rl["recipe"], world_size=world, on_gpu=True, vllm_available=True,
+                       server_url="http://127.0.0.1:8000" if server else None)
+        assert args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * world == 32
+        assert args["use_vllm"] is (rollout != "hf")
+        assert args.get("vllm_mode") == {"hf": None, "vllm": "colocate", "vllm-server": "server"}[rollout]
 
 
 def test_predict_options_parse_as_the_predict_command_does():
