@@ -287,3 +287,21 @@ def test_gpu_memory_peak_reads_the_jobs_gpus_from_nvidia_smi(tmp_path, monkeypat
 
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     assert GpuMemoryPeak().start().stop() == (None, "not measured: no nvidia-smi")
+
+
+def test_an_hf_job_pays_its_compile_and_one_untimed_batch(workdir):
+    """egm's hf engine compiles and captures as it loads, and a predict job answers its first batch
+    once untimed: both in the price, from the record's own warm-up (the H100 smoke check: 19.9 s
+    of engine load against 1 s when only the model build was priced)."""
+    def hf(config):
+        config["models"]["egm-8b"].update(backend="hf", engine_options={"decode": "graph"})
+
+    planned = _plan(workdir, paper(workdir, hf), n=1, targets=["results/predictions/egm-8b/run.json"])
+    est = next(j for j in planned["jobs"] if j["job"] == "predict model=egm-8b")["estimate"]
+    picked = est["sources"][0].split(":")[0]
+    entry = json.loads((RECORDS / picked).read_text())["models"]["qwen3-vl-8b"]
+    warm = max(r.get("warmup_s") or 0 for r in entry["runs"] if r["method"] == "graph_compiled")
+    assert warm > 1
+    assert f"engine load {entry['build_s'] + warm:.0f} s ({picked}: model build {entry['build_s']:.1f} s + " \
+           f"graph_compiled warm-up {warm:.1f} s, not scaled)" in est["sources"]
+    assert "one batch answered first, untimed (egm.infer.predict.warm_up)" in est["sources"]

@@ -10,7 +10,9 @@ The regimes, and what each misses:
 - predict / scaling / latency: per request at the protocol's concurrency, one engine replica per
   GPU (data parallel), from the latency records' batch-64 runs (the nearest measured regime to
   64 requests in flight): T64(n) = fixed + n x per_token, n the expected tokens per answer. A
-  job's time = its engine load + records / 64 x T64(n) per replica. Tensor parallel (the 235B)
+  job's time = its engine load + records / 64 x T64(n) per replica (a predict job: one batch
+  more, its untimed warm-up); egm's hf engine load = the record's model build + its compiled
+  method's largest warm-up (compile and capture). Tensor parallel (the 235B)
   divides a request's work by the TP degree (perfect scaling assumed: optimistic).
 - sft: seconds per trained token x parameter count, from a measured run of another model size;
   compute-bound, so scaled by bf16 throughput. N GPUs divide the work (perfect scaling assumed;
@@ -368,8 +370,11 @@ class CostModel:
             if limit:
                 records = min(records, limit * len(config["splits"]))
             work_s = records / PROTOCOL_BATCH * request_ms(tokens) / 1000 / replicas
+            # The job answers its first batch once, untimed, before the timed ones (each replica its own).
+            work_s += request_ms(tokens) / 1000 if records else 0.0
             est.drivers = {"records": records, "tokens_per_answer": round(tokens, 1)}
             est.sources.append(records_from)
+            est.sources.append("one batch answered first, untimed (egm.infer.predict.warm_up)")
         load_s, load_from = self._engine_load(picked, serving)
         est.wall_s = load_s + work_s
         est.gpu_seconds = est.wall_s * job.gpus
@@ -393,13 +398,20 @@ class CostModel:
 
     def _engine_load(self, picked: dict, serving: bool) -> tuple[float, str]:
         """Seconds before the first answer: a serving engine's build as measured (vLLM's, the
-        only one recorded), else egm's model build of the picked record."""
+        only one recorded), else egm's model build of the picked record plus its method's largest
+        warm-up there (the first compiles the decode blocks cold and captures its graphs, as an hf
+        engine does when it loads)."""
         if serving:
             for c in self.latency:
                 build = (c["entry"].get("vllm") or {}).get("build_s")
                 if build:
                     return float(build), f"{c['record']}: vLLM engine build"
-        return float(picked["entry"].get("build_s") or 0.0), f"{picked['record']}: model build"
+        build = float(picked["entry"].get("build_s") or 0.0)
+        warm = max((r.get("warmup_s") or 0.0 for r in picked["entry"].get("runs", [])
+                    if r.get("method") == picked["method"]), default=0.0)
+        if not warm:
+            return build, f"{picked['record']}: model build"
+        return build + warm, f"{picked['record']}: model build {build:.1f} s + {picked['method']} warm-up {warm:.1f} s"
 
     def _training(self, job, config: dict, est: Estimate) -> Estimate:
         run = job.wildcards["run"]
