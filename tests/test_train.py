@@ -457,6 +457,65 @@ def test_vllm_gets_one_image_placeholder_per_image(tiny_dir):
     assert not rl.send_vllm_unexpanded_prompts(type("Trainer", (), {})(), pad)  # generate rollouts: nothing to route
 
 
+class VLLMSyncStandIn:
+    """Stands in for TRL's VLLMGeneration around a weight sync (vLLM needs a GPU): it logs the sync,
+    and in colocate mode the engine's encoder-cache reset, in the order they happen."""
+
+    def __init__(self, mode: str, base_url: str = ""):
+        self.mode, self.calls = mode, []
+        engine = type("Engine", (), {"reset_encoder_cache": lambda _: self.calls.append("reset_encoder_cache")})()
+        self.llm = type("LLM", (), {"llm_engine": engine})()
+        self.accelerator = type("Accelerator", (), {"is_main_process": True})()
+        import requests
+
+        self.vllm_client = type("Client", (), {"session": requests.Session(), "base_url": base_url})()
+
+    def sync_weights(self):
+        self.calls.append("sync_weights")
+
+
+def test_vllm_forgets_image_encodings_after_each_weight_sync():
+    """vLLM caches an image's vision-encoder output by its content; after a sync that output is of
+    the old weights. Colocate: the engine's reset after every sync; server mode: the server's
+    /reset_encoder_cache (here a real HTTP server on this machine that logs what it is sent)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from egm.train import rl
+
+    trainer = type("Trainer", (), {})()
+    trainer.vllm_generation = VLLMSyncStandIn("colocate")
+    assert "reset_encoder_cache" in rl.forget_image_embeddings_on_sync(trainer)
+    trainer.vllm_generation.sync_weights()
+    trainer.vllm_generation.sync_weights()
+    assert trainer.vllm_generation.calls == ["sync_weights", "reset_encoder_cache"] * 2
+
+    posted = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            posted.append(self.path)
+            self.send_response(200 if self.path == "/reset_encoder_cache" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        trainer.vllm_generation = VLLMSyncStandIn("server", f"http://127.0.0.1:{server.server_port}")
+        rl.forget_image_embeddings_on_sync(trainer)
+        trainer.vllm_generation.sync_weights()
+        assert posted == ["/reset_encoder_cache"] and trainer.vllm_generation.calls == ["sync_weights"]
+        trainer.vllm_generation.vllm_client.base_url += "/no-such-server-path"
+        with pytest.raises(RuntimeError, match="reset_encoder_cache: 404"):
+            trainer.vllm_generation.sync_weights()
+    finally:
+        server.shutdown()
+    assert rl.forget_image_embeddings_on_sync(type("Trainer", (), {})()) is None  # generate rollouts
+
+
 def test_grpo_uses_the_grounding_reward_by_default(tiny_dir, demo_data, tmp_path):
     from egm.train import rl
 

@@ -72,6 +72,40 @@ def send_vllm_unexpanded_prompts(trainer, pad_id: int) -> bool:
     return True
 
 
+def forget_image_embeddings_on_sync(trainer) -> str | None:
+    """After each of TRL's weight syncs, drop vLLM's cached vision-encoder outputs too.
+
+    vLLM keeps an image's encoder output, keyed by the image's content, for later requests with
+    the same image (its `EncoderCacheManager`); TRL 1.16's sync resets the KV prefix cache but not
+    that one, so an image sampled again after a sync (RefCOCO has several expressions per image,
+    and epochs repeat them all) is read through the vision weights of an earlier step: rollouts
+    partly from a stale policy. vLLM 0.25.1 has `reset_encoder_cache` for exactly this; colocate
+    mode calls it on the engine, server mode on the server's dev endpoint (TRL's `vllm-serve`
+    runs vLLM with it). Returns what the manifest records; None where the trainer has no vLLM."""
+    generation = getattr(trainer, "vllm_generation", None)
+    if generation is None:
+        return None
+    original = generation.sync_weights
+
+    def reset_encoder_cache() -> None:
+        if generation.mode == "colocate":
+            generation.llm.llm_engine.reset_encoder_cache()
+        elif generation.accelerator.is_main_process:
+            client = generation.vllm_client
+            response = client.session.post(f"{client.base_url}/reset_encoder_cache")
+            if response.status_code != 200:
+                raise RuntimeError(f"the rollout server refused /reset_encoder_cache: {response.status_code} "
+                                   f"{response.text[:200]}")
+
+    def sync_weights(*args, **kwargs):
+        result = original(*args, **kwargs)
+        reset_encoder_cache()
+        return result
+
+    generation.sync_weights = sync_weights
+    return "vLLM's cached image encodings dropped after each weight sync (reset_encoder_cache)"
+
+
 def train_rl(
     model_dir: str | os.PathLike,
     train_path: str | os.PathLike,
@@ -128,6 +162,9 @@ def train_rl(
     extra = {}
     if send_vllm_unexpanded_prompts(trainer, processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)):
         extra["vllm_prompts"] = "one placeholder per image, expanded by vLLM (collapse_image_placeholders)"
+    encoder_cache = forget_image_embeddings_on_sync(trainer)
+    if encoder_cache:
+        extra["vllm_encoder_cache"] = encoder_cache
     log.info("rollouts: %s %s", rollout, extra)
     return stage.train_and_finish(trainer, cost, out_dir, manifest_path, trl_args=kwargs, not_applied=not_applied,
                                   rollout=rollout, data={"train": train_summary, "val": val_summary}, frozen=frozen,
