@@ -655,7 +655,7 @@ def time_engine(method: str, name: str, entry: dict, tokens: list[int], batches:
     t0 = time.perf_counter()
     engine = load_engine(backend, str(model_dir), SamplingOptions(max_tokens=max(tokens)), options)
     stats = entry.setdefault("engine_build_s", {})
-    stats[method] = round(time.perf_counter() - t0, 1)
+    stats[method] = round(time.perf_counter() - t0, 3)
     rng = np.random.default_rng(2)
     prompt = PROMPTS["qwen3"].format(sent="the red car on the left")
     width, height = size
