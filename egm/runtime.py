@@ -6,8 +6,10 @@ anyone noticed; failing at once, with what to fix, is cheaper.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +57,18 @@ def require_gpus(n: int, *, what: str = "this job") -> int:
         + ("; " + "; ".join(hints) if hints else "")
         + ". Set the model's `gpus:` to 0 to run it on CPU."
     )
+
+
+@contextlib.contextmanager
+def temporary_environment(values: dict) -> Iterator[None]:
+    """os.environ with `values` set, restored after (a process started inside inherits them)."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

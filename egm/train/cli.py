@@ -74,26 +74,17 @@ def cmd_rl(args: argparse.Namespace) -> None:
 def _rl_beside_rollout_server(args: argparse.Namespace, recipe: dict) -> None:
     """`rollout: vllm-server`: the server on the recipe's rollout_gpus for as long as training runs,
     which sees only the other GPUs (egm.train.rollout_server)."""
-    from egm.runtime import require_gpus
+    from egm.runtime import require_gpus, temporary_environment
     from egm.train.rollout_server import SERVER_URL_ENV, rollout_server
 
     parse_options(TrainOptions, args.options)
     require_gpus(args.gpus, what=f"rl {args.out_dir}")
     server, training = rollout_server(args.model_dir, args.work_dir, args.gpus, recipe)
-    saved = {k: os.environ.get(k) for k in (SERVER_URL_ENV, "CUDA_VISIBLE_DEVICES")}
-    with server:
-        # The server took the last GPUs, so a trainer in this process (whose CUDA may already have
-        # counted every GPU) still lands on its own: device 0 is training[0].
-        os.environ.update({SERVER_URL_ENV: server.url, "CUDA_VISIBLE_DEVICES": ",".join(training)})
-        try:
-            server.check()
-            cmd_rl(args)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    # The server took the last GPUs, so a trainer in this process (whose CUDA may already have
+    # counted every GPU) still lands on its own: device 0 is training[0].
+    with server, temporary_environment({SERVER_URL_ENV: server.url, "CUDA_VISIBLE_DEVICES": ",".join(training)}):
+        server.check()
+        cmd_rl(args)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

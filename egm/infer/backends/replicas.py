@@ -13,15 +13,15 @@ group (the same batches, so the same answers where the engine is deterministic),
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing as mp
 import os
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from egm.infer.base import Completion, Engine, EngineBase, Request
 from egm.options import SamplingOptions
+from egm.runtime import temporary_environment
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +57,6 @@ def replica_environment(gpus: list[str], replicas: int) -> dict:
     """
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // max(1, replicas)))
     return {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "OMP_NUM_THREADS": threads}
-
-
-@contextlib.contextmanager
-def _environment(values: dict) -> Iterator[None]:
-    """os.environ with `values` set, restored after (a spawned process inherits it at start)."""
-    before = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def replicated_chunk_size(batch_size: int, inner_chunk_sizes: list[int | None], replicas: int) -> int:
@@ -112,7 +97,7 @@ class ReplicatedEngine(EngineBase):
             proc = ctx.Process(target=_worker,
                                args=(child, load, backend, str(model_dir), sampling, dict(options), list(gpus)),
                                daemon=False)
-            with _environment(replica_environment(gpus, len(gpu_groups))):
+            with temporary_environment(replica_environment(gpus, len(gpu_groups))):
                 proc.start()
             child.close()
             self._conns.append(parent)
