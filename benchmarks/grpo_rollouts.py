@@ -362,7 +362,8 @@ def logp_floor(plan: dict, precision: str) -> dict:
 
     from egm.train.data import rl_dataset
     from egm.train.processing import load_processor
-    from egm.train.rl import IMAGE_PAD, collapse_image_placeholders
+    from egm.models.inputs import IMAGE_TOKEN
+    from egm.train.rl import collapse_image_placeholders
 
     spec = next(v for v in plan["variants"].values() if v["model"] == "check")
     model_dir = spec["model_dir"]
@@ -403,7 +404,7 @@ def logp_floor(plan: dict, precision: str) -> dict:
     out: dict = {"precision": precision, "triton_f32_default": os.environ.get("TRITON_F32_DEFAULT"),
                  "prompts": len(rows), "engine": {**CHECK_ENGINE, "logprobs_mode": "processed_logprobs"}}
     batched_for: dict = {}
-    image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     for part, conversations in (("image", with_image), ("text_only", text_only)):
         encoded = [encode(c) for c in conversations]
         requests = []

@@ -20,11 +20,12 @@ def check(model_dir: str) -> dict:
     from PIL import Image
     from vllm import LLM, SamplingParams
 
+    from egm.models.inputs import IMAGE_TOKEN
     from egm.train.processing import load_processor
 
     processor = load_processor(model_dir)
-    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    weights = Path(model_dir, "model.safetensors").exists() or any(Path(model_dir).glob("*.safetensors"))
+    pad = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    weights = any(Path(model_dir).glob("*.safetensors"))
     llm = LLM(model=model_dir, enforce_eager=True, gpu_memory_utilization=0.4, max_model_len=2048,
               load_format="auto" if weights else "dummy", enable_prefix_caching=False)
     out = {"model": model_dir, "weights": bool(weights)}

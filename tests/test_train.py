@@ -432,11 +432,12 @@ class VLLMGenerationStandIn:
 def test_vllm_gets_one_image_placeholder_per_image(tiny_dir):
     from PIL import Image
 
+    from egm.models.inputs import IMAGE_TOKEN
     from egm.train import rl
     from egm.train.processing import load_processor
 
     processor = load_processor(tiny_dir)
-    pad = processor.tokenizer.convert_tokens_to_ids(rl.IMAGE_PAD)
+    pad = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (96, 96))},
                                              {"type": "text", "text": "Locate the dog."}]}]
     # What TRL sends (the processor's ids, placeholders expanded) and what vLLM expands itself.

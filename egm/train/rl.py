@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 
+from egm.models.inputs import IMAGE_TOKEN
 from egm.train import common
 from egm.train.recipes import rl_args, warn_unapplied
 from egm.train.rollout_server import SERVER_URL_ENV
@@ -34,9 +35,6 @@ def rollout_path(trainer) -> str:
     if getattr(trainer, "use_vllm", False):
         return f"vllm-{trainer.args.vllm_mode}"
     return "transformers-generate"
-
-
-IMAGE_PAD = "<|image_pad|>"
 
 
 def collapse_image_placeholders(ids: list[int], pad_id: int) -> list[int]:
@@ -160,7 +158,7 @@ def train_rl(
     )
     rollout = rollout_path(trainer)
     extra = {}
-    if send_vllm_unexpanded_prompts(trainer, processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)):
+    if send_vllm_unexpanded_prompts(trainer, processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)):
         extra["vllm_prompts"] = "one placeholder per image, expanded by vLLM (collapse_image_placeholders)"
     encoder_cache = forget_image_embeddings_on_sync(trainer)
     if encoder_cache:
