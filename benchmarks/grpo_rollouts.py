@@ -360,9 +360,9 @@ def logp_floor(plan: dict, precision: str) -> dict:
     from trl.data_utils import prepare_multimodal_messages
     from vllm import LLM, SamplingParams
 
+    from egm.models.inputs import IMAGE_TOKEN
     from egm.train.data import rl_dataset
     from egm.train.processing import load_processor
-    from egm.models.inputs import IMAGE_TOKEN
     from egm.train.rl import collapse_image_placeholders
 
     spec = next(v for v in plan["variants"].values() if v["model"] == "check")
