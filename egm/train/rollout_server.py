@@ -38,16 +38,6 @@ def split_gpus(visible: list[str], rollout_gpus: int) -> tuple[list[str], list[s
     return visible[:-rollout_gpus], visible[-rollout_gpus:]
 
 
-def job_gpus() -> list[str]:
-    """The GPUs this job may use, as CUDA_VISIBLE_DEVICES names them (else all the driver shows)."""
-    named = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if named is not None:
-        return [g for g in named.split(",") if g.strip()]
-    import torch
-
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -123,9 +113,10 @@ class RolloutServer:
 def rollout_server(model_dir: str, work_dir: str, gpus: int, recipe: dict) -> tuple[RolloutServer, list[str]]:
     """The server for an RL job on `gpus` GPUs (not started yet: use it in a `with`) and the GPUs
     left for training. Its log goes beside the work directory (which holds only checkpoints)."""
+    from egm.infer.backends.gpus import visible_gpus
     from egm.train.recipes import VLLM_PROMPT_TOKENS
 
-    training, rollout = split_gpus(job_gpus()[:gpus], int(recipe.get("rollout_gpus", 1)))
+    training, rollout = split_gpus(visible_gpus()[:gpus], int(recipe.get("rollout_gpus", 1)))
     port = free_port()
     command = serve_command(model_dir, port, len(rollout), VLLM_PROMPT_TOKENS + int(recipe["max_new_tokens"]), recipe)
     log_path = Path(str(work_dir).rstrip("/") + "-rollout-server.log")
