@@ -10,10 +10,11 @@ Matrix-vector products: for each weight shape one decode step multiplies a singl
 - `inductor`: the product written as `(w * x).sum(-1)` in fp32 and compiled by `torch.compile`,
   once with default heuristics and once with coordinate-descent tuning (`inductor_tuned`).
 
-Attention (`attention`): one step's grouped queries [1, KV heads, group, head dim] against a
-layer's cache of `--cache-lengths` positions (the last 50 masked, as padding would be):
-`sdpa` (`F.scaled_dot_product_attention` with the additive mask, its default backend) against
-`egm.infer.fast.kernels.attention`.
+Attention (`attention`): one step's grouped queries [B, KV heads, group, head dim] for each of
+`--attention-batches` against a layer's cache of `--cache-lengths` positions (the last 50 masked,
+as the room of tokens not yet written is): `sdpa` (`F.scaled_dot_product_attention` with the
+additive mask, its default backend) against `egm.infer.fast.kernels.attention`, reading the whole
+cache (`triton`) or only up to the last written position (`triton_to_last`, as the decoder calls it).
 
 Timing: each weight (each cache) has enough copies that one pass over them is several times the
 L2 (a decode step reads each weight once and ~15 GB in between, so none is ever in the cache);
@@ -42,6 +43,9 @@ from pathlib import Path
 from benchmarks.common import build_config, copy_bandwidth, device_name
 from egm.infer.fast import kernels
 
+# What egm.infer.fast.decoder folds into each product at batch 1 (egm.infer.fast.kernels.DecodeOps).
+FUSED = {"qkv": ("norm",), "o": ("residual",), "gate_up": ("norm",), "down": ("swiglu", "residual"),
+         "lm_head": ("norm",)}
 SWEEP = {"block_n": (4, 8, 16, 32), "block_k": (256, 512, 1024), "warps": (2, 4, 8), "stages": (1, 3)}
 
 
@@ -58,6 +62,19 @@ def shapes(name: str) -> dict:
         "down": ((t.hidden_size, t.intermediate_size), layers),
         "lm_head": ((t.vocab_size, t.hidden_size), 1),
     }
+
+
+def fused_input(fused: tuple, x, gate_up, norm_w, eps: float):
+    """The product's input in float32 as the library computes it, for the fused kernel's error."""
+    import torch.nn.functional as F
+
+    if "swiglu" in fused:
+        gate, up = gate_up.float().chunk(2)
+        x = F.silu(gate) * up
+    x = x.float()
+    if "norm" in fused:
+        x = F.rms_norm(x, (x.shape[-1],), norm_w.float(), eps)
+    return x
 
 
 def time_pass(calls, reps: int) -> list[float]:
@@ -95,8 +112,9 @@ def cell(times: list[float], nbytes: int, bandwidth: float, error: float) -> dic
             "max_rel_error": float(f"{error:.3g}")}
 
 
-def time_attention(name: str, lengths: list[int], reps: int, pass_gb: float, bandwidth: float) -> dict:
-    """`sdpa` and egm's kernel for one decode step's attention in one layer, per cache length."""
+def time_attention(name: str, lengths: list[int], batches: list[int], reps: int, pass_gb: float,
+                   bandwidth: float) -> dict:
+    """`sdpa` and egm's kernel for one decode step's attention in one layer, per batch and cache length."""
     import torch
     import torch.nn.functional as F
 
@@ -106,13 +124,16 @@ def time_attention(name: str, lengths: list[int], reps: int, pass_gb: float, ban
     hd = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     scale = hd**-0.5
     out = {}
-    for length in lengths:
-        nbytes = 2 * kvh * length * hd * 2
+    for batch, length in itertools.product(batches, lengths):
+        # The last 50 positions not yet written (a step's cache has its new tokens' room at the end).
+        last = length - 51
+        nbytes = 2 * batch * kvh * length * hd * 2
         copies = max(2, math.ceil(pass_gb * 1e9 / 10 / nbytes))
-        q = torch.randn(1, kvh, group, hd, device="cuda", dtype=torch.bfloat16)
-        caches = [torch.randn(2, 1, kvh, length, hd, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-        bias = torch.zeros(1, 1, 1, length, device="cuda", dtype=torch.bfloat16)
-        bias[..., length - 50:] = float("-inf")
+        q = torch.randn(batch, kvh, group, hd, device="cuda", dtype=torch.bfloat16)
+        caches = [torch.randn(2, batch, kvh, length, hd, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        bias = torch.zeros(batch, 1, 1, length, device="cuda", dtype=torch.bfloat16)
+        bias[..., last + 1:] = float("-inf")
+        last_at = torch.tensor([last], device="cuda")
         outs = [torch.empty_like(q) for _ in range(copies)]
         reference = F.scaled_dot_product_attention(q.float(), caches[0][0].float(), caches[0][1].float(),
                                                    attn_mask=bias.float(), scale=scale)
@@ -123,8 +144,10 @@ def time_attention(name: str, lengths: list[int], reps: int, pass_gb: float, ban
         methods = {
             "sdpa": lambda kv, o: F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias, scale=scale),
             "triton": lambda kv, o: kernels.attention(q, kv[0], kv[1], bias, scale, o),
+            "triton_to_last": lambda kv, o: kernels.attention(q, kv[0], kv[1], bias, scale, o, last_at),
         }
-        entry = {"kv_heads": kvh, "group": group, "head_dim": hd, "cache_bytes": nbytes, "copies": copies}
+        entry = {"batch": batch, "kv_heads": kvh, "group": group, "head_dim": hd, "cache_bytes": nbytes,
+                 "copies": copies, "last": last, "split": list(kernels.attention_split(batch, kvh, length))}
         for method, fn in methods.items():
             try:
                 y = fn(caches[0], outs[0])
@@ -133,8 +156,8 @@ def time_attention(name: str, lengths: list[int], reps: int, pass_gb: float, ban
                 entry[method] = cell(times, nbytes, bandwidth, error(y))
             except Exception as err:
                 entry[method] = {"error": f"{type(err).__name__}: {err}"[:500]}
-        out[f"cache {length}"] = entry
-        print("attention", length, json.dumps(entry), flush=True)
+        out[f"batch {batch} cache {length}"] = entry
+        print("attention", batch, length, json.dumps(entry), flush=True)
         del caches, outs
         torch.cuda.empty_cache()
     return out
@@ -148,6 +171,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pass-gb", type=float, default=1.5, help="weight bytes per timed pass (copies of one shape)")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--cache-lengths", default="512,1024")
+    parser.add_argument("--attention-batches", default="1,8,64")
     args = parser.parse_args(argv)
 
     import torch
@@ -174,15 +198,27 @@ def main(argv=None) -> int:
         weights = [torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5 for _ in range(copies)]
         x = torch.randn(k, device="cuda", dtype=dtype)
         outs = [torch.empty(n, device="cuda", dtype=dtype) for _ in range(copies)]
-        reference = (weights[0].float() @ x.float())
+        # What the decoder folds into this product (FUSED): its input's norm, the SwiGLU of a
+        # [gate, up] input twice as long, the residual added to its output.
+        fused = FUSED[name]
+        norm_w = torch.rand(k, device="cuda", dtype=dtype) + 0.5
+        gate_up = torch.randn(2 * k, device="cuda", dtype=dtype)
+        residual = torch.randn(n, device="cuda", dtype=dtype)
+        references = {"plain": weights[0].float() @ x.float(),
+                      "fused": weights[0].float() @ fused_input(fused, x, gate_up, norm_w, 1e-6)
+                      + (residual.float() if "residual" in fused else 0)}
 
-        def error(y):
+        def error(y, which="plain"):
+            reference = references[which]
             return float((y.float() - reference).abs().max() / reference.abs().max())
 
-        entry = {"N": n, "K": k, "uses_per_step": uses, "weight_bytes": nbytes, "copies": copies}
+        entry = {"N": n, "K": k, "uses_per_step": uses, "weight_bytes": nbytes, "copies": copies, "fused": fused}
         methods = {
             "cublas": lambda w, o: torch.nn.functional.linear(x.view(1, k), w),
             "triton": lambda w, o: kernels.gemv(x, w, o),
+            "triton_fused": lambda w, o: kernels.gemv(
+                gate_up if "swiglu" in fused else x, w, o, norm_w=norm_w if "norm" in fused else None, eps=1e-6,
+                residual=residual if "residual" in fused else None, swiglu="swiglu" in fused),
         }
         compiled = torch.compile(reduction, dynamic=False)
         methods["inductor"] = lambda w, o: compiled(x, w)
@@ -191,7 +227,8 @@ def main(argv=None) -> int:
                 y = fn(weights[0], outs[0])
                 y = outs[0] if y is None else y
                 times = time_pass([lambda w=w, o=o: fn(w, o) for w, o in zip(weights, outs)], args.reps)
-                entry[method] = cell(times, nbytes, bandwidth, error(y.view(-1)))
+                entry[method] = cell(times, nbytes, bandwidth,
+                                     error(y.view(-1), "fused" if method == "triton_fused" else "plain"))
             except Exception as err:  # one failed method must not lose the others
                 entry[method] = {"error": f"{type(err).__name__}: {err}"[:500]}
         try:
@@ -230,10 +267,11 @@ def main(argv=None) -> int:
         del weights, outs
         torch.cuda.empty_cache()
 
-    result["attention"] = time_attention(args.model, [int(n) for n in args.cache_lengths.split(",")], args.reps,
-                                         args.pass_gb, bandwidth)
+    result["attention"] = time_attention(args.model, [int(n) for n in args.cache_lengths.split(",")],
+                                         [int(n) for n in args.attention_batches.split(",")], args.reps, args.pass_gb,
+                                         bandwidth)
     step = {}
-    for method in ("cublas", "triton", "triton_best", "inductor", "inductor_tuned"):
+    for method in ("cublas", "triton", "triton_fused", "triton_best", "inductor", "inductor_tuned"):
         cells = [(e.get(method), e["uses_per_step"]) for e in result["shapes"].values()]
         if all(c and "us" in c for c, _ in cells):
             step[method] = round(sum(c["us"] * uses for c, uses in cells) / 1000, 3)

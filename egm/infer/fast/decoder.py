@@ -28,25 +28,25 @@ import logging
 import math
 from dataclasses import dataclass
 
+from egm.infer.fast.kernels import LIBRARY, DecodeOps
 from egm.infer.fast.prefill import PrefillPlan, Prefiller, causal_padding_bias, rotate_half
 
 log = logging.getLogger(__name__)
 
 
 def attn_in(x, norm_w, qkv_w, q_norm_w, k_norm_w, cos, sin, eps: float, nh: int, kvh: int, hd: int,
-            linear=None):
+            ops: DecodeOps = LIBRARY):
     """Pre-attention block of one layer for one new token: norm, fused QKV, per-head norms, rope.
 
     x: [B, 1, H]; cos/sin: [B, 1, hd]. Returns q [B, kvh, G, hd] (query heads grouped by their
     KV head, which is how grouped-query attention pairs them) and k and v stacked as
-    [2, B, kvh, 1, hd], so one copy writes both into the cache. `linear`: see GraphDecoder.
+    [2, B, kvh, 1, hd], so one copy writes both into the cache. `ops`: see GraphDecoder.
     """
     import torch
     import torch.nn.functional as F
 
     b = x.shape[0]
-    h = F.rms_norm(x, (x.shape[-1],), norm_w, eps)
-    q, k, v = (linear or F.linear)(h, qkv_w).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
+    q, k, v = ops.norm_linear(x, norm_w, eps, qkv_w).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
     q = F.rms_norm(q.view(b, nh, hd), (hd,), q_norm_w, eps)
     k = F.rms_norm(k.view(b, kvh, hd), (hd,), k_norm_w, eps)
     q = q * cos + rotate_half(q) * sin
@@ -55,14 +55,10 @@ def attn_in(x, norm_w, qkv_w, q_norm_w, k_norm_w, cos, sin, eps: float, nh: int,
     return q.view(b, kvh, nh // kvh, hd), kv
 
 
-def mlp_out(x, attn, o_w, norm_w, gate_up_w, down_w, eps: float, linear=None):
+def mlp_out(x, attn, o_w, norm_w, gate_up_w, down_w, eps: float, ops: DecodeOps = LIBRARY):
     """Post-attention block of one layer: output projection, residual, norm, SwiGLU MLP, residual."""
-    import torch.nn.functional as F
-
-    linear = linear or F.linear
-    x = x + linear(attn, o_w)
-    gate, up = linear(F.rms_norm(x, (x.shape[-1],), norm_w, eps), gate_up_w).chunk(2, dim=-1)
-    return x + linear(F.silu(gate) * up, down_w)
+    x = ops.add_linear(x, attn, o_w)
+    return ops.swiglu_add_linear(x, ops.norm_linear(x, norm_w, eps, gate_up_w), down_w)
 
 
 @dataclass
@@ -147,7 +143,6 @@ class GraphDecoder:
     def __init__(self, model, use_graphs: bool | None = None, compile_layers: bool = False, sync_every: int = 16,
                  use_kernels: bool | None = None):
         import torch
-        import torch.nn.functional as F
 
         from egm.infer.fast import kernels
 
@@ -159,14 +154,14 @@ class GraphDecoder:
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.sync_every = max(1, int(sync_every))
-        # Batch-1 steps through egm.infer.fast.kernels (faster there than the library kernels:
-        # benchmarks/decode_kernels.py); other batches, and every step without them, through torch.
+        # Steps through egm.infer.fast.kernels (benchmarks/decode_kernels.py): single-row products
+        # with their norm, activation and residual folded in, and the attention at every batch;
+        # without them (and for products of several rows) through the library's.
         if use_kernels is None:
             use_kernels = self.device.type == "cuda" and kernels.available()
         if use_kernels:
             kernels.register()
-        self._linear = kernels.linear if use_kernels else F.linear
-        self._attention = kernels.decode_attention if use_kernels else F.scaled_dot_product_attention
+        self.ops = kernels.KERNELS if use_kernels else kernels.LIBRARY
 
         text = model.model.language_model
         cfg = text.config
@@ -244,15 +239,15 @@ class GraphDecoder:
         cos = (emb.cos() * self.rope_scaling).to(self.dtype).view(b, 1, self.hd)
         sin = (emb.sin() * self.rope_scaling).to(self.dtype).view(b, 1, self.hd)
         s.bias.index_fill_(3, s.write_at, 0.0)
+        ops = self.ops
         for i, w in enumerate(self.layers):
             q, kv = self._attn_in(x, w.norm_w, w.qkv_w, w.q_norm_w, w.k_norm_w, cos, sin, self.eps, self.nh, self.kvh,
-                                  self.hd, self._linear)
+                                  self.hd, ops)
             s.kv[i].index_copy_(3, s.write_at, kv)
-            o = self._attention(q, s.kv[i][0], s.kv[i][1], s.bias, scale=self.scale)
-            x = self._mlp_out(x, o.reshape(b, 1, self.nh * self.hd), w.o_w, w.post_norm_w, w.gate_up_w, w.down_w, self.eps,
-                              self._linear)
-        x = F.rms_norm(x, (self.hidden,), self.final_norm_w, self.eps)
-        logits = self._linear(x.view(b, self.hidden), self.lm_head_w)
+            o = ops.attention(q, s.kv[i][0], s.kv[i][1], s.bias, self.scale, s.write_at)
+            x = self._mlp_out(x, o.reshape(b, 1, self.nh * self.hd), w.o_w, w.post_norm_w, w.gate_up_w, w.down_w,
+                              self.eps, ops)
+        logits = ops.norm_linear(x.view(b, self.hidden), self.final_norm_w, self.eps, self.lm_head_w)
         if s.logits is not None:
             s.logits.copy_(logits)
         nxt = logits.argmax(dim=-1)
