@@ -1,4 +1,4 @@
-"""Triton kernels for batch-1 decode steps: matrix-vector products and attention over the cache.
+"""Triton kernels for decode steps: matrix-vector products and attention over the cache.
 
 At batch 1 a decode step streams every weight once and attends one token to the cache; the
 general kernels are shaped for bigger work. On the H200 (`benchmarks/decode_kernels.py`, 8B,
@@ -9,18 +9,27 @@ general kernels are shaped for bigger work. On the H200 (`benchmarks/decode_kern
   walks them along the shared dimension with wide loads and keeps fp32 partial sums in
   registers until one reduction at the end (78-104 %; 3.85 ms). Weights are read once per step
   and not again before the next, so they are loaded with the evict-first hint: the L2 keeps the
-  activations and the KV cache instead.
+  activations and the KV cache instead. The same kernel folds in what surrounds a product in a
+  layer (`norm_linear`, `add_linear`, `swiglu_add_linear`): the RMS norm of its input (its
+  weight on the input, its scale on the sums), the SwiGLU of a [gate, up] input, a residual
+  added to the output. A one-token step then launches four kernels fewer per layer (the two norms,
+  the activation, the last residual), each of which costs microseconds whatever its size.
 - `decode_attention`: cuDNN's fused attention took 15.6 us a layer for one token against 512
-  cached positions (2 MB), all of it start-up and latency, not bytes. Here the cache is split
-  into blocks of positions, one program per (KV head, block) with the KV head's query heads
-  together (flash-decoding), then one small pass merges the blocks' softmax partials: 7.3 us.
+  cached positions (2 MB), all of it start-up and latency, not bytes. Here one program takes a
+  (sequence, KV head) pair with that head's query heads together against a chunk of the cache,
+  with an online softmax over its blocks of positions (flash-decoding): at batch 1 the cache is
+  split into one-block chunks whose softmax partials one small pass merges (7.3 us); at large
+  batches each program takes its pair's whole cache and writes the output itself. Given the
+  step's last written position it reads no further: the room for the tokens still to come is
+  masked anyway, and at batch 64 it is a fifth of the cache a step would otherwise stream.
 
-Each applies to one sequence (batch 1) with contiguous operands and falls back to the torch
-operation otherwise, so the same decoder code runs everywhere; whether the kernels are used at
-all is the decoder's choice (`GraphDecoder(use_kernels=...)`): on CUDA by default, on the CPU only
-under Triton's interpreter (TRITON_INTERPRET=1), which is how the tests check them. They are
-registered as custom ops (`egm::gemv`, `egm::decode_attention`), which `torch.compile` and CUDA
-graph capture both take as opaque calls.
+The products apply to one row (batch 1), the attention to any batch, with contiguous operands;
+otherwise each falls back to the library operation, so the same decoder code runs everywhere.
+Whether the kernels are used at all is the decoder's choice (`GraphDecoder(use_kernels=...)`,
+which takes `KERNELS` or `LIBRARY`): on CUDA by default, on the CPU only under Triton's
+interpreter (TRITON_INTERPRET=1), which is how the tests check them. They are registered as
+custom ops (`egm::gemv`, `egm::decode_attention`), which `torch.compile` and CUDA graph capture
+both take as opaque calls.
 """
 
 from __future__ import annotations
