@@ -1,10 +1,13 @@
-"""Batch-1 decode kernels of a Qwen3-VL architecture against the library ones and the copy bandwidth.
+"""Decode kernels of a Qwen3-VL architecture against the library ones and the copy bandwidth.
 
 Matrix-vector products: for each weight shape one decode step multiplies a single token with
 (fused QKV, output projection, fused gate/up, down projection, lm_head), bf16, one row:
 
 - `cublas`: `F.linear` (`torch.matmul`'s library choice), what the decoder used before;
 - `triton`: `egm.infer.fast.kernels.gemv` with its launch configuration (`GEMV_CONFIG`);
+- `triton_fused`: the same kernel with what the decoder folds into that product (`FUSED`: the
+  input's RMS norm, the SwiGLU of a [gate, up] input, the residual), against that whole
+  computation in float32;
 - `triton_best`: the best of a sweep of that kernel's launch configurations (block rows, block
   columns, warps, pipeline stages), and the sweep itself under `sweep`;
 - `inductor`: the product written as `(w * x).sum(-1)` in fp32 and compiled by `torch.compile`,
