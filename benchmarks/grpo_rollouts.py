@@ -29,6 +29,8 @@ the stage's meta and log history): it costs ~21 s for the 2B (train-h100.json) a
     python -m benchmarks.grpo_rollouts run --size tiny --variants speed-hf --out /tmp/r     # CPU smoke
     python -m benchmarks.grpo_rollouts run --dry-run --out /tmp/r     # each variant's GRPOConfig, nothing run
     python -m benchmarks.grpo_rollouts record --work W --out F        # the record from a run's work dir
+    python -m benchmarks.grpo_rollouts record --work W --out F --archives A1 A2 [--tag T]
+        # one record from several calls' grpo-rollouts-logs.tar.gz (a call cut short, then the rest)
 """
 
 from __future__ import annotations
@@ -648,6 +650,56 @@ def sync_check(synced: list[float | None], stale: list[float | None] | None) -> 
     return out
 
 
+NOT_RUN = ("not started", "no model", None)
+
+
+def merge_calls(archives: list[Path], work: Path, tag: str | None = None) -> Path:
+    """One work directory from several calls' `grpo-rollouts-logs.tar.gz` on the same card, in
+    order (a call cut short, then one that runs what it left): each variant as the last call that
+    ran it left it, the preparation and floors of the first that has them. `write_record` then
+    makes one record, whose sync check compares the synced and the stale run."""
+    import shutil
+    import tarfile
+
+    work.mkdir(parents=True, exist_ok=True)
+    plan, statuses, device = None, {}, None
+    for i, archive in enumerate(archives):
+        part = work / "calls" / str(i)
+        with tarfile.open(archive) as tar:
+            tar.extractall(part, filter="data")  # no absolute paths, no '..', no links out
+        call_plan = read_json(part / "plan.json")
+        call_statuses = read_json(part / "statuses.json") if (part / "statuses.json").exists() else {}
+        call_device = read_json(part / "prepared.json").get("device") if (part / "prepared.json").exists() else None
+        if device and call_device and call_device != device:
+            raise ValueError(f"{archive}: ran on {call_device}, an earlier call on {device}: not one record")
+        device = device or call_device
+        if plan is None:
+            plan = {**call_plan, "variants": {}}
+        for name in ("prepared.json", *(f"floor-{p}.json" for p in FLOOR_PRECISIONS)):
+            if (part / name).exists() and not (work / name).exists():
+                shutil.copy(part / name, work / name)
+        for name, status in call_statuses.items():
+            if name == "prepare" or name.startswith("floor-"):
+                statuses.setdefault(name, status)
+        for name, spec in call_plan["variants"].items():
+            status = call_statuses.get(name) or {}
+            if name in plan["variants"] and status.get("rc") in NOT_RUN:
+                continue  # an earlier call ran it: this one did not
+            plan["variants"][name], statuses[name] = spec, status
+            for what, dest in ((part / name / "steps.json", work / name / "steps.json"),
+                               (part / "logs" / f"{name}.log", work / "logs" / f"{name}.log")):
+                dest.unlink(missing_ok=True)
+                if what.exists():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(what, dest)
+    if plan is None:
+        raise ValueError("no archives to merge")
+    plan["tag"] = tag if tag is not None else plan.get("tag")
+    write_json(work / "plan.json", plan)
+    write_json(work / "statuses.json", statuses)
+    return work
+
+
 def write_record(work: Path, out_dir: Path) -> Path:
     plan = read_json(work / "plan.json")
     statuses = read_json(work / "statuses.json") if (work / "statuses.json").exists() else {}
@@ -747,9 +799,11 @@ def main() -> None:
     p = sub.add_parser("floor", help="one precision's log-prob floor (its own process)")
     p.add_argument("precision", choices=FLOOR_PRECISIONS)
     p.add_argument("--plan", required=True)
-    p = sub.add_parser("record", help="the record from a run's work directory")
-    p.add_argument("--work", required=True)
+    p = sub.add_parser("record", help="the record from a run's work directory, or from several calls' log archives")
+    p.add_argument("--work", required=True, help="the work directory (with --archives: made there, empty or new)")
     p.add_argument("--out", required=True)
+    p.add_argument("--archives", nargs="*", help="grpo-rollouts-logs.tar.gz of calls on one card, in order")
+    p.add_argument("--tag", help="with --archives: the record's tag (default: the first call's)")
     args = parser.parse_args()
     import logging
 
@@ -768,6 +822,8 @@ def main() -> None:
     elif args.command == "variant":
         exit_after(lambda: run_variant(read_json(args.plan), args.name))
     else:
+        if args.archives:
+            merge_calls([Path(a) for a in args.archives], Path(args.work), args.tag)
         write_record(Path(args.work), Path(args.out))
 
 

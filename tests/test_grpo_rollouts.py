@@ -210,3 +210,55 @@ def test_logp_floor_measures_the_engines_difference(bench, tmp_path, monkeypatch
         assert out[part]["prompt_text_after_image"]["max"] < 1e-4
     # TRL's batched, padded forward scores the completions as the one-at-a-time forward does.
     assert out["image"]["completion_batched_left_padded"]["mean"] == pytest.approx(bias, abs=1e-4)
+
+
+def _call_archive(bench, root, name, variants, ran, device="NVIDIA H100 80GB HBM3"):
+    """A call's grpo-rollouts-logs.tar.gz as `run` packs it: `ran` maps a variant to its per-step
+    mean log-prob differences; the others did not start."""
+    import tarfile
+
+    work = root / name
+    recipe = {"prompts_per_step": 8, "group_size": 8}
+    plan = {"tag": name, "variants": {v: {"model": "check", "rollout": "vllm", "stale": v == "sync-stale", "steps": 6,
+                                          "recipe": recipe} for v in variants}}
+    bench.write_json(work / "plan.json", plan)
+    bench.write_json(work / "prepared.json", {"device": device})
+    statuses = {"prepare": {"rc": 0}}
+    for v in variants:
+        statuses[v] = {"rc": 0} if v in ran else {"rc": "not started"}
+        if v in ran:
+            steps = [{"step": i + 1, "step_s": 1.0, "sections_s": {"vLLM.generate": 0.5},
+                      "log": {bench.LOGP_DIFF: d, "grad_norm": 0.5}} for i, d in enumerate(ran[v])]
+            bench.write_json(work / v / "steps.json", {"steps": steps, "done": True})
+    bench.write_json(work / "statuses.json", statuses)
+    archive = root / f"{name}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for item in sorted(work.rglob("*")):
+            tar.add(item, arcname=str(item.relative_to(work)), recursive=False)
+    return archive
+
+
+def test_record_from_a_call_cut_short_and_the_call_that_ran_the_rest(bench, tmp_path):
+    """The stale run that did not fit the first call, run by a second: one record from both calls'
+    archives, whose sync check then compares the synced and the stale run."""
+    first = _call_archive(bench, tmp_path, "a", ["sync", "sync-stale"], {"sync": [7e-7, 6e-7, 7e-7]})
+    second = _call_archive(bench, tmp_path, "b", ["sync-stale"], {"sync-stale": [7e-7, 0.014, 0.03]})
+    bench.merge_calls([first, second], tmp_path / "work", tag="both")
+    record = json.loads(bench.write_record(tmp_path / "work", tmp_path / "out").read_text())
+    assert list(record["variants"]) == ["sync", "sync-stale"]
+    assert record["statuses"]["sync"]["rc"] == 0 and record["statuses"]["sync-stale"]["rc"] == 0
+    check = record["sync_check"]
+    assert check["synced_logp_diff_mean"] == [7e-7, 6e-7, 7e-7]
+    assert check["stale_logp_diff_mean"] == [7e-7, 0.014, 0.03]
+    assert check["current_policy"] is True and check["stale_detected"] is True
+    # Alone, the first call's record cannot say whether the check can fail.
+    bench.merge_calls([first], tmp_path / "work-a")
+    alone = json.loads(bench.write_record(tmp_path / "work-a", tmp_path / "out-a").read_text())
+    assert alone["sync_check"]["current_policy"] is True and alone["sync_check"]["stale_detected"] is None
+
+
+def test_calls_on_different_cards_are_not_one_record(bench, tmp_path):
+    first = _call_archive(bench, tmp_path, "a", ["sync"], {"sync": [7e-7, 6e-7]})
+    second = _call_archive(bench, tmp_path, "b", ["sync-stale"], {"sync-stale": [7e-7, 0.01]}, device="NVIDIA H200")
+    with pytest.raises(ValueError, match="H200"):
+        bench.merge_calls([first, second], tmp_path / "work")
