@@ -661,6 +661,9 @@ def merge_calls(archives: list[Path], work: Path, tag: str | None = None) -> Pat
     import shutil
     import tarfile
 
+    # A work directory used before would lend its preparation or a variant's steps to this record.
+    if work.exists() and any(work.iterdir()):
+        raise ValueError(f"{work}: not empty; merging needs a new or empty work directory")
     work.mkdir(parents=True, exist_ok=True)
     plan, statuses, device = None, {}, None
     for i, archive in enumerate(archives):
@@ -688,7 +691,7 @@ def merge_calls(archives: list[Path], work: Path, tag: str | None = None) -> Pat
             plan["variants"][name], statuses[name] = spec, status
             for what, dest in ((part / name / "steps.json", work / name / "steps.json"),
                                (part / "logs" / f"{name}.log", work / "logs" / f"{name}.log")):
-                dest.unlink(missing_ok=True)
+                dest.unlink(missing_ok=True)  # an earlier call's, for a variant this call ran again
                 if what.exists():
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy(what, dest)

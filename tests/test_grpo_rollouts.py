@@ -251,6 +251,9 @@ def test_record_from_a_call_cut_short_and_the_call_that_ran_the_rest(bench, tmp_
     assert check["synced_logp_diff_mean"] == [7e-7, 6e-7, 7e-7]
     assert check["stale_logp_diff_mean"] == [7e-7, 0.014, 0.03]
     assert check["current_policy"] is True and check["stale_detected"] is True
+    # A used work directory would lend its files to the next merge.
+    with pytest.raises(ValueError, match="not empty"):
+        bench.merge_calls([second], tmp_path / "work")
     # Alone, the first call's record cannot say whether the check can fail.
     bench.merge_calls([first], tmp_path / "work-a")
     alone = json.loads(bench.write_record(tmp_path / "work-a", tmp_path / "out-a").read_text())

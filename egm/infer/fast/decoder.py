@@ -387,8 +387,7 @@ class GraphDecoder:
         nh, kvh, hd = self.nh, self.kvh, self.hd
         group = nh // kvh  # query heads per key/value head
         for i, w in enumerate(self.layers):
-            h = F.rms_norm(x, (hidden,), w.norm_w, self.eps)
-            q, k, v = F.linear(h, w.qkv_w).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
+            q, k, v = LIBRARY.norm_linear(x, w.norm_w, self.eps, w.qkv_w).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
             q = F.rms_norm(q.view(b, length, nh, hd), (hd,), w.q_norm_w, self.eps)
             k = F.rms_norm(k.view(b, length, kvh, hd), (hd,), w.k_norm_w, self.eps)
             q = (q * cos + rotate_half(q) * sin).transpose(1, 2)
@@ -404,8 +403,7 @@ class GraphDecoder:
             if i < len(deepstack):  # DeepStack: vision features of early blocks join early layers
                 flat = x.view(-1, hidden)
                 flat.index_copy_(0, image_index, flat.index_select(0, image_index) + deepstack[i].to(x.dtype))
-        last = F.rms_norm(x[:, -1], (hidden,), self.final_norm_w, self.eps)
-        return F.linear(last, self.lm_head_w).argmax(dim=-1)
+        return LIBRARY.norm_linear(x[:, -1], self.final_norm_w, self.eps, self.lm_head_w).argmax(dim=-1)
 
     def check_step(self, inputs: dict, cache_length: int | None = None, eager_reference: bool = True) -> dict:
         """Logits of the first decode step, this decoder against the model's own `generate`.
