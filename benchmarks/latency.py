@@ -18,8 +18,9 @@ Methods:
 - `engine_egm` and `engine_vllm`: what a user of the pipeline gets. Requests go through
   `egm.infer.engine.load_engine` (`hf` with `decode: graph`, and `vllm` with its defaults), each
   with a new 640x480 JPEG written to disk before the clock starts and the paper's prompt, capped
-  at n new tokens (not forced: the random weights stop on an eos only by chance, and a cell where
-  that happened is an error, not a number); timed from `engine.generate` to the completions on
+  at n new tokens (not forced: the random weights stop on an eos only by chance; a batch where a
+  row did is timed again with new images, up to `--reps` such batches per cell, and a cell still
+  short is an error, not a number); timed from `engine.generate` to the completions on
   the host, so image decoding, the processor, the chat template and bucketing are in it. One
   engine per method and model, built with `batch_size` = the largest batch, two warm-up batches
   per cell.
@@ -394,7 +395,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Qwen3-VL")
     parser.add_argument("--preprocess", default="auto", help="where images are resized/normalised: cpu, cuda, auto")
-    parser.add_argument("--profile-dir", default=None, help="write one decode step's kernel table per model here")
+    parser.add_argument("--profile-dir", default=None,
+                        help="write one decode step's kernel table per model, and each engine method's host profile, here")
     parser.add_argument("--diagnose", action="store_true", help="only break down the fixed costs (needs --profile-dir)")
     return parser.parse_args(argv)
 
@@ -568,7 +570,9 @@ def main(argv=None) -> int:
                 continue
             try:
                 with tempfile.TemporaryDirectory(prefix="egm-engine-") as scratch:
-                    time_engine(method, name, entry, tokens, batches, args.reps, Path(scratch), device, (width, height))
+                    profile = Path(args.profile_dir) / f"engine-{method}-{name}.txt" if args.profile_dir else None
+                    time_engine(method, name, entry, tokens, batches, args.reps, Path(scratch), device, (width, height),
+                                profile)
             except Exception as err:
                 import traceback
 
@@ -630,8 +634,10 @@ IN_PROCESS_METHODS = ("generate", "graph", "graph_compiled")
 
 
 def time_engine(method: str, name: str, entry: dict, tokens: list[int], batches: list[int], reps: int,
-                workdir: Path, device: str, size: tuple[int, int]) -> None:
-    """An `engine_*` method (module docstring): appends its runs to `entry["runs"]`."""
+                workdir: Path, device: str, size: tuple[int, int], profile: Path | None = None) -> None:
+    """An `engine_*` method (module docstring): appends its runs to `entry["runs"]`. With `profile`,
+    the host's time in `reps` more batch-1 requests at the most tokens, by function (cProfile), is
+    written there: where the engine path spends what the in-process method does not."""
     import numpy as np
     from PIL import Image
 
@@ -679,13 +685,34 @@ def time_engine(method: str, name: str, entry: dict, tokens: list[int], batches:
         for batch in batches:
             for n in tokens:
                 warm = [timed_batch(batch, n)[0] for _ in range(2)]
-                times, produced = [], set()
-                for _ in range(reps):
+                times, short, shortest = [], 0, n
+                # A batch in which a row stopped early (an eos by chance) is timed again with new
+                # images, at most `reps` times in all; the record counts them.
+                while len(times) < reps and short <= reps:
                     wall, completions = timed_batch(batch, n)
-                    times.append(wall)
-                    produced |= {c.completion_tokens for c in completions}
-                run = record(entry, method, batch, n, times, produced.pop() if len(produced) == 1 else -1)
+                    lengths = [c.completion_tokens for c in completions]
+                    if min(lengths) == max(lengths) == n:
+                        times.append(wall)
+                    else:
+                        short += 1
+                        shortest = min(shortest, *lengths)
+                run = record(entry, method, batch, n, times, n if len(times) == reps else shortest)
                 run["warmup_ms"] = [round(1000 * t, 2) for t in warm]
+                run["short_batches_retimed"] = short
+        if profile is not None:
+            import cProfile
+            import io
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(reps):
+                timed_batch(1, max(tokens))
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
+            profile.parent.mkdir(parents=True, exist_ok=True)
+            profile.write_text(text.getvalue())
     finally:
         engine.close()
 

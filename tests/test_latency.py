@@ -153,12 +153,15 @@ def test_benchmark_script_smoke(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.latency", "--tiny", "--out", str(out), "--tokens", "2,3",
          "--batches", "1", "--methods", "generate,graph,vllm,engine_egm,engine_vllm", "--reps", "1",
-         "--generate-reps", "1"],
+         "--generate-reps", "1", "--profile-dir", str(tmp_path / "profiles")],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     entry = data["models"]["tiny"]
+    # The engine path's host profile: the fast engine's generate, by function.
+    profile = (tmp_path / "profiles" / "engine-engine_egm-tiny.txt").read_text()
+    assert "function calls" in profile and "fast/engine.py" in profile and "(generate)" in profile
     runs = entry["runs"]
     assert [(r["method"], r["batch"], r["new_tokens"]) for r in runs] == [
         ("generate", 1, 2), ("generate", 1, 3), ("graph", 1, 2), ("graph", 1, 3),
@@ -166,7 +169,7 @@ def test_benchmark_script_smoke(tmp_path):
     assert runs[3]["agreement_with_generate"] == 1.0
     # The engine path: built through load_engine, warmed up apart from the timed repetitions.
     assert "errors" not in entry and entry["engine_build_s"]["engine_egm"] > 0
-    assert all(len(r["warmup_ms"]) == 2 for r in runs[4:])
+    assert all(len(r["warmup_ms"]) == 2 and r["short_batches_retimed"] >= 0 for r in runs[4:])
     assert set(entry["split"]) == {"generate", "graph", "engine_egm"}
     # vLLM, the peer, runs on a GPU only; the record says it was left out instead of omitting it.
     assert data["skipped"] == ["vllm: needs a GPU", "engine_vllm: needs a GPU"]

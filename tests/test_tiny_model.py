@@ -6,7 +6,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from egm.grounding import PROMPTS, format_sft_target
-from egm.models.inputs import build_inputs, load_processor_parts, render_prompt
+from egm.models.inputs import build_inputs, load_processor_parts, render_prompt, token_id
 from egm.models.tiny import write_tiny_model
 
 
@@ -148,6 +148,15 @@ def test_inputs_have_nine_image_tokens_per_96px_image(parts):
     other = build_inputs([Image.new("RGB", (160, 60))], ["x"], tokenizer, image_processor)
     t, h, w = other["image_grid_thw"][0].tolist()
     assert (other["input_ids"] == image_id).sum() == t * h * w // 4
+
+
+def test_token_id_is_the_vocabulary_s_or_none(parts):
+    tokenizer, _ = parts
+    vocab = tokenizer.get_vocab()
+    assert token_id(tokenizer, "<|image_pad|>") == vocab["<|image_pad|>"]
+    assert token_id(tokenizer, "<|video_pad|>") == vocab["<|video_pad|>"]
+    # A missing token is None, not unk or pad (build_inputs would mark those as video).
+    assert "<|no_such_token|>" not in vocab and token_id(tokenizer, "<|no_such_token|>") is None
 
 
 def test_processor_parts_load_a_real_style_config(tiny_dir, tmp_path):

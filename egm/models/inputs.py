@@ -62,6 +62,15 @@ def _feedable(prefix: str) -> str:
     return prefix.replace(IMAGE_TOKEN, "").replace(VIDEO_TOKEN, "")
 
 
+def token_id(tokenizer, token: str) -> int | None:
+    """The id of `token` in the vocabulary, None if it has none. convert_tokens_to_ids alone maps a
+    missing token to unk (Qwen's unk is <|endoftext|>, the pad token, which would then be marked as
+    video), so the id must map back to the token; get_vocab() would build a dict of the whole
+    vocabulary (151k entries for Qwen) on every batch."""
+    i = tokenizer.convert_tokens_to_ids(token)
+    return int(i) if i is not None and tokenizer.convert_ids_to_tokens(int(i)) == token else None
+
+
 def build_inputs(images, prompts: list[str], tokenizer, image_processor, prefixes: list[str] | None = None,
                  image_device: str | None = None) -> dict:
     """Left-padded batch for `generate`: one image and one prompt per row.
@@ -89,17 +98,15 @@ def build_inputs(images, prompts: list[str], tokenizer, image_processor, prefixe
     ]
     # Left padding keeps every row's last prompt token at the end, where generation continues.
     text = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", return_token_type_ids=False)
-    # Looked up in the vocabulary, not via convert_tokens_to_ids, which maps a missing token to
-    # unk (Qwen's unk is <|endoftext|>, the pad token) and would mark padding as video.
-    vocab = tokenizer.get_vocab()
-    if IMAGE_TOKEN not in vocab:
+    image_id, video_id = token_id(tokenizer, IMAGE_TOKEN), token_id(tokenizer, VIDEO_TOKEN)
+    if image_id is None:
         raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; not a Qwen3-VL tokenizer")
     input_ids = text["input_ids"]
     # transformers 5 refuses image_grid_thw without these: they drive Qwen3-VL's 3D positions.
     mm_types = torch.zeros_like(input_ids)
-    mm_types[input_ids == vocab[IMAGE_TOKEN]] = 1
-    if VIDEO_TOKEN in vocab:
-        mm_types[input_ids == vocab[VIDEO_TOKEN]] = 2
+    mm_types[input_ids == image_id] = 1
+    if video_id is not None:
+        mm_types[input_ids == video_id] = 2
 
     n_image_tokens = int((mm_types == 1).sum())
     expected = int(grids.prod(dim=-1).sum()) // merge**2
