@@ -6,8 +6,8 @@ Matrix-vector products: for each weight shape one decode step multiplies a singl
 - `cublas`: `F.linear` (`torch.matmul`'s library choice), what the decoder used before;
 - `triton`: `egm.infer.fast.kernels.gemv` with its launch configuration (`GEMV_CONFIG`);
 - `triton_fused`: the same kernel with what the decoder folds into that product (`FUSED`: the
-  input's RMS norm, the SwiGLU of a [gate, up] input, the residual), against that whole
-  computation in float32;
+  input's RMS norm, the SwiGLU of the gate/up product's two halves, the residual), against that
+  whole computation in float32;
 - `triton_best`: the best of a sweep of that kernel's launch configurations (block rows, block
   columns, warps, pipeline stages), and the sweep itself under `sweep`;
 - `inductor`: the product written as `(w * x).sum(-1)` in fp32 and compiled by `torch.compile`,
@@ -47,7 +47,7 @@ from benchmarks.common import build_config, copy_bandwidth, device_name
 from egm.infer.fast import kernels
 
 # What egm.infer.fast.decoder folds into each product at batch 1 (egm.infer.fast.kernels.DecodeOps).
-FUSED = {"qkv": ("norm",), "o": ("residual",), "gate_up": ("norm",), "down": ("swiglu", "residual"),
+FUSED = {"qkv": ("norm",), "o": ("residual",), "gate_up": ("norm", "swiglu"), "down": ("residual",),
          "lm_head": ("norm",)}
 SWEEP = {"block_n": (4, 8, 16, 32), "block_k": (256, 512, 1024), "warps": (2, 4, 8), "stages": (1, 3)}
 
@@ -67,17 +67,19 @@ def shapes(name: str) -> dict:
     }
 
 
-def fused_input(fused: tuple, x, gate_up, norm_w, eps: float):
-    """The product's input in float32 as the library computes it, for the fused kernel's error."""
+def fused_reference(fused: tuple, w, x, norm_w, residual, eps: float):
+    """What the fused kernel computes, in float32 as the library would: the product of the input
+    (RMS-normed with "norm"), then silu(gate) * up of its two halves ("swiglu"), plus the residual."""
     import torch.nn.functional as F
 
-    if "swiglu" in fused:
-        gate, up = gate_up.float().chunk(2)
-        x = F.silu(gate) * up
     x = x.float()
     if "norm" in fused:
         x = F.rms_norm(x, (x.shape[-1],), norm_w.float(), eps)
-    return x
+    y = w.float() @ x
+    if "swiglu" in fused:
+        gate, up = y.chunk(2)
+        y = F.silu(gate) * up
+    return y + residual.float() if "residual" in fused else y
 
 
 def time_pass(calls, reps: int) -> list[float]:
@@ -201,15 +203,15 @@ def main(argv=None) -> int:
         weights = [torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5 for _ in range(copies)]
         x = torch.randn(k, device="cuda", dtype=dtype)
         outs = [torch.empty(n, device="cuda", dtype=dtype) for _ in range(copies)]
-        # What the decoder folds into this product (FUSED): its input's norm, the SwiGLU of a
-        # [gate, up] input twice as long, the residual added to its output.
+        # What the decoder folds into this product (FUSED): its input's norm, the SwiGLU of its
+        # two halves (gate/up: half as many outputs), the residual added to its output.
         fused = FUSED[name]
         norm_w = torch.rand(k, device="cuda", dtype=dtype) + 0.5
-        gate_up = torch.randn(2 * k, device="cuda", dtype=dtype)
         residual = torch.randn(n, device="cuda", dtype=dtype)
+        fused_outs = [torch.empty(n // 2 if "swiglu" in fused else n, device="cuda", dtype=dtype)
+                      for _ in range(copies)]
         references = {"plain": weights[0].float() @ x.float(),
-                      "fused": weights[0].float() @ fused_input(fused, x, gate_up, norm_w, 1e-6)
-                      + (residual.float() if "residual" in fused else 0)}
+                      "fused": fused_reference(fused, weights[0], x, norm_w, residual, 1e-6)}
 
         def error(y, which="plain"):
             reference = references[which]
@@ -220,16 +222,17 @@ def main(argv=None) -> int:
             "cublas": lambda w, o: torch.nn.functional.linear(x.view(1, k), w),
             "triton": lambda w, o: kernels.gemv(x, w, o),
             "triton_fused": lambda w, o: kernels.gemv(
-                gate_up if "swiglu" in fused else x, w, o, norm_w=norm_w if "norm" in fused else None, eps=1e-6,
+                x, w, o, norm_w=norm_w if "norm" in fused else None, eps=1e-6,
                 residual=residual if "residual" in fused else None, swiglu="swiglu" in fused),
         }
         compiled = torch.compile(reduction, dynamic=False)
         methods["inductor"] = lambda w, o: compiled(x, w)
         for method, fn in methods.items():
+            method_outs = fused_outs if method == "triton_fused" else outs
             try:
-                y = fn(weights[0], outs[0])
-                y = outs[0] if y is None else y
-                times = time_pass([lambda w=w, o=o: fn(w, o) for w, o in zip(weights, outs)], args.reps)
+                y = fn(weights[0], method_outs[0])
+                y = method_outs[0] if y is None else y
+                times = time_pass([lambda w=w, o=o: fn(w, o) for w, o in zip(weights, method_outs)], args.reps)
                 entry[method] = cell(times, nbytes, bandwidth,
                                      error(y.view(-1), "fused" if method == "triton_fused" else "plain"))
             except Exception as err:  # one failed method must not lose the others
@@ -267,7 +270,7 @@ def main(argv=None) -> int:
             entry["sweep"] = sweep
         result["shapes"][name] = entry
         print(name, json.dumps({m: entry[m] for m in entry if m not in ("sweep",)}), flush=True)
-        del weights, outs
+        del weights, outs, fused_outs
         torch.cuda.empty_cache()
 
     result["attention"] = time_attention(args.model, [int(n) for n in args.cache_lengths.split(",")],

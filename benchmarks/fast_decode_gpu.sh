@@ -42,12 +42,13 @@ for cmd in "$@"; do
       if [ ! -d "$images/coco" ]; then
         mkdir -p "$images" && cat "$mirror"/EGM_Datasets/coco.tar.part_* | tar -x -C "$images" --no-same-owner
       fi
-      # Batch 1 answers 16 records per split (generate one at a time is the slow side), 8 and 64 all.
+      # Batch 1 answers 16 records per split (generate one at a time is the slow side), 8 and 64 all;
+      # float32 and bfloat16, the latter beside its own yardstick (bf16 generate against float32's).
       for batch in 1 8 64; do
         limit=(); [ "$batch" = 1 ] && limit=(--limit 16)
-        step 150 python3 -m benchmarks.decode_equality --model-dir "$mirror/tiny-qwen3-vl-sft" \
+        step 170 python3 -m benchmarks.decode_equality --model-dir "$mirror/tiny-qwen3-vl-sft" \
           --splits "$mirror"/EGM_Datasets/metadata/eval/*.jsonl --image-root "$images" --batch-size "$batch" \
-          "${limit[@]}" --out "$out/decode-equality-$card-b$batch.json"
+          "${limit[@]}" --own-spread --out "$out/decode-equality-$card-b$batch.json"
       done ;;
     latency)
       # latency.py starts nothing after --budget-s: 40 s before the deadline for what is running to end.

@@ -36,12 +36,13 @@ for b, kvh, g, hd, length, last in [(1, 2, 4, 32, 200, 150), (3, 2, 4, 32, 256, 
                                  float((o - reference).abs().max()), float((whole - reference).abs().max())])
 for n, k in [(48, 64), (37, 100), (130, 2048)]:
     x, w, nw = torch.randn(1, 1, k), torch.randn(n, k) / k**0.5, torch.rand(k) + 0.5
-    res, gate_up = torch.randn(1, 1, n), torch.randn(1, 1, 2 * k)
+    res, gate_up_w = torch.randn(1, 1, n), torch.randn(2 * n, k) / k**0.5
     for name, ours, theirs in [
             ("linear", kernels.linear(x, w), kernels.library_linear(x, w)),
             ("norm", kernels.norm_linear(x, nw, 1e-6, w), kernels.library_norm_linear(x, nw, 1e-6, w)),
             ("residual", kernels.add_linear(res, x, w), kernels.library_add_linear(res, x, w)),
-            ("swiglu", kernels.swiglu_add_linear(res, gate_up, w), kernels.library_swiglu_add_linear(res, gate_up, w))]:
+            ("swiglu", kernels.norm_swiglu_linear(x, nw, 1e-6, gate_up_w),
+             kernels.library_norm_swiglu_linear(x, nw, 1e-6, gate_up_w))]:
         out["products"].append([name, n, k, list(ours.shape) == list(theirs.shape),
                                 float((ours - theirs).abs().max() / theirs.abs().max())])
 print(json.dumps(out))

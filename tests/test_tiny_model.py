@@ -6,7 +6,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from egm.grounding import PROMPTS, format_sft_target
-from egm.models.inputs import build_inputs, load_processor_parts, render_prompt, token_id
+from egm.models.inputs import build_inputs, load_processor_parts, load_rgb_images, render_prompt, token_id
 from egm.models.tiny import write_tiny_model
 
 
@@ -157,6 +157,36 @@ def test_token_id_is_the_vocabulary_s_or_none(parts):
     assert token_id(tokenizer, "<|video_pad|>") == vocab["<|video_pad|>"]
     # A missing token is None, not unk or pad (build_inputs would mark those as video).
     assert "<|no_such_token|>" not in vocab and token_id(tokenizer, "<|no_such_token|>") is None
+
+
+def test_image_ids_expanded_after_tokenising_equal_the_expanded_text_tokenised(parts):
+    """build_inputs tokenises one placeholder per image and expands its id; that must give the ids
+    and mask of tokenising the text with every visual token spelled out (padding included)."""
+    tokenizer, image_processor = parts
+    images = [Image.new("RGB", (96, 96), "red"), Image.new("RGB", (160, 60), "blue")]
+    prompts = [PROMPTS["qwen3"].format(sent="the <b>left</b> one"), "x"]
+    prefixes = ["<think>\nThe", ""]
+    inputs = build_inputs(images, prompts, tokenizer, image_processor, prefixes=prefixes)
+    texts = [render_prompt(tokenizer, p).replace("<|image_pad|>", "<|image_pad|>" * (int(g.prod()) // 4)) + pre
+             for p, g, pre in zip(prompts, inputs["image_grid_thw"], prefixes)]
+    spelled = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], spelled["input_ids"])
+    assert torch.equal(inputs["attention_mask"], spelled["attention_mask"])
+    with pytest.raises(ValueError, match="2 image placeholders but 1 images"):
+        build_inputs(images[:1], ["<|image_pad|> twice"], tokenizer, image_processor)
+
+
+def test_images_load_in_threads_in_order_as_rgb(tmp_path):
+    paths = []
+    for i, mode in enumerate(["L", "RGBA", "RGB", "P"]):
+        path = tmp_path / f"{i}.png"
+        Image.new(mode, (8 + i, 8)).save(path)
+        paths.append(str(path))
+    images = load_rgb_images(paths)
+    assert [im.size for im in images] == [(8, 8), (9, 8), (10, 8), (11, 8)]
+    assert {im.mode for im in images} == {"RGB"}
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_rgb_images(paths + [str(tmp_path / "missing.png")])
 
 
 def test_processor_parts_load_a_real_style_config(tiny_dir, tmp_path):

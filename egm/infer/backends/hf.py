@@ -190,9 +190,7 @@ class HFEngine(EngineBase):
         return out
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        from PIL import Image
-
-        from egm.models.inputs import build_inputs
+        from egm.models.inputs import build_inputs, load_rgb_images
 
         torch = self._torch
         seed = self.sampling.extra.get("seed")
@@ -207,10 +205,7 @@ class HFEngine(EngineBase):
             chunk = [requests[i] for i in index]
             stop_ids = self._stop_token_ids(chunk[0].stop)
             t0 = time.perf_counter()
-            images = []
-            for req in chunk:
-                with Image.open(req.image_path) as img:
-                    images.append(img.convert("RGB"))
+            images = load_rgb_images([req.image_path for req in chunk])
             inputs = build_inputs(images, [r.prompt for r in chunk], self.tokenizer, self.image_processor,
                                   prefixes=[r.assistant_prefix for r in chunk])
             inputs = {k: v.to(self.device) for k, v in inputs.items()}

@@ -113,13 +113,11 @@ class VLLMEngine(EngineBase):
         self.chunk_size = max(self.batch_size, 256)
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        from PIL import Image
+        from egm.models.inputs import load_rgb_images
 
         t0 = time.perf_counter()
-        prompts = []
-        for req in requests:
-            with Image.open(req.image_path) as img:
-                prompts.append(vllm_prompt(self.tokenizer, req, img.convert("RGB")))
+        images = load_rgb_images([req.image_path for req in requests])
+        prompts = [vllm_prompt(self.tokenizer, req, img) for req, img in zip(requests, images)]
         params = self.params
         if any(r.max_tokens is not None or r.stop for r in requests):
             from vllm import SamplingParams

@@ -60,7 +60,7 @@ def attn_in(x, norm_w, qkv_w, q_norm_w, k_norm_w, cos, sin, eps: float, nh: int,
 def mlp_out(x, attn, o_w, norm_w, gate_up_w, down_w, eps: float, ops: DecodeOps = LIBRARY):
     """Post-attention block of one layer: output projection, residual, norm, SwiGLU MLP, residual."""
     x = ops.add_linear(x, attn, o_w)
-    return ops.swiglu_add_linear(x, ops.norm_linear(x, norm_w, eps, gate_up_w), down_w)
+    return ops.add_linear(x, ops.norm_swiglu_linear(x, norm_w, eps, gate_up_w), down_w)
 
 
 @dataclass

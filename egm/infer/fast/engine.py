@@ -112,9 +112,7 @@ class FastHFEngine(HFEngine):
         return image_token_count(self.image_processor, width, height)
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        from PIL import Image
-
-        from egm.models.inputs import build_inputs
+        from egm.models.inputs import build_inputs, load_rgb_images
 
         # Requests with the same max_tokens and stop strings together (one decode setting per
         # batch), then by image size. A new stop set or length means a new graph capture.
@@ -132,10 +130,7 @@ class FastHFEngine(HFEngine):
             max_new = request_max_tokens(requests[index[0]], self.sampling)
             stop_ids = self._stop_token_ids(requests[index[0]].stop)
             t0 = time.perf_counter()
-            images = []
-            for i in index:
-                with Image.open(requests[i].image_path) as img:
-                    images.append(img.convert("RGB"))
+            images = load_rgb_images([requests[i].image_path for i in index])
             inputs = build_inputs(images, [requests[i].prompt for i in index], self.tokenizer, self.image_processor,
                                   prefixes=[requests[i].assistant_prefix for i in index],
                                   image_device=self.preprocess_device)

@@ -10,10 +10,13 @@ general kernels are shaped for bigger work. On the H200 (`benchmarks/decode_kern
   registers until one reduction at the end (78-104 %; 3.85 ms). Weights are read once per step
   and not again before the next, so they are loaded with the evict-first hint: the L2 keeps the
   activations and the KV cache instead. The same kernel folds in what surrounds a product in a
-  layer (`norm_linear`, `add_linear`, `swiglu_add_linear`): the RMS norm of its input (its
-  weight on the input, its scale on the sums), the SwiGLU of a [gate, up] input, a residual
-  added to the output. A one-token step then launches four kernels fewer per layer (the two norms,
-  the activation, the last residual), each of which costs microseconds whatever its size.
+  layer (`norm_linear`, `add_linear`, `norm_swiglu_linear`): the RMS norm of its input (its
+  weight on the input, its scale on the sums), the SwiGLU of the gate/up product (a program takes
+  a gate row and its up row together and writes silu(gate) * up), a residual added to the output.
+  A one-token step then launches four kernels fewer per layer (the two norms, the activation, the
+  last residual), each of which costs microseconds whatever its size. (Folded into the down
+  projection's input instead, the SwiGLU was recomputed by every program of that product over
+  its whole input.)
 - `decode_attention`: cuDNN's fused attention took 15.6 us a layer for one token against 512
   cached positions (2 MB), all of it start-up and latency, not bytes. Here one program takes a
   (sequence, KV head) pair with that head's query heads together against a chunk of the cache,
@@ -61,26 +64,38 @@ def _gemv_kernel():
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
+        # SwiGLU: w is [gate; up] of 2N rows; a program takes gate row r and up row N + r together,
+        # so it can write silu(gate) * up itself.
+        up_ptrs = w_ptrs + N.to(tl.int64) * K
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             col_ok = k + cols < K
             if K % BLOCK_K == 0:
-                w = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0, eviction_policy="evict_first")
+                mask = row_ok[:, None] & (cols < BLOCK_K)[None, :]
             else:
-                w = tl.load(w_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+                mask = row_ok[:, None] & col_ok[None, :]
+            w = tl.load(w_ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptr + k + cols, mask=col_ok, other=0.0).to(tl.float32)
-            if SWIGLU:  # x holds [gate, up]: the product's input is silu(gate) * up
-                up = tl.load(x_ptr + K + k + cols, mask=col_ok, other=0.0).to(tl.float32)
-                x = x / (1.0 + tl.exp(-x)) * up
             if NORM:  # RMS norm of x: its weight now, its scale (a scalar per row of x) after the sum
                 squares += x * x
                 x = x * tl.load(norm_ptr + k + cols, mask=col_ok, other=0.0).to(tl.float32)
             acc += w.to(tl.float32) * x[None, :]
+            if SWIGLU:
+                up = tl.load(up_ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+                acc_up += up.to(tl.float32) * x[None, :]
+                up_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1)
         if NORM:
-            y = y * (1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps))
+            scale = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+            y = y * scale
+        if SWIGLU:
+            up_sum = tl.sum(acc_up, axis=1)
+            if NORM:
+                up_sum = up_sum * scale
+            y = y / (1.0 + tl.exp(-y)) * up_sum
         if RES:
             y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -89,10 +104,12 @@ def _gemv_kernel():
 
 
 def gemv(x, w, out, config=None, norm_w=None, eps: float = 0.0, residual=None, swiglu: bool = False) -> None:
-    """out[N] = residual + w[N, K] @ f(x), one launch (config: see GEMV_CONFIG), where f(x) is x,
-    rms_norm(x) * norm_w (with `norm_w`), silu(gate) * up for x = [gate, up] of 2K (with `swiglu`);
-    the residual [N] is optional."""
+    """out = residual + f(w @ g(x)), one launch (config: see GEMV_CONFIG), where g(x) is
+    rms_norm(x) * norm_w with `norm_w`, else x; f(y) is silu(gate) * up for y = [gate, up] with
+    `swiglu` (w of 2N rows, out of N), else y; the residual [N] is optional."""
     n, k = w.shape
+    if swiglu:
+        n //= 2
     block_n, block_k, warps, stages = config or GEMV_CONFIG
     grid = ((n + block_n - 1) // block_n,)
     _gemv_kernel()[grid](x, w, out, x if norm_w is None else norm_w, x if residual is None else residual, n,
@@ -245,13 +262,13 @@ def register() -> None:
                              schema="(Tensor x, Tensor w, Tensor? norm_w, float eps, Tensor? residual, bool swiglu)"
                                     " -> Tensor")
     def gemv_op(x, w, norm_w, eps, residual, swiglu):
-        out = torch.empty(w.shape[0], dtype=x.dtype, device=x.device)
+        out = torch.empty(w.shape[0] // 2 if swiglu else w.shape[0], dtype=x.dtype, device=x.device)
         gemv(x, w, out, norm_w=norm_w, eps=eps, residual=residual, swiglu=swiglu)
         return out
 
     @gemv_op.register_fake
     def _(x, w, norm_w, eps, residual, swiglu):
-        return x.new_empty(w.shape[0])
+        return x.new_empty(w.shape[0] // 2 if swiglu else w.shape[0])
 
     @torch.library.custom_op("egm::decode_attention", mutates_args=(),
                              schema="(Tensor q, Tensor k, Tensor v, Tensor bias, float scale, Tensor? last) -> Tensor")
@@ -310,13 +327,13 @@ def add_linear(residual, x, w):
     return library_add_linear(residual, x, w)
 
 
-def swiglu_add_linear(residual, gate_up, w):
-    """`residual + F.linear(F.silu(gate) * up, w)` for gate_up = [gate, up]; a single row in one kernel."""
+def norm_swiglu_linear(x, norm_w, eps: float, w):
+    """`silu(gate) * up` for [gate, up] = `norm_linear(x, norm_w, eps, w)`; a single row in one kernel."""
     import torch
 
-    if _one_row(gate_up, w, 2 * w.shape[1]) and residual.is_contiguous() and residual.numel() == w.shape[0]:
-        return torch.ops.egm.gemv(gate_up.reshape(-1), w, None, 0.0, residual.reshape(-1), True).view(residual.shape)
-    return library_swiglu_add_linear(residual, gate_up, w)
+    if _one_row(x, w, w.shape[1]) and norm_w.is_contiguous() and w.shape[0] % 2 == 0:
+        return torch.ops.egm.gemv(x.reshape(-1), w, norm_w, eps, None, True).view(*x.shape[:-1], w.shape[0] // 2)
+    return library_norm_swiglu_linear(x, norm_w, eps, w)
 
 
 def library_linear(x, w):
@@ -337,11 +354,11 @@ def library_add_linear(residual, x, w):
     return residual + F.linear(x, w)
 
 
-def library_swiglu_add_linear(residual, gate_up, w):
+def library_norm_swiglu_linear(x, norm_w, eps: float, w):
     import torch.nn.functional as F
 
-    gate, up = gate_up.chunk(2, dim=-1)
-    return residual + F.linear(F.silu(gate) * up, w)
+    gate, up = library_norm_linear(x, norm_w, eps, w).chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def decode_attention(q, k, v, bias, scale: float, last=None):
@@ -370,10 +387,10 @@ class DecodeOps:
     linear: Callable
     norm_linear: Callable
     add_linear: Callable
-    swiglu_add_linear: Callable
+    norm_swiglu_linear: Callable
     attention: Callable
 
 
-KERNELS = DecodeOps(linear, norm_linear, add_linear, swiglu_add_linear, decode_attention)
-LIBRARY = DecodeOps(library_linear, library_norm_linear, library_add_linear, library_swiglu_add_linear,
+KERNELS = DecodeOps(linear, norm_linear, add_linear, norm_swiglu_linear, decode_attention)
+LIBRARY = DecodeOps(library_linear, library_norm_linear, library_add_linear, library_norm_swiglu_linear,
                     library_attention)
