@@ -53,7 +53,7 @@ for cmd in "$@"; do
     latency)
       # latency.py starts nothing after --budget-s: 40 s before the deadline for what is running to end.
       left=$((deadline - $(date +%s) - 50))
-      # The profiles: one decode step's kernels at batch 1, and where each engine path's host time goes.
+      # One decode step's kernel table at batch 1 (the record keeps its totals).
       mkdir -p "$out/profiles-$card"
       step 560 python3 -m benchmarks.latency --models qwen3-vl-8b --methods graph_compiled,vllm,engine_egm,engine_vllm \
         --budget-s "$((left > 60 ? left - 40 : 20))" --profile-dir "$out/profiles-$card" --out "$out/latency-$card.json" ;;

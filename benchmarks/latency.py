@@ -395,8 +395,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Qwen3-VL")
     parser.add_argument("--preprocess", default="auto", help="where images are resized/normalised: cpu, cuda, auto")
-    parser.add_argument("--profile-dir", default=None,
-                        help="write one decode step's kernel table per model, and each engine method's host profile, here")
+    parser.add_argument("--profile-dir", default=None, help="write one decode step's kernel table per model here")
     parser.add_argument("--diagnose", action="store_true", help="only break down the fixed costs (needs --profile-dir)")
     return parser.parse_args(argv)
 
@@ -570,9 +569,7 @@ def main(argv=None) -> int:
                 continue
             try:
                 with tempfile.TemporaryDirectory(prefix="egm-engine-") as scratch:
-                    profile = Path(args.profile_dir) / f"engine-{method}-{name}.txt" if args.profile_dir else None
-                    time_engine(method, name, entry, tokens, batches, args.reps, Path(scratch), device, (width, height),
-                                profile)
+                    time_engine(method, name, entry, tokens, batches, args.reps, Path(scratch), device, (width, height))
             except Exception as err:
                 import traceback
 
@@ -634,10 +631,11 @@ IN_PROCESS_METHODS = ("generate", "graph", "graph_compiled")
 
 
 def time_engine(method: str, name: str, entry: dict, tokens: list[int], batches: list[int], reps: int,
-                workdir: Path, device: str, size: tuple[int, int], profile: Path | None = None) -> None:
-    """An `engine_*` method (module docstring): appends its runs to `entry["runs"]`. With `profile`,
-    the host's time in `reps` more batch-1 requests at the most tokens, by function (cProfile), is
-    written there: where the engine path spends what the in-process method does not."""
+                workdir: Path, device: str, size: tuple[int, int]) -> None:
+    """An `engine_*` method (module docstring): appends its runs to `entry["runs"]`. For egm's
+    engine also `entry["engine_host_ms"]`: per batch, the medians of what its path does before the
+    model that the in-process methods do not (decoding the JPEGs, and the inputs built from them:
+    chat template, tokens, the image processor), each called as the engine calls it."""
     import numpy as np
     from PIL import Image
 
@@ -699,20 +697,24 @@ def time_engine(method: str, name: str, entry: dict, tokens: list[int], batches:
                 run = record(entry, method, batch, n, times, n if len(times) == reps else shortest)
                 run["warmup_ms"] = [round(1000 * t, 2) for t in warm]
                 run["short_batches_retimed"] = short
-        if profile is not None:
-            import cProfile
-            import io
-            import pstats
+        if backend == "hf":
+            from egm.models.inputs import build_inputs, load_rgb_images
 
-            profiler = cProfile.Profile()
-            profiler.enable()
-            for _ in range(reps):
-                timed_batch(1, max(tokens))
-            profiler.disable()
-            text = io.StringIO()
-            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
-            profile.parent.mkdir(parents=True, exist_ok=True)
-            profile.write_text(text.getvalue())
+            host = entry.setdefault("engine_host_ms", {})
+            for batch in batches:
+                paths = [r.image_path for r in requests(batch, 1)]
+                loads, builds = [], []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    images = load_rgb_images(paths)
+                    t1 = time.perf_counter()
+                    build_inputs(images, [prompt] * batch, engine.tokenizer, engine.image_processor,
+                                 image_device=engine.preprocess_device)
+                    sync(device)
+                    loads.append(t1 - t0)
+                    builds.append(time.perf_counter() - t1)
+                host[f"batch {batch}"] = {"load_images": round(1000 * statistics.median(loads), 2),
+                                          "build_inputs": round(1000 * statistics.median(builds), 2)}
     finally:
         engine.close()
 

@@ -91,9 +91,12 @@ class CostModel:
             raise ValueError(f"{path}: not JSON ({err})") from err
 
     def _latency_costs(self) -> list[dict]:
-        """(record, method, batch, architecture) -> the split costs, every latency record."""
+        """(record, method, batch, architecture) -> the split costs, every latency record. A card's
+        own record (latency-<card>.json, the newest) comes before the older ones kept for what it
+        did not run (latency-sizes-h100.json: the 2B and 4B), so `_pick` takes its numbers first."""
         out = []
-        for path in sorted(self.records_dir.glob("latency-*.json")):
+        paths = self.records_dir.glob("latency-*.json")
+        for path in sorted(paths, key=lambda p: (p.stem.count("-") > 1, p.name)):
             record = json.loads(path.read_text())
             card = gpu_of(record, self.gpus)
             for method in sorted({r["method"] for e in record["models"].values() for r in e["runs"]}):
