@@ -72,8 +72,8 @@ def _gemv_kernel():
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             col_ok = k + cols < K
-            if K % BLOCK_K == 0:
-                mask = row_ok[:, None] & (cols < BLOCK_K)[None, :]
+            if K % BLOCK_K == 0:  # rows only: the mask stays constant along a row, so loads stay wide
+                mask = row_ok[:, None]
             else:
                 mask = row_ok[:, None] & col_ok[None, :]
             w = tl.load(w_ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
