@@ -33,6 +33,7 @@ from egm.infer.engine import load_engine
 from egm.io import write_json
 from egm.options import SamplingOptions
 
+REPO = Path(__file__).resolve().parents[1]
 REQUIRED_SHARE = {"float32": 1.0, "bfloat16": 0.99}
 SHOWN_DIFFERENCES = 20
 
@@ -69,7 +70,31 @@ def compare(labelled: list[tuple[str, Request]], reference, fast) -> dict:
             "differing": len(differences), "differences": differences[:SHOWN_DIFFERENCES]}
 
 
+def named_model_dir(path: str) -> str:
+    """The model directory as a record names it: relative to the repository where it lies inside
+    it, else its own name (a record holds no machine's paths)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else resolved.name
+
+
+def relocate(records: list[str]) -> None:
+    """Records written before `named_model_dir` (an absolute model directory inside the
+    repository) rewritten as the script now writes them; nothing else in them changes."""
+    import json
+
+    for path in records:
+        record = json.loads(Path(path).read_text())
+        record["model_dir"] = named_model_dir(record["model_dir"])
+        write_json(path, record)
+
+
 def main(argv=None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["relocate"]:  # python -m benchmarks.decode_equality relocate RECORD...
+        relocate(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--splits", nargs="+", required=True, help="eval JSONL files")
@@ -94,7 +119,7 @@ def main(argv=None) -> int:
     sampling = SamplingOptions(max_tokens=args.max_tokens)
     result = {
         "benchmark": "decode_equality", "device": device_label(device), "torch": torch.__version__,
-        "transformers": transformers.__version__, "model_dir": args.model_dir, "splits": len(args.splits),
+        "transformers": transformers.__version__, "model_dir": named_model_dir(args.model_dir), "splits": len(args.splits),
         "max_tokens": args.max_tokens, "batch_size": args.batch_size, "dtypes": {},
     }
     ok = True

@@ -47,3 +47,13 @@ def test_script_on_the_tiny_model_in_float32(tiny_dir, tmp_path):
     spread = result["dtypes"]["bfloat16"]["own_spread"]
     assert set(spread) == {"generate_vs_float32_generate", "graph_vs_float32_generate"}
     assert all(0 <= n <= 3 for n in spread.values())
+
+
+def test_records_name_the_model_directory_without_a_machine_s_paths(tmp_path):
+    inside = decode_equality.REPO / "resources" / "some-model"
+    assert decode_equality.named_model_dir(str(inside)) == "resources/some-model"
+    assert decode_equality.named_model_dir(str(tmp_path / "elsewhere" / "sft")) == "sft"
+    record = tmp_path / "old.json"
+    record.write_text(json.dumps({"model_dir": str(inside), "dtypes": {"float32": {"equal": 3}}}))
+    decode_equality.main(["relocate", str(record)])
+    assert json.loads(record.read_text()) == {"model_dir": "resources/some-model", "dtypes": {"float32": {"equal": 3}}}
