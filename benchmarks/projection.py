@@ -29,7 +29,7 @@ no prediction there.
 `--check RECORD` compares the predictions with another GPU's measured record (same method,
 batch 1, every architecture and token count both have): the method's error, stated per cell.
 
-    python -m benchmarks.projection --base benchmarks/results/latency-h100.json \\
+    python -m benchmarks.projection --base benchmarks/results/latency-sizes-h100.json \\
         --out benchmarks/results/projection-from-h100.json [--check benchmarks/results/latency-h200.json]
 """
 
