@@ -686,7 +686,7 @@ def time_engine(method: str, name: str, entry: dict, tokens: list[int], batches:
                 times, short, shortest = [], 0, n
                 # A batch in which a row stopped early (an eos by chance) is timed again with new
                 # images, at most `reps` times in all; the record counts them.
-                while len(times) < reps and short <= reps:
+                while len(times) < reps and short < reps:
                     wall, completions = timed_batch(batch, n)
                     lengths = [c.completion_tokens for c in completions]
                     if min(lengths) == max(lengths) == n:
