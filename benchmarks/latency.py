@@ -46,7 +46,9 @@ device-to-device copy, measured several times in this run, best taken. Two floor
 Every cell is timed `--reps` times (5 by default): `ms_per_request` is the median, `min_ms`
 and `max_ms` the spread, `all_ms` every repetition. Per model, `split` divides each method's
 medians at the two token counts into ms per new token and ms before the first decode step, and
-`phases_ms` times the parts of that fixed cost for egm's compiled method (`phases`).
+`phases_ms` times the parts of that fixed cost for egm's compiled method (`phases`). With
+`--profile-dir`, `profile` holds per batch the kernels of one of that method's decode steps and
+their time (`profile_step`; records of 2026-12-07 and before: batch 1 only, not keyed by batch).
 
     python -m benchmarks.latency --out benchmarks/results/latency-h100.json     # on a GPU
     python -m benchmarks.latency --tiny --out /tmp/latency-tiny.json            # CPU smoke run
@@ -395,7 +397,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random Qwen3-VL")
     parser.add_argument("--preprocess", default="auto", help="where images are resized/normalised: cpu, cuda, auto")
-    parser.add_argument("--profile-dir", default=None, help="write one decode step's kernel table per model here")
+    parser.add_argument("--profile-dir", default=None,
+                        help="write one decode step's kernel table per model and batch here (graph_compiled)")
     parser.add_argument("--diagnose", action="store_true", help="only break down the fixed costs (needs --profile-dir)")
     return parser.parse_args(argv)
 
@@ -530,10 +533,11 @@ def main(argv=None) -> int:
                         entry.setdefault("phases_ms", {})[key] = phases(model, decoder, make, batch, pad_to, cache_length,
                                                                         Requests(processor, image, ids, vocab_text, device,
                                                                                  dtype), device, args.reps)
-                        if args.profile_dir and batch == 1:
-                            entry["profile"] = profile_step(decoder, device, Path(args.profile_dir) / f"profile-{name}.txt")
+                        if args.profile_dir:
+                            entry.setdefault("profile", {})[key] = profile_step(
+                                decoder, device, Path(args.profile_dir) / f"profile-{name}-b{batch}.txt")
                         print(f"  {key}: checks {entry['checks'][key]} phases {entry['phases_ms'][key]} "
-                              f"{entry.get('profile', '')}", flush=True)
+                              f"{entry.get('profile', {}).get(key, '')}", flush=True)
                 except Exception as err:  # one failed variant must not lose the others' numbers
                     import traceback
 
