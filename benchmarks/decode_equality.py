@@ -30,7 +30,7 @@ from egm.data.splits import load_split
 from egm.grounding import build_prompt
 from egm.infer.base import Request
 from egm.infer.engine import load_engine
-from egm.io import write_json
+from egm.io import read_json, write_json
 from egm.options import SamplingOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,10 +80,8 @@ def named_model_dir(path: str) -> str:
 def relocate(records: list[str]) -> None:
     """Records written before `named_model_dir` (an absolute model directory inside the
     repository) rewritten as the script now writes them; nothing else in them changes."""
-    import json
-
     for path in records:
-        record = json.loads(Path(path).read_text())
+        record = read_json(path)
         record["model_dir"] = named_model_dir(record["model_dir"])
         write_json(path, record)
 
@@ -119,7 +117,8 @@ def main(argv=None) -> int:
     sampling = SamplingOptions(max_tokens=args.max_tokens)
     result = {
         "benchmark": "decode_equality", "device": device_label(device), "torch": torch.__version__,
-        "transformers": transformers.__version__, "model_dir": named_model_dir(args.model_dir), "splits": len(args.splits),
+        "transformers": transformers.__version__, "model_dir": named_model_dir(args.model_dir),
+        "splits": len(args.splits),
         "max_tokens": args.max_tokens, "batch_size": args.batch_size, "dtypes": {},
     }
     ok = True

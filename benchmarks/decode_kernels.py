@@ -204,12 +204,13 @@ def main(argv=None) -> int:
         x = torch.randn(k, device="cuda", dtype=dtype)
         outs = [torch.empty(n, device="cuda", dtype=dtype) for _ in range(copies)]
         # What the decoder folds into this product (FUSED): its input's norm, the SwiGLU of its
-        # two halves (gate/up: half as many outputs), the residual added to its output.
+        # two halves (gate/up), the residual added to its output.
         fused = FUSED[name]
         norm_w = torch.rand(k, device="cuda", dtype=dtype) + 0.5
         residual = torch.randn(n, device="cuda", dtype=dtype)
-        fused_outs = [torch.empty(n // 2 if "swiglu" in fused else n, device="cuda", dtype=dtype)
-                      for _ in range(copies)]
+        fused_outs = outs
+        if "swiglu" in fused:  # half as many outputs as the weight has rows
+            fused_outs = [torch.empty(n // 2, device="cuda", dtype=dtype) for _ in range(copies)]
         references = {"plain": weights[0].float() @ x.float(),
                       "fused": fused_reference(fused, weights[0], x, norm_w, residual, 1e-6)}
 
