@@ -13,11 +13,13 @@ Matrix-vector products: for each weight shape one decode step multiplies a singl
 - `inductor`: the product written as `(w * x).sum(-1)` in fp32 and compiled by `torch.compile`,
   once with default heuristics and once with coordinate-descent tuning (`inductor_tuned`).
 
-Attention (`attention`): one step's grouped queries [B, KV heads, group, head dim] for each of
-`--attention-batches` against a layer's cache of `--cache-lengths` positions (the last 50 masked,
-as the room of tokens not yet written is): `sdpa` (`F.scaled_dot_product_attention` with the
-additive mask, its default backend) against `egm.infer.fast.kernels.attention`, reading the whole
-cache (`triton`) or only up to the last written position (`triton_to_last`, as the decoder calls it).
+Attention (`attention`): one step of one layer for each of `--attention-batches` against a cache
+of `--cache-lengths` positions (the last 50 masked, as the room of tokens not yet written is), from
+the QKV product on (the new token's per-head norms and rope, its key and value written into the
+cache, the attention): through the library's operations (`library`, as the decoder's CPU path
+does it) against `egm.infer.fast.kernels.attention` (`triton`, one kernel, reading up to the
+written position); and `sdpa`, `F.scaled_dot_product_attention` of grouped queries against the
+cache alone (its default backend). GB/s counts the whole cache's bytes.
 
 Timing: each weight (each cache) has enough copies that one pass over them is several times the
 L2 (a decode step reads each weight once and ~15 GB in between, so none is ever in the cache);
@@ -119,7 +121,9 @@ def cell(times: list[float], nbytes: int, bandwidth: float, error: float) -> dic
 
 def time_attention(name: str, lengths: list[int], batches: list[int], reps: int, pass_gb: float,
                    bandwidth: float) -> dict:
-    """`sdpa` and egm's kernel for one decode step's attention in one layer, per batch and cache length."""
+    """One decode step's attention in one layer, per batch and cache length: from the QKV product
+    on (per-head norms, rope, cache write, attention) through the library (`library`) and egm's
+    kernel (`triton`), and the library's attention alone (`sdpa`)."""
     import torch
     import torch.nn.functional as F
 
@@ -127,38 +131,50 @@ def time_attention(name: str, lengths: list[int], batches: list[int], reps: int,
     t = config.text_config
     kvh, group = t.num_key_value_heads, t.num_attention_heads // t.num_key_value_heads
     hd = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    scale = hd**-0.5
+    scale, eps = hd**-0.5, float(t.rms_norm_eps)
     out = {}
     for batch, length in itertools.product(batches, lengths):
         # The last 50 positions not yet written (a step's cache has its new tokens' room at the end).
         last = length - 51
         nbytes = 2 * batch * kvh * length * hd * 2
         copies = max(2, math.ceil(pass_gb * 1e9 / 10 / nbytes))
-        q = torch.randn(batch, kvh, group, hd, device="cuda", dtype=torch.bfloat16)
-        caches = [torch.randn(2, batch, kvh, length, hd, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-        bias = torch.zeros(batch, 1, 1, length, device="cuda", dtype=torch.bfloat16)
+        bf16 = dict(device="cuda", dtype=torch.bfloat16)
+        qkv = torch.randn(batch, (kvh * group + 2 * kvh) * hd, **bf16)
+        q_norm_w, k_norm_w = torch.rand(hd, **bf16) + 0.5, torch.rand(hd, **bf16) + 0.5
+        angle = torch.rand(batch, hd // 2, device="cuda") * 6
+        cos, sin = (torch.cat((angle, angle), -1).cos().to(torch.bfloat16),
+                    torch.cat((angle, angle), -1).sin().to(torch.bfloat16))
+        caches = [torch.randn(2, batch, kvh, length, hd, **bf16) for _ in range(copies)]
+        bias = torch.zeros(batch, 1, 1, length, **bf16)
         bias[..., last + 1:] = float("-inf")
         last_at = torch.tensor([last], device="cuda")
+        first = torch.zeros(batch, dtype=torch.long, device="cuda")
+        counts = torch.zeros(batch * kvh, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, kvh, group, hd, **bf16)
         outs = [torch.empty_like(q) for _ in range(copies)]
-        reference = F.scaled_dot_product_attention(q.float(), caches[0][0].float(), caches[0][1].float(),
-                                                   attn_mask=bias.float(), scale=scale)
+        args = (qkv, q_norm_w, k_norm_w, cos, sin, eps)
+        full = [a.float() if torch.is_tensor(a) else a for a in args]
+        reference = kernels.library_attention(*full, caches[0].float(), bias.float(), scale, last_at)
+        sdpa_reference = F.scaled_dot_product_attention(q.float(), caches[0][0].float(), caches[0][1].float(),
+                                                        attn_mask=bias.float(), scale=scale)
 
-        def error(y):
-            return float((y.float() - reference).abs().max() / reference.abs().max())
+        def error(y, against):
+            return float((y.float() - against).abs().max() / against.abs().max())
 
         methods = {
-            "sdpa": lambda kv, o: F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias, scale=scale),
-            "triton": lambda kv, o: kernels.attention(q, kv[0], kv[1], bias, scale, o),
-            "triton_to_last": lambda kv, o: kernels.attention(q, kv[0], kv[1], bias, scale, o, last_at),
+            "sdpa": (lambda kv, o: F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias, scale=scale),
+                     sdpa_reference),
+            "library": (lambda kv, o: kernels.library_attention(*args, kv, bias, scale, last_at), reference),
+            "triton": (lambda kv, o: kernels.attention(*args, kv, bias, scale, o, last_at, first, counts), reference),
         }
         entry = {"batch": batch, "kv_heads": kvh, "group": group, "head_dim": hd, "cache_bytes": nbytes,
                  "copies": copies, "last": last, "split": list(kernels.attention_split(batch, kvh, length))}
-        for method, fn in methods.items():
+        for method, (fn, against) in methods.items():
             try:
                 y = fn(caches[0], outs[0])
                 y = outs[0] if y is None else y
                 times = time_pass([lambda kv=kv, o=o: fn(kv, o) for kv, o in zip(caches, outs)], reps)
-                entry[method] = cell(times, nbytes, bandwidth, error(y))
+                entry[method] = cell(times, nbytes, bandwidth, error(y, against))
             except Exception as err:
                 entry[method] = {"error": f"{type(err).__name__}: {err}"[:500]}
         out[f"batch {batch} cache {length}"] = entry

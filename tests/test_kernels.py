@@ -19,21 +19,35 @@ out = {"attention": [], "products": []}
 # (batch, KV heads, query heads per KV head, head dim, cache length, last written position)
 for b, kvh, g, hd, length, last in [(1, 2, 4, 32, 200, 150), (3, 2, 4, 32, 256, 255), (5, 1, 2, 16, 130, 70),
                                     (64, 2, 4, 16, 128, 100)]:
-    q = torch.randn(b, kvh, g, hd)
-    k, v = torch.randn(b, kvh, length, hd), torch.randn(b, kvh, length, hd)
+    qkv = torch.randn(b, (kvh * g + 2 * kvh) * hd)
+    q_norm_w, k_norm_w = torch.rand(hd) + 0.5, torch.rand(hd) + 0.5
+    angle = torch.rand(b, hd // 2) * 6
+    cos, sin = torch.cat((angle, angle), -1).cos(), torch.cat((angle, angle), -1).sin()
+    kv = torch.randn(2, b, kvh, length, hd)
     bias = torch.zeros(b, 1, 1, length)
     bias[..., last + 1:] = float("-inf")
-    bias[0, ..., :3] = float("-inf")  # one row left-padded
-    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=hd**-0.5)
-    whole = kernels.decode_attention(q, k, v, bias, hd**-0.5)
-    # Past `last` nothing may be read: poison it.
-    k[..., last + 1:, :] = float("nan")
-    v[..., last + 1:, :] = float("nan")
+    first = torch.zeros(b, dtype=torch.long)
+    first[0] = 3 if b < 5 else 70  # one row left-padded: by less than a block, or by more
+    bias[0, ..., :first[0]] = float("-inf")
+    expected_kv = kv.clone()
+    reference = kernels.library_attention(qkv, q_norm_w, k_norm_w, cos, sin, 1e-6, expected_kv, bias, hd**-0.5,
+                                          torch.tensor([last]))
+    args = (qkv, q_norm_w, k_norm_w, cos, sin, 1e-6)
+    # What must not be read: past `last`, the new token's own slot (it is written, and used as
+    # written), and row 0's left padding. NaN there would show.
+    kv[:, :, :, last:] = float("nan")
+    kv[:, 0, :, : first[0]] = float("nan")
+    counts = torch.zeros(b * kvh, dtype=torch.int32)  # shared by the calls, as by a step's layers
     for programs in (1, None, 10**4):  # one chunk per (row, head), the default split, one block each
-        o = torch.empty_like(q)
-        kernels.attention(q, k, v, bias, hd**-0.5, o, torch.tensor([last]), programs=programs)
+        o, cache = torch.empty(b, kvh, g, hd), kv.clone()
+        kernels.attention(*args, cache, bias, hd**-0.5, o, torch.tensor([last]), first, counts, programs=programs)
+        written = (cache[:, :, :, last] - expected_kv[:, :, :, last]).abs().max()
         out["attention"].append([b, length, list(kernels.attention_split(b, kvh, length, programs)),
-                                 float((o - reference).abs().max()), float((whole - reference).abs().max())])
+                                 float((o - reference).abs().max()), float(written), int(counts.abs().sum())])
+    op_cache = expected_kv.clone()
+    op = kernels.decode_attention(*args, op_cache, bias, hd**-0.5, torch.tensor([last]), first, counts)
+    out["attention"].append([b, length, "op", float((op - reference).abs().max()),
+                             float((op_cache - expected_kv).abs().max()), int(counts.abs().sum())])
 for n, k in [(48, 64), (37, 100), (130, 2048)]:
     x, w, nw = torch.randn(1, 1, k), torch.randn(n, k) / k**0.5, torch.rand(k) + 0.5
     res, gate_up_w = torch.randn(1, 1, n), torch.randn(2 * n, k) / k**0.5
@@ -58,15 +72,18 @@ def checked():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def test_attention_at_every_batch_reads_only_up_to_the_last_written_position(checked):
-    """The decode attention equals the library's at batch 1 to 64, with the cache in one chunk or
-    split; given the last written position it never reads past it (NaN there would show)."""
+def test_attention_at_every_batch_from_the_qkv_product_reads_only_what_it_must(checked):
+    """The decode attention (per-head norms, rope, the cache write, attention) equals the library's
+    at batch 1 to 64, with the cache in one chunk or split; it writes the new key and value where
+    the library does, never reads past the position it writes, nor its own slot, nor a row's left
+    padding (NaN there would show). A split cache's chunks are merged by the last to finish."""
     splits = set()
-    for batch, length, split, error, whole_error in checked["attention"]:
+    for batch, length, split, error, written_error, counts in checked["attention"]:
         assert error < 1e-5, (batch, length, split, error)
-        assert whole_error < 1e-5, (batch, length, whole_error)
-        splits.add(split[0] > 1)
-    assert splits == {True, False}  # both the merged and the single-chunk paths ran
+        assert written_error < 1e-5, (batch, length, split, written_error)
+        assert counts == 0, (batch, length, split)  # the chunk counts are left zero for the next call
+        splits.add("op" if split == "op" else split[0] > 1)
+    assert splits == {True, False, "op"}  # the merged and single-chunk paths, and the registered op
 
 
 def test_single_row_products_with_their_norm_activation_and_residual_folded_in(checked):

@@ -16,7 +16,8 @@ the weight-streaming floor for the 8B at batch 1); `cache_implementation="static
 - at batch 1 the projections, with the norms, the activation and the residuals folded into them,
   go through `egm.infer.fast.kernels` (Triton kernels shaped for one token; on the H200 the 8B
   decoded a token in 4.65 ms through the unfolded ones, vLLM in 5.53), and at every batch the
-  attention, which reads the cache only up to the step's position;
+  attention from the QKV product on (the per-head norms, rope and the cache write in the same
+  kernel), which reads the cache only from each row's first prompt position up to the step's;
 - the host never waits per token: it replays `sync_every` steps, then reads one flag.
 
 The same code runs eagerly on CPU (no graphs), which is how it is tested against `generate`.
@@ -36,25 +37,22 @@ from egm.infer.fast.prefill import PrefillPlan, Prefiller, causal_padding_bias, 
 log = logging.getLogger(__name__)
 
 
-def attn_in(x, norm_w, qkv_w, q_norm_w, k_norm_w, cos, sin, eps: float, nh: int, kvh: int, hd: int,
-            ops: DecodeOps = LIBRARY):
-    """Pre-attention block of one layer for one new token: norm, fused QKV, per-head norms, rope.
-
-    x: [B, 1, H]; cos/sin: [B, 1, hd]. Returns q [B, kvh, G, hd] (query heads grouped by their
-    KV head, which is how grouped-query attention pairs them) and k and v stacked as
-    [2, B, kvh, 1, hd], so one copy writes both into the cache. `ops`: see GraphDecoder.
-    """
+def step_inputs(token, position, embed_w, inv_freq, scaling: float):
+    """A decode step's inputs: the new tokens' embeddings [B, 1, H] and their rope cos and sin [B, hd]
+    (text tokens have equal T/H/W positions, so Qwen3-VL's interleaved 3D rope is plain rope here)."""
     import torch
     import torch.nn.functional as F
 
-    b = x.shape[0]
-    q, k, v = ops.norm_linear(x, norm_w, eps, qkv_w).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
-    q = F.rms_norm(q.view(b, nh, hd), (hd,), q_norm_w, eps)
-    k = F.rms_norm(k.view(b, kvh, hd), (hd,), k_norm_w, eps)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    kv = torch.stack((k.view(b, kvh, 1, hd), v.view(b, kvh, 1, hd)))
-    return q.view(b, kvh, nh // kvh, hd), kv
+    freqs = position.view(-1, 1).float() * inv_freq  # [B, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    x = F.embedding(token, embed_w).unsqueeze(1)
+    return x, (emb.cos() * scaling).to(embed_w.dtype), (emb.sin() * scaling).to(embed_w.dtype)
+
+
+def attn_in(x, norm_w, qkv_w, eps: float, ops: DecodeOps = LIBRARY):
+    """Pre-attention block of one layer for one new token: norm and fused QKV product, [B, 1, (nh + 2 kvh) hd].
+    The per-head norms, rope and the cache write are the attention's (`DecodeOps.attention`)."""
+    return ops.norm_linear(x, norm_w, eps, qkv_w)
 
 
 def mlp_out(x, attn, o_w, norm_w, gate_up_w, down_w, eps: float, ops: DecodeOps = LIBRARY):
@@ -111,6 +109,8 @@ class _State:
         self.bias = torch.full((batch, 1, 1, length), float("-inf"), **zeros)
         self.token = torch.zeros(batch, **longs)
         self.position = torch.zeros(batch, **longs)
+        self.first = torch.zeros(batch, **longs)  # each row's first unmasked position (after its left padding)
+        self.counts = torch.zeros(batch * kvh, dtype=torch.int32, device=device)  # the attention kernel's, left zero
         self.write_at = torch.zeros(1, **longs)
         self.step = torch.zeros(1, **longs)
         self.out = torch.zeros(batch, length, **longs)  # never more new tokens than cache positions
@@ -206,7 +206,7 @@ class GraphDecoder:
 
     def set_compile(self, compile_layers: bool) -> None:
         """Compile (or not) the per-layer blocks; captured graphs are dropped and made anew."""
-        self._attn_in, self._mlp_out = attn_in, mlp_out
+        self._step_inputs, self._attn_in, self._mlp_out = step_inputs, attn_in, mlp_out
         if compile_layers:
             # Each batch size compiles once (the blocks' inputs do not depend on the cache length).
             dynamo = self.torch._dynamo.config
@@ -214,6 +214,7 @@ class GraphDecoder:
                 if hasattr(dynamo, knob):
                     setattr(dynamo, knob, max(getattr(dynamo, knob), 256))
             # One compiled graph serves every layer: weights are arguments, not constants.
+            self._step_inputs = self.torch.compile(step_inputs, dynamic=False, fullgraph=True)
             self._attn_in = self.torch.compile(attn_in, dynamic=False, fullgraph=True)
             self._mlp_out = self.torch.compile(mlp_out, dynamic=False, fullgraph=True)
         self.compile_layers = bool(compile_layers)
@@ -232,21 +233,15 @@ class GraphDecoder:
 
     def _step(self, s: _State) -> None:
         import torch
-        import torch.nn.functional as F
 
         b = s.batch
-        x = F.embedding(s.token, self.embed_w).view(b, 1, self.hidden)
-        freqs = s.position.view(b, 1).float() * self.inv_freq  # [B, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scaling).to(self.dtype).view(b, 1, self.hd)
-        sin = (emb.sin() * self.rope_scaling).to(self.dtype).view(b, 1, self.hd)
+        x, cos, sin = self._step_inputs(s.token, s.position, self.embed_w, self.inv_freq, self.rope_scaling)
         s.bias.index_fill_(3, s.write_at, 0.0)
         ops = self.ops
         for i, w in enumerate(self.layers):
-            q, kv = self._attn_in(x, w.norm_w, w.qkv_w, w.q_norm_w, w.k_norm_w, cos, sin, self.eps, self.nh, self.kvh,
-                                  self.hd, ops)
-            s.kv[i].index_copy_(3, s.write_at, kv)
-            o = ops.attention(q, s.kv[i][0], s.kv[i][1], s.bias, self.scale, s.write_at)
+            qkv = self._attn_in(x, w.norm_w, w.qkv_w, self.eps, ops).view(b, -1)
+            o = ops.attention(qkv, w.q_norm_w, w.k_norm_w, cos, sin, self.eps, s.kv[i], s.bias, self.scale, s.write_at,
+                              s.first, s.counts)
             x = self._mlp_out(x, o.reshape(b, 1, self.nh * self.hd), w.o_w, w.post_norm_w, w.gate_up_w, w.down_w,
                               self.eps, ops)
         logits = ops.norm_linear(x.view(b, self.hidden), self.final_norm_w, self.eps, self.lm_head_w)
@@ -482,6 +477,7 @@ class GraphDecoder:
             mask = inputs["attention_mask"].to(torch.bool)
             s.bias.fill_(float("-inf"))
             s.bias[:, 0, 0, :prompt].masked_fill_(mask, 0.0)
+            s.first.copy_((mask.cumsum(dim=-1) == 0).sum(dim=-1))
             s.token.copy_(first)
             # The next text position: one past the prompt's largest (3D) position.
             s.position.copy_(mask.sum(dim=-1) + deltas.to(self.device))

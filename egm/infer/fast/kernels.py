@@ -21,11 +21,13 @@ general kernels are shaped for bigger work. On the H200 (`benchmarks/decode_kern
   cached positions (2 MB), all of it start-up and latency, not bytes. Here one program takes a
   (sequence, KV head) pair with that head's query heads together against a chunk of the cache,
   with an online softmax over its blocks of positions (flash-decoding): at batch 1 the cache is
-  split into one-block chunks whose softmax partials one small pass merges (7.3 us); at large
-  batches each program takes its pair's whole cache and writes the output itself. Given the
-  step's last written position it reads no further: the room for the tokens still to come is
-  masked anyway, and at batch 64 it is a fifth of the cache a step would otherwise stream.
-
+  split into one-block chunks, whose softmax partials the pair's last chunk to finish merges
+  (7.3 us with the merge as a kernel of its own); at large batches each program takes its pair's
+  whole cache and writes the output itself. Given the step's last written position it reads no
+  further: the room for the tokens still to come is masked anyway, and at batch 64 it is a fifth
+  of the cache a step would otherwise stream; nor does it read a row's left padding. It starts from the QKV product: the new token's per-head RMS norms and rope are done
+  in the kernel, which also writes the new key and value into the cache, so a layer's attention
+  is one launch where it was three (the norms and rope, the cache write, the attention) or four.
 The products apply to one row (batch 1), the attention to any batch, with contiguous operands;
 otherwise each falls back to the library operation, so the same decoder code runs everywhere.
 Whether the kernels are used at all is the decoder's choice (`GraphDecoder(use_kernels=...)`,
@@ -123,34 +125,66 @@ def _attention_kernels():
     import triton.language as tl
 
     @triton.jit
-    def chunk_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, last_ptr, m_ptr, l_ptr, acc_ptr, o_ptr, L, scale,
-                     KVH: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, G_PAD: tl.constexpr, HD_PAD: tl.constexpr,
-                     G_POW2: tl.constexpr, BLOCK: tl.constexpr, PER: tl.constexpr, SPLIT: tl.constexpr,
-                     HAS_LAST: tl.constexpr, IEEE: tl.constexpr):
+    def block_kernel(qkv_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, bias_ptr, last_ptr, first_ptr,
+                     m_ptr, l_ptr, acc_ptr, count_ptr, o_ptr, L, scale, eps, KVH: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
+                     G_PAD: tl.constexpr, HD_PAD: tl.constexpr, G_POW2: tl.constexpr, BLOCK: tl.constexpr,
+                     PER: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
         # One (sequence, KV head) pair (program axis 0) against its chunk of PER blocks of BLOCK
         # cache positions (axis 1), with an online softmax over the blocks (flash-decoding).
         bh = tl.program_id(0)
         chunk = tl.program_id(1)
         seq = bh // KVH
-        end = L
-        if HAS_LAST:
-            # Positions after `last` are masked (not yet written): they are not read at all.
-            end = tl.minimum(tl.load(last_ptr).to(tl.int32) + 1, L)
-        start = chunk * PER * BLOCK
-        stop = tl.minimum(start + PER * BLOCK, end)
+        head = bh % KVH
+        last = tl.load(last_ptr).to(tl.int32)
+        # Positions after `last` are masked (not yet written), those before the row's `first` are
+        # its left padding: neither is read. Blocks and chunks count from `first`, so a row's sums
+        # do not depend on how much padding its batch gave it.
+        start = tl.load(first_ptr + seq).to(tl.int32) + chunk * PER * BLOCK
+        stop = tl.minimum(start + PER * BLOCK, tl.minimum(last + 1, L))
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, HD_PAD)
         g_ok, d_ok = g < G, d < HD
-        q = tl.load(q_ptr + (bh * G + g[:, None]) * HD + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        dtype = k_ptr.dtype.element_ty
+        # The new token's q and k: per-head RMS norm, then rope, in float32, rounded once. rope's
+        # rotate_half takes element d + HD/2 (negated) for the first half, d - HD/2 for the second.
+        half = HD // 2
+        rot = tl.where(d < half, d + half, d - half)
+        sign = tl.where(d < half, -1.0, 1.0)
+        cos = tl.load(cos_ptr + seq * HD + d, mask=d_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + seq * HD + d, mask=d_ok, other=0.0).to(tl.float32) * sign
+        row = qkv_ptr + seq.to(tl.int64) * ((KVH * G + 2 * KVH) * HD)
+        q_mask = g_ok[:, None] & d_ok[None, :]
+        q_at = row + (head * G + g[:, None]) * HD
+        qx = tl.load(q_at + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        qr = tl.load(q_at + rot[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        qw = tl.load(q_norm_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        qwr = tl.load(q_norm_ptr + rot, mask=d_ok, other=0.0).to(tl.float32)
+        q_scale = 1.0 / tl.sqrt(tl.sum(qx * qx, axis=1) / HD + eps)
+        q = (q_scale[:, None] * (qx * (qw * cos)[None, :] + qr * (qwr * sin)[None, :])).to(dtype)
+        k_at = row + (KVH * G + head) * HD
+        kx = tl.load(k_at + d, mask=d_ok, other=0.0).to(tl.float32)
+        kr = tl.load(k_at + rot, mask=d_ok, other=0.0).to(tl.float32)
+        kw = tl.load(k_norm_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        kwr = tl.load(k_norm_ptr + rot, mask=d_ok, other=0.0).to(tl.float32)
+        k_scale = 1.0 / tl.sqrt(tl.sum(kx * kx, axis=0) / HD + eps)
+        k_new = (k_scale * (kx * kw * cos + kr * kwr * sin)).to(dtype)
+        v_new = tl.load(row + (KVH * G + KVH + head) * HD + d, mask=d_ok, other=0.0).to(dtype)
+        # The first chunk writes the new token into the cache; every chunk uses it at `last` as it
+        # has it, whatever it reads there, so no chunk waits for another's write.
+        if chunk == 0:
+            at = (bh.to(tl.int64) * L + last) * HD + d
+            tl.store(k_ptr + at, k_new, mask=d_ok)
+            tl.store(v_ptr + at, v_new, mask=d_ok)
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], dtype=tl.float32)
         acc = tl.zeros([G_PAD, HD_PAD], dtype=tl.float32)
         for first in range(start, stop, BLOCK):
             pos = first + tl.arange(0, BLOCK)
             pos_ok = pos < stop
+            is_new = (pos == last)[:, None]
             kv_offsets = (bh.to(tl.int64) * L + pos[:, None]) * HD + d[None, :]
             kv_mask = pos_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+            k = tl.where(is_new, k_new[None, :], tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0))
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -162,7 +196,7 @@ def _attention_kernels():
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - shift[:, None])
             alpha = tl.exp(m_i - shift)
-            v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+            v = tl.where(is_new, v_new[None, :], tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0))
             if IEEE:
                 pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -177,36 +211,37 @@ def _attention_kernels():
             tl.store(o_ptr + (bh * G + g[:, None]) * HD + d[None, :], out.to(o_ptr.dtype.element_ty),
                      mask=g_ok[:, None] & d_ok[None, :])
         else:
-            # A chunk wholly past `last` stores m = -inf, l = 0: the merge gives it no weight.
+            # A chunk wholly past `last` (or wholly padding) stores m = -inf, l = 0: the merge
+            # gives it no weight.
             row = (bh * SPLIT + chunk) * G_POW2 + g
             row_ok = g < G_POW2
             tl.store(m_ptr + row, m_i, mask=row_ok)
             tl.store(l_ptr + row, l_i, mask=row_ok)
             tl.store(acc_ptr + row[:, None] * HD_PAD + d[None, :], acc, mask=row_ok[:, None])
+            # The pair's last chunk to finish merges the partials, so the merge costs no launch of
+            # its own: the stores above are released (every thread's, after the barrier) before the
+            # count, and acquired by the merging chunk before it reads them (from L2: a previous
+            # call's partials may linger at the same addresses in this SM's L1).
+            tl.debug_barrier()
+            if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+                gm = tl.arange(0, G_POW2)
+                top = tl.full([G_POW2], float("-inf"), tl.float32)
+                for c in range(SPLIT):
+                    top = tl.maximum(top, tl.load(m_ptr + (bh * SPLIT + c) * G_POW2 + gm, cache_modifier=".cg"))
+                # top is finite: the step's own position is never masked.
+                num = tl.zeros([G_POW2, HD_PAD], dtype=tl.float32)
+                den = tl.zeros([G_POW2], dtype=tl.float32)
+                for c in range(SPLIT):
+                    part = (bh * SPLIT + c) * G_POW2 + gm
+                    w = tl.exp(tl.load(m_ptr + part, cache_modifier=".cg") - top)
+                    den += w * tl.load(l_ptr + part, cache_modifier=".cg")
+                    num += w[:, None] * tl.load(acc_ptr + part[:, None] * HD_PAD + d[None, :], cache_modifier=".cg")
+                out = num / den[:, None]
+                tl.store(o_ptr + (bh * G + gm[:, None]) * HD + d[None, :], out.to(o_ptr.dtype.element_ty),
+                         mask=(gm[:, None] < G) & (d[None, :] < HD))
+                tl.store(count_ptr + bh, 0)  # ready for the next call
 
-    @triton.jit
-    def merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, G: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr,
-                     G_POW2: tl.constexpr, SPLIT: tl.constexpr):
-        # One (sequence, KV head) pair's chunk partials (axis 0) merged into its query heads' outputs.
-        bh = tl.program_id(0)
-        g = tl.arange(0, G_POW2)
-        d = tl.arange(0, HD_PAD)
-        top = tl.full([G_POW2], float("-inf"), tl.float32)
-        for c in range(SPLIT):
-            top = tl.maximum(top, tl.load(m_ptr + (bh * SPLIT + c) * G_POW2 + g))
-        # top is finite: the step's own position is never masked.
-        num = tl.zeros([G_POW2, HD_PAD], dtype=tl.float32)
-        den = tl.zeros([G_POW2], dtype=tl.float32)
-        for c in range(SPLIT):
-            row = (bh * SPLIT + c) * G_POW2 + g
-            w = tl.exp(tl.load(m_ptr + row) - top)
-            den += w * tl.load(l_ptr + row)
-            num += w[:, None] * tl.load(acc_ptr + row[:, None] * HD_PAD + d[None, :])
-        out = num / den[:, None]
-        tl.store(o_ptr + (bh * G + g[:, None]) * HD + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=(g[:, None] < G) & (d[None, :] < HD))
-
-    return chunk_kernel, merge_kernel
+    return block_kernel
 
 
 def _pad(n: int, least: int = 1) -> int:
@@ -222,31 +257,37 @@ def attention_split(batch: int, kv_heads: int, length: int, programs: int | None
     return -(-blocks // per), per
 
 
-def attention(q, k, v, bias, scale: float, out, last=None, programs: int | None = None) -> None:
-    """out = softmax(q k^T * scale + bias) v for a decode step: q [B, KVH, G, HD] (query heads
-    grouped by their KV head), k and v [B, KVH, L, HD], bias [B, 1, 1, L] additive (0 or -inf).
-    `last` (a one-element integer tensor on the device, optional): the last position any row may
-    attend; the positions after it must be masked in `bias`, and are then not read."""
+def attention(qkv, q_norm_w, k_norm_w, cos, sin, eps: float, kv, bias, scale: float, out, last, first, counts=None,
+              programs: int | None = None) -> None:
+    """One decode step's attention in one layer, from the QKV product on: `out` [B, KVH, G, HD]
+    (query heads grouped by their KV head) = softmax(q k^T * scale + bias) v over the cache, where
+    q and the new k are the QKV product's heads through their RMS norms (`q_norm_w`, `k_norm_w`)
+    and rope (`cos`, `sin` [B, HD]); the new k and v are written into the cache at `last`.
+
+    qkv [B, (KVH * G + 2 * KVH) * HD]; kv [2, B, KVH, L, HD] (keys, values); bias [B, 1, 1, L]
+    additive (0 or -inf), already 0 at `last`; `last` (a one-element integer tensor): the position
+    written now, after which the bias must mask and nothing is read; `first` [B] integers: where
+    each row's unmasked positions begin (nothing before is read); `counts`: B * KVH int32
+    zeros, left zero (how many chunks of each pair are done; made here when not given)."""
     import torch
 
-    chunk_kernel, merge_kernel = _attention_kernels()
-    batch, kvh, g, hd = q.shape
-    length = k.shape[2]
+    block_kernel = _attention_kernels()
+    _, batch, kvh, length, hd = kv.shape
+    g = qkv.shape[-1] // hd // kvh - 2
     split, per = attention_split(batch, kvh, length, programs)
     # tl.dot wants at least 16 rows and columns: the query heads and head dims are padded up.
     g_pad, hd_pad, g_pow2 = _pad(g, 16), _pad(hd, 16), _pad(g)
     partials = batch * kvh * split * g_pow2 if split > 1 else 1
-    m = torch.empty(partials, dtype=torch.float32, device=q.device)
+    m = torch.empty(partials, dtype=torch.float32, device=qkv.device)
     l = torch.empty_like(m)
-    acc = torch.empty(partials, hd_pad if split > 1 else 1, dtype=torch.float32, device=q.device)
-    ieee = q.dtype == torch.float32  # float32 models get float32 products, not TF32
-    chunk_kernel[(batch * kvh, split)](
-        q, k, v, bias, last if last is not None else m, m, l, acc, out, length, scale, KVH=kvh, G=g, HD=hd,
-        G_PAD=g_pad, HD_PAD=hd_pad, G_POW2=g_pow2, BLOCK=ATTENTION_BLOCK, PER=per, SPLIT=split,
-        HAS_LAST=last is not None, IEEE=ieee, num_warps=4)
-    if split > 1:
-        merge_kernel[(batch * kvh,)](m, l, acc, out, G=g, HD=hd, HD_PAD=hd_pad, G_POW2=g_pow2, SPLIT=split,
-                                     num_warps=4)
+    acc = torch.empty(partials, hd_pad if split > 1 else 1, dtype=torch.float32, device=qkv.device)
+    if counts is None:
+        counts = torch.zeros(batch * kvh, dtype=torch.int32, device=qkv.device)
+    ieee = kv.dtype == torch.float32  # float32 models get float32 products, not TF32
+    block_kernel[(batch * kvh, split)](
+        qkv, q_norm_w, k_norm_w, cos, sin, kv[0], kv[1], bias, last, first, m, l, acc, counts, out, length, scale,
+        float(eps), KVH=kvh, G=g, HD=hd, G_PAD=g_pad, HD_PAD=hd_pad, G_POW2=g_pow2, BLOCK=ATTENTION_BLOCK, PER=per,
+        SPLIT=split, IEEE=ieee, num_warps=4)
 
 
 def register() -> None:
@@ -270,16 +311,20 @@ def register() -> None:
     def _(x, w, norm_w, eps, residual, swiglu):
         return x.new_empty(w.shape[0] // 2 if swiglu else w.shape[0])
 
-    @torch.library.custom_op("egm::decode_attention", mutates_args=(),
-                             schema="(Tensor q, Tensor k, Tensor v, Tensor bias, float scale, Tensor? last) -> Tensor")
-    def attention_op(q, k, v, bias, scale, last):
-        out = torch.empty_like(q)
-        attention(q, k, v, bias, scale, out, last)
+    @torch.library.custom_op("egm::decode_attention", mutates_args=("kv", "counts"),
+                             schema="(Tensor qkv, Tensor q_norm_w, Tensor k_norm_w, Tensor cos, Tensor sin, float eps,"
+                                    " Tensor(a!) kv, Tensor bias, float scale, Tensor last, Tensor first,"
+                                    " Tensor(b!) counts) -> Tensor")
+    def attention_op(qkv, q_norm_w, k_norm_w, cos, sin, eps, kv, bias, scale, last, first, counts):
+        _, batch, kvh, _, hd = kv.shape
+        out = qkv.new_empty(batch, kvh, qkv.shape[-1] // hd // kvh - 2, hd)
+        attention(qkv, q_norm_w, k_norm_w, cos, sin, eps, kv, bias, scale, out, last, first, counts)
         return out
 
     @attention_op.register_fake
-    def _(q, k, v, bias, scale, last):
-        return torch.empty_like(q)
+    def _(qkv, q_norm_w, k_norm_w, cos, sin, eps, kv, bias, scale, last, first, counts):
+        _, batch, kvh, _, hd = kv.shape
+        return qkv.new_empty(batch, kvh, qkv.shape[-1] // hd // kvh - 2, hd)
 
     _registered = True
 
@@ -361,22 +406,39 @@ def library_norm_swiglu_linear(x, norm_w, eps: float, w):
     return F.silu(gate) * up
 
 
-def decode_attention(q, k, v, bias, scale: float, last=None):
-    """`F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)` for a decode step's
-    grouped queries (q [B, KVH, G, HD], k/v [B, KVH, L, HD], bias [B, 1, 1, L]) through the kernels;
-    `last`: see `attention`."""
+def decode_attention(qkv, q_norm_w, k_norm_w, cos, sin, eps: float, kv, bias, scale: float, last, first, counts):
+    """One decode step's attention from the QKV product on (see `attention`): the new token's q and k
+    normed and roped, k and v written into the cache `kv` at `last`, the output [B, KVH, G, HD], in one
+    kernel."""
     import torch
 
-    if all(t.is_contiguous() for t in (q, k, v, bias)) and bias.numel() == q.shape[0] * k.shape[2]:
-        return torch.ops.egm.decode_attention(q, k, v, bias, scale, last)
-    return library_attention(q, k, v, bias, scale)
+    if all(t.is_contiguous() for t in (qkv, cos, sin, kv, bias)) and bias.numel() == kv.shape[1] * kv.shape[3]:
+        return torch.ops.egm.decode_attention(qkv, q_norm_w, k_norm_w, cos, sin, eps, kv, bias, scale, last, first,
+                                              counts)
+    return library_attention(qkv, q_norm_w, k_norm_w, cos, sin, eps, kv, bias, scale, last)
 
 
-def library_attention(q, k, v, bias, scale: float, last=None):
-    """The same step through `F.scaled_dot_product_attention` (`last` is implied by the mask)."""
+def library_attention(qkv, q_norm_w, k_norm_w, cos, sin, eps: float, kv, bias, scale: float, last, first=None,
+                      counts=None):
+    """The same step through the library's operations, as the model's own layer does it: per-head
+    RMS norms, rope, the cache write, `F.scaled_dot_product_attention` (`first` is implied by the
+    mask; `counts` is the kernel's)."""
+    import torch
     import torch.nn.functional as F
 
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    from egm.infer.fast.prefill import rotate_half
+
+    _, b, kvh, _, hd = kv.shape
+    nh = qkv.shape[-1] // hd - 2 * kvh
+    q, k, v = qkv.view(b, -1).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
+    cos, sin = cos.view(b, 1, hd), sin.view(b, 1, hd)
+    q = F.rms_norm(q.view(b, nh, hd), (hd,), q_norm_w, eps)
+    k = F.rms_norm(k.view(b, kvh, hd), (hd,), k_norm_w, eps)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    kv.index_copy_(3, last, torch.stack((k.view(b, kvh, 1, hd), v.view(b, kvh, 1, hd))))
+    # The query heads of one KV head as that head's rows: grouped-query attention without copies.
+    return F.scaled_dot_product_attention(q.view(b, kvh, nh // kvh, hd), kv[0], kv[1], attn_mask=bias, scale=scale)
 
 
 @dataclass(frozen=True)
