@@ -48,6 +48,18 @@ for b, kvh, g, hd, length, last in [(1, 2, 4, 32, 200, 150), (3, 2, 4, 32, 256, 
     op = kernels.decode_attention(*args, op_cache, bias, hd**-0.5, torch.tensor([last]), first, counts)
     out["attention"].append([b, length, "op", float((op - reference).abs().max()),
                              float((op_cache - expected_kv).abs().max()), int(counts.abs().sum())])
+out["advance"] = []
+for b, eos in [(1, None), (1, [7, 3]), (5, [2]), (64, [0, 9, 4])]:
+    nxt = torch.randint(0, 10, (b,))
+    states = []
+    for advance in (kernels.advance, kernels.library_advance):
+        torch.manual_seed(b)  # the same starting state for both
+        state = [torch.randint(0, 10, (b, 12)), torch.tensor([5]), torch.rand(b) < 0.3, None,
+                 torch.randint(0, 10, (b,)), torch.randint(0, 100, (b,)), torch.tensor([130])]
+        advance(nxt, *state[:3], torch.tensor(eos) if eos else None, *state[4:])
+        states.append([t.tolist() for t in state if t is not None])
+    hits = sum(int(t) in (eos or []) for t in nxt)
+    out["advance"].append([b, eos, states[0] == states[1], hits])
 for n, k in [(48, 64), (37, 100), (130, 2048)]:
     x, w, nw = torch.randn(1, 1, k), torch.randn(n, k) / k**0.5, torch.rand(k) + 0.5
     res, gate_up_w = torch.randn(1, 1, n), torch.randn(2 * n, k) / k**0.5
@@ -84,6 +96,15 @@ def test_attention_at_every_batch_from_the_qkv_product_reads_only_what_it_must(c
         assert counts == 0, (batch, length, split)  # the chunk counts are left zero for the next call
         splits.add("op" if split == "op" else split[0] > 1)
     assert splits == {True, False, "op"}  # the merged and single-chunk paths, and the registered op
+
+
+def test_step_bookkeeping_in_one_kernel(checked):
+    """After the argmax: the token stored at the step's column, rows on a stop id marked done, the
+    position, write slot and step moved on, as the library's operations do it, with and without stop ids."""
+    assert len(checked["advance"]) == 4
+    for batch, eos, same, _ in checked["advance"]:
+        assert same, (batch, eos)
+    assert sum(hits for *_, hits in checked["advance"]) > 0  # some rows did stop
 
 
 def test_single_row_products_with_their_norm_activation_and_residual_folded_in(checked):

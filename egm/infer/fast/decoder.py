@@ -232,8 +232,6 @@ class GraphDecoder:
     # ---- one decode step (captured as a graph on CUDA) ----
 
     def _step(self, s: _State) -> None:
-        import torch
-
         b = s.batch
         x, cos, sin = self._step_inputs(s.token, s.position, self.embed_w, self.inv_freq, self.rope_scaling)
         s.bias.index_fill_(3, s.write_at, 0.0)
@@ -247,14 +245,7 @@ class GraphDecoder:
         logits = ops.norm_linear(x.view(b, self.hidden), self.final_norm_w, self.eps, self.lm_head_w)
         if s.logits is not None:
             s.logits.copy_(logits)
-        nxt = logits.argmax(dim=-1)
-        s.out.index_copy_(1, s.step, nxt.view(b, 1))
-        if self._eos is not None:
-            s.done |= torch.isin(nxt, self._eos)
-        s.token.copy_(nxt)
-        s.position.add_(1)
-        s.write_at.add_(1)
-        s.step.add_(1)
+        ops.advance(logits.argmax(dim=-1), s.out, s.step, s.done, self._eos, s.token, s.position, s.write_at)
 
     def _state(self, batch: int, length: int) -> _State:
         torch = self.torch

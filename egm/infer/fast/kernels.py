@@ -33,7 +33,7 @@ otherwise each falls back to the library operation, so the same decoder code run
 Whether the kernels are used at all is the decoder's choice (`GraphDecoder(use_kernels=...)`,
 which takes `KERNELS` or `LIBRARY`): on CUDA by default, on the CPU only under Triton's
 interpreter (TRITON_INTERPRET=1), which is how the tests check them. They are registered as
-custom ops (`egm::gemv`, `egm::decode_attention`), which `torch.compile` and CUDA graph capture
+custom ops (`egm::gemv`, `egm::decode_attention`, `egm::advance`), which `torch.compile` and CUDA graph capture
 both take as opaque calls.
 """
 
@@ -290,6 +290,36 @@ def attention(qkv, q_norm_w, k_norm_w, cos, sin, eps: float, kv, bias, scale: fl
         SPLIT=split, IEEE=ieee, num_warps=4)
 
 
+@functools.cache
+def _advance_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def advance_kernel(next_ptr, out_ptr, step_ptr, done_ptr, eos_ptr, token_ptr, position_ptr, write_at_ptr, B,
+                       OUT_LEN, N_EOS: tl.constexpr, BLOCK_B: tl.constexpr):
+        rows = tl.arange(0, BLOCK_B)
+        ok = rows < B
+        nxt = tl.load(next_ptr + rows, mask=ok, other=0)
+        step = tl.load(step_ptr)
+        write_at = tl.load(write_at_ptr)
+        if N_EOS > 0:
+            hit = tl.zeros([BLOCK_B], dtype=tl.int1)
+            for e in range(N_EOS):
+                hit = hit | (nxt == tl.load(eos_ptr + e))
+            done = tl.load(done_ptr + rows, mask=ok, other=0) != 0
+            tl.store(done_ptr + rows, (done | hit).to(tl.int8), mask=ok)
+        position = tl.load(position_ptr + rows, mask=ok, other=0)
+        tl.debug_barrier()  # every counter read before any is written
+        tl.store(out_ptr + rows * OUT_LEN + step, nxt, mask=ok)
+        tl.store(token_ptr + rows, nxt, mask=ok)
+        tl.store(position_ptr + rows, position + 1, mask=ok)
+        tl.store(step_ptr, step + 1)
+        tl.store(write_at_ptr, write_at + 1)
+
+    return advance_kernel
+
+
 def register() -> None:
     """Register the custom ops (once). Done eagerly, before any tracing: a registration met while
     `torch.compile` traces the decoder would be traced too."""
@@ -325,6 +355,15 @@ def register() -> None:
     def _(qkv, q_norm_w, k_norm_w, cos, sin, eps, kv, bias, scale, last, first, counts):
         _, batch, kvh, _, hd = kv.shape
         return qkv.new_empty(batch, kvh, qkv.shape[-1] // hd // kvh - 2, hd)
+
+    @torch.library.custom_op("egm::advance", mutates_args=("out", "step", "done", "token", "position", "write_at"),
+                             schema="(Tensor nxt, Tensor(a!) out, Tensor(b!) step, Tensor(c!) done, Tensor? eos,"
+                                    " Tensor(d!) token, Tensor(e!) position, Tensor(f!) write_at) -> ()")
+    def advance_op(nxt, out, step, done, eos, token, position, write_at):
+        batch = nxt.shape[0]
+        _advance_kernel()[(1,)](nxt, out, step, done.view(torch.int8), eos if eos is not None else nxt, token, position,
+                                write_at, batch, out.shape[1], N_EOS=0 if eos is None else eos.numel(),
+                                BLOCK_B=_pad(batch), num_warps=1)
 
     _registered = True
 
@@ -441,6 +480,31 @@ def library_attention(qkv, q_norm_w, k_norm_w, cos, sin, eps: float, kv, bias, s
     return F.scaled_dot_product_attention(q.view(b, kvh, nh // kvh, hd), kv[0], kv[1], attn_mask=bias, scale=scale)
 
 
+def advance(nxt, out, step, done, eos, token, position, write_at) -> None:
+    """The bookkeeping after a decode step's argmax `nxt` [B], in one launch (see `library_advance`)."""
+    import torch
+
+    if all(t.is_contiguous() for t in (nxt, out, done, token, position)):
+        torch.ops.egm.advance(nxt, out, step, done, eos, token, position, write_at)
+    else:
+        library_advance(nxt, out, step, done, eos, token, position, write_at)
+
+
+def library_advance(nxt, out, step, done, eos, token, position, write_at) -> None:
+    """After a decode step's argmax `nxt` [B]: it goes into column `step` of `out` [B, n]; rows whose
+    token is one of `eos` (None: no stop ids) are marked `done`; it becomes the next step's `token`;
+    `position`, `write_at` and `step` move on by one."""
+    import torch
+
+    out.index_copy_(1, step, nxt.view(-1, 1))
+    if eos is not None:
+        done |= torch.isin(nxt, eos)
+    token.copy_(nxt)
+    position.add_(1)
+    write_at.add_(1)
+    step.add_(1)
+
+
 @dataclass(frozen=True)
 class DecodeOps:
     """The products and the attention of a decode step, as one set: the kernels (`KERNELS`, single
@@ -451,8 +515,9 @@ class DecodeOps:
     add_linear: Callable
     norm_swiglu_linear: Callable
     attention: Callable
+    advance: Callable
 
 
-KERNELS = DecodeOps(linear, norm_linear, add_linear, norm_swiglu_linear, decode_attention)
+KERNELS = DecodeOps(linear, norm_linear, add_linear, norm_swiglu_linear, decode_attention, advance)
 LIBRARY = DecodeOps(library_linear, library_norm_linear, library_add_linear, library_norm_swiglu_linear,
-                    library_attention)
+                    library_attention, library_advance)
