@@ -18,8 +18,9 @@ of `--cache-lengths` positions (the last 50 masked, as the room of tokens not ye
 the QKV product on (the new token's per-head norms and rope, its key and value written into the
 cache, the attention): through the library's operations (`library`, as the decoder's CPU path
 does it) against `egm.infer.fast.kernels.attention` (`triton`, one kernel, reading up to the
-written position); and `sdpa`, `F.scaled_dot_product_attention` of grouped queries against the
-cache alone (its default backend). GB/s counts the whole cache's bytes.
+written position; `triton_N_programs`: the cache cut into chunks for about N programs, where that
+differs from the default split); and `sdpa`, `F.scaled_dot_product_attention` of grouped queries
+against the cache alone (its default backend). GB/s counts the whole cache's bytes.
 
 Timing: each weight (each cache) has enough copies that one pass over them is several times the
 L2 (a decode step reads each weight once and ~15 GB in between, so none is ever in the cache);
@@ -51,6 +52,8 @@ from egm.infer.fast import kernels
 # What egm.infer.fast.decoder folds into each product at batch 1 (egm.infer.fast.kernels.DecodeOps).
 FUSED = {"qkv": ("norm",), "o": ("residual",), "gate_up": ("norm", "swiglu"), "down": ("residual",),
          "lm_head": ("norm",)}
+# Attention programs per call tried beside the default (kernels.ATTENTION_PROGRAMS).
+ATTENTION_PROGRAMS_TRIED = (1024, 4096)
 SWEEP = {"block_n": (4, 8, 16, 32), "block_k": (256, 512, 1024), "warps": (2, 4, 8), "stages": (1, 3)}
 
 
@@ -167,6 +170,14 @@ def time_attention(name: str, lengths: list[int], batches: list[int], reps: int,
             "library": (lambda kv, o: kernels.library_attention(*args, kv, bias, scale, last_at), reference),
             "triton": (lambda kv, o: kernels.attention(*args, kv, bias, scale, o, last_at, first, counts), reference),
         }
+        # The same kernel with the cache cut into more chunks than the default split (more, shorter
+        # programs: at batch 64 the default gives each (sequence, KV head) one program).
+        default_split = kernels.attention_split(batch, kvh, length)
+        for programs in ATTENTION_PROGRAMS_TRIED:
+            if kernels.attention_split(batch, kvh, length, programs) != default_split:
+                methods[f"triton_{programs}_programs"] = (
+                    lambda kv, o, p=programs: kernels.attention(*args, kv, bias, scale, o, last_at, first, counts,
+                                                                programs=p), reference)
         entry = {"batch": batch, "kv_heads": kvh, "group": group, "head_dim": hd, "cache_bytes": nbytes,
                  "copies": copies, "last": last, "split": list(kernels.attention_split(batch, kvh, length))}
         for method, (fn, against) in methods.items():
