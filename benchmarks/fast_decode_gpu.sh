@@ -5,6 +5,7 @@
 #   benchmarks/fast_decode_gpu.sh kernels     # decode_kernels.py: products and attention, batch 1/8/64
 #   benchmarks/fast_decode_gpu.sh equality    # decode_equality.py on the demo's trained tiny model, batch 1, 8, 64
 #   benchmarks/fast_decode_gpu.sh latency     # latency.py, 8B: graph_compiled, vLLM, both engine paths
+#                                             # (EGM_LATENCY_METHODS=graph_compiled,engine_egm: egm's alone)
 #
 # Several subcommands run in order (`kernels latency`). Records go to $OUT (else results/fast-decode/)
 # named by the card (h100, h200); each step is time-boxed inside EGM_CALL_S seconds (default 580: a
@@ -53,10 +54,14 @@ for cmd in "$@"; do
     latency)
       # latency.py starts nothing after --budget-s: 40 s before the deadline for what is running to end.
       left=$((deadline - $(date +%s) - 50))
-      # One decode step's kernel table at batch 1 (the record keeps its totals).
+      # The decode step's kernel table at each batch (the record keeps its totals).
+      # EGM_LATENCY_METHODS: other methods than the four (egm's alone need no vLLM wheels); their
+      # record is named by them, beside latency-$card.json, not over it.
+      methods=${EGM_LATENCY_METHODS:-graph_compiled,vllm,engine_egm,engine_vllm}
+      name=latency-$card; [ -n "${EGM_LATENCY_METHODS:-}" ] && name=latency-$card-${methods//,/-}
       mkdir -p "$out/profiles-$card"
-      step 560 python3 -m benchmarks.latency --models qwen3-vl-8b --methods graph_compiled,vllm,engine_egm,engine_vllm \
-        --budget-s "$((left > 60 ? left - 40 : 20))" --profile-dir "$out/profiles-$card" --out "$out/latency-$card.json" ;;
+      step 560 python3 -m benchmarks.latency --models qwen3-vl-8b --methods "$methods" \
+        --budget-s "$((left > 60 ? left - 40 : 20))" --profile-dir "$out/profiles-$card" --out "$out/$name.json" ;;
     *) echo "unknown step $cmd" >&2; exit 2 ;;
   esac
 done
