@@ -272,5 +272,8 @@ def test_checked_in_latency_records_are_consistent(name):
     assert all("floor_ms" in r for entry in data["models"].values() for r in entry["runs"])
     if name == "latency-h100.json":  # issue 30: egm beside vLLM, both in-process and through the engines
         assert {"graph_compiled", "vllm", "engine_egm", "engine_vllm"} <= methods
+    for card in ("h100", "h200"):  # a record named by its methods (fast_decode_gpu.sh's EGM_LATENCY_METHODS) holds them
+        if name.startswith(f"latency-{card}-"):
+            assert methods == set(name[len(f"latency-{card}-"):-len(".json")].split("-")), name
     if name == "latency-sizes-h100.json":  # what the plan prices the 2B and 4B from
         assert set(data["models"]) == {"qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b"}
