@@ -25,16 +25,21 @@ general kernels are shaped for bigger work. On the H200 (`benchmarks/decode_kern
   (7.3 us with the merge as a kernel of its own); at large batches each program takes its pair's
   whole cache and writes the output itself. Given the step's last written position it reads no
   further: the room for the tokens still to come is masked anyway, and at batch 64 it is a fifth
-  of the cache a step would otherwise stream; nor does it read a row's left padding. It starts from the QKV product: the new token's per-head RMS norms and rope are done
-  in the kernel, which also writes the new key and value into the cache, so a layer's attention
-  is one launch where it was three (the norms and rope, the cache write, the attention) or four.
+  of the cache a step would otherwise stream; nor does it read a row's left padding. It starts
+  from the QKV product: the new token's per-head RMS norms and rope are done in the kernel, which
+  also writes the new key and value into the cache, so a layer's attention is one launch where it
+  was three (the norms and rope, the cache write, the attention) or four (7.7 us a layer on the
+  H100 over 512 positions, `decode-kernels-h100.json`).
+- `advance`: a step's bookkeeping after its argmax (the token stored, the stop check, positions
+  moved on) in one launch, where the library's operations took up to eight.
+
 The products apply to one row (batch 1), the attention to any batch, with contiguous operands;
 otherwise each falls back to the library operation, so the same decoder code runs everywhere.
 Whether the kernels are used at all is the decoder's choice (`GraphDecoder(use_kernels=...)`,
 which takes `KERNELS` or `LIBRARY`): on CUDA by default, on the CPU only under Triton's
 interpreter (TRITON_INTERPRET=1), which is how the tests check them. They are registered as
-custom ops (`egm::gemv`, `egm::decode_attention`, `egm::advance`), which `torch.compile` and CUDA graph capture
-both take as opaque calls.
+custom ops (`egm::gemv`, `egm::decode_attention`, `egm::advance`), which `torch.compile` and CUDA
+graph capture both take as opaque calls.
 """
 
 from __future__ import annotations
@@ -126,9 +131,9 @@ def _attention_kernels():
 
     @triton.jit
     def block_kernel(qkv_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, bias_ptr, last_ptr, first_ptr,
-                     m_ptr, l_ptr, acc_ptr, count_ptr, o_ptr, L, scale, eps, KVH: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
-                     G_PAD: tl.constexpr, HD_PAD: tl.constexpr, G_POW2: tl.constexpr, BLOCK: tl.constexpr,
-                     PER: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                     m_ptr, l_ptr, acc_ptr, count_ptr, o_ptr, L, scale, eps, KVH: tl.constexpr, G: tl.constexpr,
+                     HD: tl.constexpr, G_PAD: tl.constexpr, HD_PAD: tl.constexpr, G_POW2: tl.constexpr,
+                     BLOCK: tl.constexpr, PER: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
         # One (sequence, KV head) pair (program axis 0) against its chunk of PER blocks of BLOCK
         # cache positions (axis 1), with an online softmax over the blocks (flash-decoding).
         bh = tl.program_id(0)
