@@ -9,7 +9,10 @@ Matrix-vector products: for each weight shape one decode step multiplies a singl
   input's RMS norm, the SwiGLU of the gate/up product's two halves, the residual), against that
   whole computation in float32;
 - `triton_best`: the best of a sweep of that kernel's launch configurations (block rows, block
-  columns, warps, pipeline stages), and the sweep itself under `sweep`;
+  columns, warps, pipeline stages), and the sweep itself under `sweep`; swept as the decoder
+  calls it, with its folds (`sweep_of: fused`; records before 2026-12-08 swept the plain
+  product), and `fused_step_ms_by_config` adds a whole step's products up per configuration, so
+  the one best for the step (what `GEMV_CONFIG` should be) can be read off;
 - `inductor`: the product written as `(w * x).sum(-1)` in fp32 and compiled by `torch.compile`,
   once with default heuristics and once with coordinate-descent tuning (`inductor_tuned`).
 
@@ -276,14 +279,20 @@ def main(argv=None) -> int:
         except Exception as err:
             entry["inductor_tuned"] = {"error": f"{type(err).__name__}: {err}"[:500]}
         if not args.no_sweep and result["triton"]:
+            # Swept as the decoder calls it: the folds change what a program loads (the norm's
+            # input and weight, the up rows), so the best launch can differ from the plain product's.
+            def fused_call(w, o, config):
+                kernels.gemv(x, w, o, config, norm_w=norm_w if "norm" in fused else None, eps=1e-6,
+                             residual=residual if "residual" in fused else None, swiglu="swiglu" in fused)
+
             sweep = {}
             for config in itertools.product(*SWEEP.values()):
                 if config[0] * config[1] > 16384:  # register budget of the fp32 partial sums
                     continue
                 try:
-                    kernels.gemv(x, weights[0], outs[0], config)
-                    err = error(outs[0])
-                    times = time_pass([lambda w=w, o=o: kernels.gemv(x, w, o, config) for w, o in zip(weights, outs)],
+                    fused_call(weights[0], fused_outs[0], config)
+                    err = error(fused_outs[0], "fused")
+                    times = time_pass([lambda w=w, o=o: fused_call(w, o, config) for w, o in zip(weights, fused_outs)],
                                       max(3, args.reps // 2))
                     sweep["-".join(map(str, config))] = cell(times, nbytes, bandwidth, err)
                 except Exception as err:
@@ -292,10 +301,11 @@ def main(argv=None) -> int:
             if good:
                 best = min(good, key=lambda c: good[c]["us"])
                 config = tuple(int(v) for v in best.split("-"))
-                times = time_pass([lambda w=w, o=o: kernels.gemv(x, w, o, config) for w, o in zip(weights, outs)],
+                times = time_pass([lambda w=w, o=o: fused_call(w, o, config) for w, o in zip(weights, fused_outs)],
                                   args.reps)
                 entry["triton_best"] = dict(cell(times, nbytes, bandwidth, good[best]["max_rel_error"]), config=best)
             entry["sweep"] = sweep
+            entry["sweep_of"] = "fused"
         result["shapes"][name] = entry
         print(name, json.dumps({m: entry[m] for m in entry if m not in ("sweep",)}), flush=True)
         del weights, outs, fused_outs
@@ -309,6 +319,12 @@ def main(argv=None) -> int:
         cells = [(e.get(method), e["uses_per_step"]) for e in result["shapes"].values()]
         if all(c and "us" in c for c, _ in cells):
             step[method] = round(sum(c["us"] * uses for c, uses in cells) / 1000, 3)
+    sweeps = [(e.get("sweep", {}), e["uses_per_step"]) for e in result["shapes"].values()]
+    if sweeps and all(sweep for sweep, _ in sweeps):
+        configs = set.intersection(*({c for c, v in sweep.items() if "us" in v} for sweep, _ in sweeps))
+        result["fused_step_ms_by_config"] = dict(sorted(
+            ((c, round(sum(sweep[c]["us"] * uses for sweep, uses in sweeps) / 1000, 3)) for c in configs),
+            key=lambda item: item[1]))
     total_bytes = sum(e["weight_bytes"] * e["uses_per_step"] for e in result["shapes"].values())
     result["step_ms"] = step
     result["step_floor_ms"] = round(total_bytes / bandwidth * 1000, 3)
