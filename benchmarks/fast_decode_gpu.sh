@@ -3,6 +3,7 @@
 # and transformers (vLLM from $EGM_SITE, installed by `benchmarks/multigpu.sh install`):
 #
 #   benchmarks/fast_decode_gpu.sh kernels     # decode_kernels.py: products and attention, batch 1/8/64
+#   benchmarks/fast_decode_gpu.sh sweep       # the same with the products' launch configurations swept
 #   benchmarks/fast_decode_gpu.sh equality    # decode_equality.py on the demo's trained tiny model, batch 1, 8, 64
 #   benchmarks/fast_decode_gpu.sh latency     # latency.py, 8B: graph_compiled, vLLM, both engine paths
 #                                             # (EGM_LATENCY_METHODS=graph_compiled,engine_egm: egm's alone)
@@ -38,6 +39,10 @@ for cmd in "$@"; do
   case $cmd in
     kernels)
       step 150 python3 -m benchmarks.decode_kernels --no-sweep --reps 7 --out "$out/decode-kernels-$card.json" ;;
+    sweep)
+      # The same with each product's launch configurations swept as the decoder calls it (what
+      # GEMV_CONFIG is chosen from); the record is written at the end, so the step has room.
+      step 400 python3 -m benchmarks.decode_kernels --reps 7 --out "$out/decode-kernels-sweep-$card.json" ;;
     equality)
       images=/tmp/egm-equality-images
       if [ ! -d "$images/coco" ]; then
