@@ -182,7 +182,7 @@ def time_attention(name: str, lengths: list[int], batches: list[int], reps: int,
                     lambda kv, o, p=programs: kernels.attention(*args, kv, bias, scale, o, last_at, first, counts,
                                                                 programs=p), reference)
         entry = {"batch": batch, "kv_heads": kvh, "group": group, "head_dim": hd, "cache_bytes": nbytes,
-                 "copies": copies, "last": last, "split": list(kernels.attention_split(batch, kvh, length))}
+                 "copies": copies, "last": last, "split": list(default_split)}
         for method, (fn, against) in methods.items():
             try:
                 y = fn(caches[0], outs[0])
@@ -248,13 +248,16 @@ def main(argv=None) -> int:
             reference = references[which]
             return float((y.float() - reference).abs().max() / reference.abs().max())
 
+        def fused_call(w, o, config=None):
+            """The product as the decoder calls it, with its folds (config: GEMV_CONFIG by default)."""
+            kernels.gemv(x, w, o, config, norm_w=norm_w if "norm" in fused else None, eps=1e-6,
+                         residual=residual if "residual" in fused else None, swiglu="swiglu" in fused)
+
         entry = {"N": n, "K": k, "uses_per_step": uses, "weight_bytes": nbytes, "copies": copies, "fused": fused}
         methods = {
             "cublas": lambda w, o: torch.nn.functional.linear(x.view(1, k), w),
             "triton": lambda w, o: kernels.gemv(x, w, o),
-            "triton_fused": lambda w, o: kernels.gemv(
-                x, w, o, norm_w=norm_w if "norm" in fused else None, eps=1e-6,
-                residual=residual if "residual" in fused else None, swiglu="swiglu" in fused),
+            "triton_fused": fused_call,
         }
         compiled = torch.compile(reduction, dynamic=False)
         methods["inductor"] = lambda w, o: compiled(x, w)
@@ -281,10 +284,6 @@ def main(argv=None) -> int:
         if not args.no_sweep and result["triton"]:
             # Swept as the decoder calls it: the folds change what a program loads (the norm's
             # input and weight, the up rows), so the best launch can differ from the plain product's.
-            def fused_call(w, o, config):
-                kernels.gemv(x, w, o, config, norm_w=norm_w if "norm" in fused else None, eps=1e-6,
-                             residual=residual if "residual" in fused else None, swiglu="swiglu" in fused)
-
             sweep = {}
             for config in itertools.product(*SWEEP.values()):
                 if config[0] * config[1] > 16384:  # register budget of the fp32 partial sums

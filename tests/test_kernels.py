@@ -10,7 +10,6 @@ import pytest
 
 CHECK = """
 import json, torch
-import torch.nn.functional as F
 from egm.infer.fast import kernels
 
 kernels.register()
