@@ -93,6 +93,46 @@ def make_image(width: int, height: int):
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+def photo_like_image(width: int, height: int, rng):
+    """An image whose JPEG (quality 90) is about as large as a photo of RefCOCO's: smooth colour
+    areas (a 16x12 grid of random colours, upscaled) under pixel noise (sd 20), about 160 KB at
+    640x480, the mean size of COCO 2014's JPEGs (13 GB for 83k images). How long a JPEG takes to
+    decode grows with its size: uniform noise (make_image) makes 270 KB, the worst case, not what
+    the pipeline reads. Content does not matter where the image is handed over decoded."""
+    import numpy as np
+    from PIL import Image
+
+    grid = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    smooth = np.asarray(grid.resize((width, height), Image.BICUBIC), dtype=np.float32)
+    return Image.fromarray(np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8))
+
+
+def jpeg_decode_ms(width: int, height: int, reps: int = 20) -> dict:
+    """Per kind of image (`photo_like_image`, uniform noise): its JPEG's size (quality 90, as the
+    benchmarks write them) and the median, min and max ms of decoding it as the engines do
+    (egm.models.inputs.load_rgb_images), on this host."""
+    import tempfile
+
+    import numpy as np
+
+    from egm.models.inputs import load_rgb_images
+
+    rng = np.random.default_rng(5)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="egm-jpeg-") as scratch:
+        for kind, image in (("photo_like", photo_like_image(width, height, rng)), ("noise", make_image(width, height))):
+            path = Path(scratch) / f"{kind}.jpg"
+            image.save(path, quality=90)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                load_rgb_images([str(path)])
+                times.append(time.perf_counter() - t0)
+            out[kind] = {"jpeg_kb": round(path.stat().st_size / 1000, 1), "ms": round(1000 * statistics.median(times), 3),
+                         "min_ms": round(1000 * min(times), 3), "max_ms": round(1000 * max(times), 3)}
+    return out
+
+
 class Requests:
     """The same request B times: the image through the processor, then a Qwen3-VL chat prompt."""
 

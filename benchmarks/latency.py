@@ -17,7 +17,9 @@ Methods:
   are freed;
 - `engine_egm` and `engine_vllm`: what a user of the pipeline gets. Requests go through
   `egm.infer.engine.load_engine` (`hf` with `decode: graph`, and `vllm` with its defaults), each
-  with a new 640x480 JPEG written to disk before the clock starts and the paper's prompt, capped
+  with a new 640x480 JPEG written to disk before the clock starts (of a photo's size, about 160 KB:
+  `benchmarks.common.photo_like_image`; records of 2026-12-08 and before: uniform noise, 276 KB,
+  which takes longer to decode; `jpeg_decode_ms` times both on the run's host) and the paper's prompt, capped
   at n new tokens (not forced: the random weights stop on an eos only by chance; a batch where a
   row did is timed again with new images, up to `--reps` such batches per cell, and a cell still
   short is an error, not a number); timed from `engine.generate` to the completions on
@@ -73,7 +75,9 @@ from benchmarks.common import (
     copy_bandwidth,
     device_name,
     image_processor,
+    jpeg_decode_ms,
     make_image,
+    photo_like_image,
     run_graph,
     sync,
     timed,
@@ -445,6 +449,8 @@ def main(argv=None) -> int:
             result["skipped"].append(f"{method}: " + ("not installed" if device == "cuda" else "needs a GPU"))
     result["bandwidth_Bps"] += copy_bandwidth(device)
     result["matmul_flops"] = matmul_rate(device)
+    if any(m in ENGINE_METHODS for m in methods):
+        result["jpeg_decode_ms"] = jpeg_decode_ms(width, height)
     processor = image_processor()
     preprocess = args.preprocess
     if preprocess == "auto":
@@ -637,11 +643,10 @@ IN_PROCESS_METHODS = ("generate", "graph", "graph_compiled")
 def time_engine(method: str, name: str, entry: dict, tokens: list[int], batches: list[int], reps: int,
                 workdir: Path, device: str, size: tuple[int, int]) -> None:
     """An `engine_*` method (module docstring): appends its runs to `entry["runs"]`. For egm's
-    engine also `entry["engine_host_ms"]`: per batch, the medians of what its path does before the
-    model that the in-process methods do not (decoding the JPEGs, and the inputs built from them:
-    chat template, tokens, the image processor), each called as the engine calls it."""
+    engine each run also holds `engine_phases_ms`: the medians over its timed batches of the engine's own
+    `last_phases` (egm.infer.fast.engine.FastHFEngine.PHASES: decoding the JPEGs, `build_inputs`,
+    the copies to the device, the decode, the completions) and the decode steps run."""
     import numpy as np
-    from PIL import Image
 
     from egm.grounding import PROMPTS
     from egm.infer.base import Request
@@ -667,60 +672,52 @@ def time_engine(method: str, name: str, entry: dict, tokens: list[int], batches:
     rng = np.random.default_rng(2)
     prompt = PROMPTS["qwen3"].format(sent="the red car on the left")
     width, height = size
+    sizes: list[int] = []
 
     def requests(batch: int, n: int) -> list[Request]:
-        """`batch` requests, each with an image file of its own (vLLM and our engines may cache by content)."""
+        """`batch` requests, each with an image file of its own (vLLM and our engines may cache by
+        content), of a photo's JPEG size (benchmarks.common.photo_like_image)."""
         out = []
         for i in range(batch):
             path = workdir / f"image-{i}.jpg"
-            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, quality=90)
+            photo_like_image(width, height, rng).save(path, quality=90)
+            sizes.append(path.stat().st_size)
             out.append(Request(str(i), str(path), prompt, max_tokens=n))
         return out
 
-    def timed_batch(batch: int, n: int) -> tuple[float, list]:
+    def timed_batch(batch: int, n: int) -> tuple[float, list, dict]:
         batch_requests = requests(batch, n)
         t0 = time.perf_counter()
         completions = engine.generate(batch_requests)
-        return time.perf_counter() - t0, completions
+        return time.perf_counter() - t0, completions, dict(getattr(engine, "last_phases", {}))
 
     try:
         for batch in batches:
             for n in tokens:
                 warm = [timed_batch(batch, n)[0] for _ in range(2)]
-                times, short, shortest = [], 0, n
+                times, phases, short, shortest = [], [], 0, n
                 # A batch in which a row stopped early (an eos by chance) is timed again with new
                 # images, at most `reps` times in all; the record counts them.
                 while len(times) < reps and short < reps:
-                    wall, completions = timed_batch(batch, n)
+                    wall, completions, batch_phases = timed_batch(batch, n)
                     lengths = [c.completion_tokens for c in completions]
                     if min(lengths) == max(lengths) == n:
                         times.append(wall)
+                        phases.append(batch_phases)
                     else:
                         short += 1
                         shortest = min(shortest, *lengths)
                 run = record(entry, method, batch, n, times, n if len(times) == reps else shortest)
                 run["warmup_ms"] = [round(1000 * t, 2) for t in warm]
                 run["short_batches_retimed"] = short
-        if backend == "hf":
-            from egm.models.inputs import build_inputs, load_rgb_images
-
-            host = entry.setdefault("engine_host_ms", {})
-            for batch in batches:
-                paths = [r.image_path for r in requests(batch, 1)]
-                loads, builds = [], []
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    images = load_rgb_images(paths)
-                    t1 = time.perf_counter()
-                    build_inputs(images, [prompt] * batch, engine.tokenizer, engine.image_processor,
-                                 image_device=engine.preprocess_device)
-                    sync(device)
-                    loads.append(t1 - t0)
-                    builds.append(time.perf_counter() - t1)
-                host[f"batch {batch}"] = {"load_images": round(1000 * statistics.median(loads), 2),
-                                          "build_inputs": round(1000 * statistics.median(builds), 2)}
+                if phases and phases[0]:
+                    run["engine_phases_ms"] = {k: round(1000 * statistics.median(p[k] for p in phases), 3)
+                                        for k in phases[0] if k != "decode_steps"}
+                    run["decode_steps"] = sorted({p["decode_steps"] for p in phases})
     finally:
         engine.close()
+        if sizes:
+            entry.setdefault("engine_jpeg_kb", {})[method] = round(statistics.mean(sizes) / 1000, 1)
 
 
 def record(entry, method, batch, n, times, produced: int) -> dict:

@@ -198,6 +198,76 @@ def test_stop_ids_stay_where_a_captured_step_reads_them(tiny_dir):
 
 
 
+def test_decode_ends_when_every_row_has_stopped(tiny_dir):
+    """On the CPU the host reads the stop flags after every step: decoding ends at the step where
+    the last row met a stop id, with the tokens it would have made without stop ids."""
+    import torch
+
+    from egm.models.inputs import build_inputs
+
+    engine = FastHFEngine(str(tiny_dir), SamplingOptions(max_tokens=4), batch_size=2, length_bucket=16)
+    try:
+        decoder = engine.decoder
+        images = [Image.new("RGB", (96, 96), "white"), Image.new("RGB", (96, 96), "black")]
+        inputs = build_inputs(images, [PROMPTS["qwen3"].format(sent=s) for s in ("x", "the dark one")],
+                              engine.tokenizer, engine.image_processor)
+        free = decoder.generate_ids(inputs, 8)
+        assert decoder.steps_run == 8
+        stops = [int(free[0, 3]), int(free[1, 5])]
+        hits = torch.isin(free, torch.tensor(stops))
+        last = max(int(row.nonzero()[0]) for row in hits)  # the step at which every row has stopped
+        stopped = decoder.generate_ids(inputs, 8, stops)
+    finally:
+        engine.close()
+    assert decoder.steps_run == max(last + 1, 2)  # a first step runs even after an eos from the prompt pass
+    assert torch.equal(stopped, free[:, :decoder.steps_run])
+
+
+class _StandInEvent:
+    """A CUDA event's stand-in (no GPU here): remembers the step at which it was last recorded."""
+
+    step = 0
+
+    def record(self):
+        self.recorded_at = _StandInEvent.step
+
+    def synchronize(self):
+        pass
+
+
+@pytest.mark.parametrize("lookahead", [1, 2, 3])
+def test_stop_flags_are_read_lookahead_steps_behind(lookahead):
+    """The CUDA side of the stop check, with a stand-in for the events (copies are synchronous on the
+    CPU): each step's flags go to a slot of their own, the host reads those of the step `lookahead`
+    - 1 launches back, never a slot a later step overwrote, and ends that many steps after the
+    step at which every row stopped."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    import torch
+
+    from egm.infer.fast.decoder import GraphDecoder
+
+    decoder = object.__new__(GraphDecoder)
+    decoder.device, decoder.lookahead = torch.device("cuda"), lookahead
+    decoder.torch = SimpleNamespace(zeros=lambda *shape, pin_memory, **kw: torch.zeros(*shape, **kw),
+                                    cuda=SimpleNamespace(Event=_StandInEvent), bool=torch.bool)
+    state = SimpleNamespace(batch=2, done=torch.zeros(2, dtype=torch.bool), flags=None, events=[])
+    pending, read, ended = deque(), [], None
+    for step in range(2, 30):
+        _StandInEvent.step = step
+        state.done[0] |= step >= 7
+        state.done[1] |= step >= 11  # every row has stopped as of step 11
+        slots = list(pending)
+        if decoder._stopped(state, step, pending):
+            ended = step
+            break
+        if len(slots) + 1 == lookahead:  # a slot was read: the oldest step's, recorded then
+            read.append(state.events[slots[0] if slots else step % lookahead].recorded_at)
+    assert ended == 11 + lookahead - 1
+    assert read == list(range(2, ended - lookahead + 1))
+
+
 KERNEL_RUN = """
 import json, sys
 from egm.infer.base import Request
@@ -244,8 +314,8 @@ def test_batch_one_decode_through_the_triton_kernels(tiny_dir, mixed_requests, r
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["texts"] == [c.text for c in reference[:2]]
     assert out["tokens"] == [c.completion_tokens for c in reference[:2]]
-    # Each request's decode steps (its first token comes from the prompt pass); a row that stops
-    # early still runs to the end of its block of steps, so at least this many.
+    # Each request's decode steps (its first token comes from the prompt pass); a batch runs on
+    # until its last row stops, so at least this many.
     steps = sum(t - 1 for t in out["tokens"])
     layers = out["layers"]
     assert out["calls"]["attention"] % layers == 0 and out["calls"]["attention"] >= layers * steps

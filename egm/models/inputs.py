@@ -43,7 +43,8 @@ def load_rgb_images(paths: list[str]) -> list:
 
     def load(path: str):
         with Image.open(path) as img:
-            return img.convert("RGB")
+            img.load()  # decoded now; closing the file leaves the pixels
+            return img if img.mode == "RGB" else img.convert("RGB")  # convert copies even an RGB image
 
     if len(paths) <= 1:
         return [load(p) for p in paths]
@@ -112,6 +113,8 @@ def build_inputs(images, prompts: list[str], tokenizer, image_processor, prefixe
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     kwargs = {"device": image_device} if image_device else {}
+    if all(getattr(image, "mode", None) == "RGB" for image in images):
+        kwargs["do_convert_rgb"] = False  # its conversion of an RGB image is a copy of it
     vision = image_processor(images=list(images), return_tensors="pt", **kwargs)
     grids = vision["image_grid_thw"].cpu()
     merge = int(image_processor.merge_size)

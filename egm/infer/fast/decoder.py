@@ -18,7 +18,12 @@ the weight-streaming floor for the 8B at batch 1); `cache_implementation="static
   decoded a token in 4.65 ms through the unfolded ones, vLLM in 5.53), and at every batch the
   attention from the QKV product on (the per-head norms, rope and the cache write in the same
   kernel), which reads the cache only from each row's first prompt position up to the step's;
-- the host never waits per token: it replays `sync_every` steps, then reads one flag.
+- the host never waits on the step it has just launched: behind each step its rows' stop flags
+  are copied to the host, which reads them after launching `lookahead - 1` more steps. Decoding
+  thus ends at most that many steps (one by default) after every row has stopped, and the GPU
+  has the next step queued while the host checks.
+  (Reading one flag per 16 steps, blocking, as it did before, a batch ran on for up to 15 steps
+  past its last stop token, and each read left the GPU idle until the host launched again.)
 
 The same code runs eagerly on CPU (no graphs), which is how it is tested against `generate`.
 Greedy decoding only: it is the paper's evaluation setting; anything else is refused.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass
 
 from egm.infer.fast.kernels import LIBRARY, DecodeOps
@@ -115,6 +121,9 @@ class _State:
         self.step = torch.zeros(1, **longs)
         self.out = torch.zeros(batch, length, **longs)  # never more new tokens than cache positions
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        # On CUDA, pinned host copies of `done` and the events after them (GraphDecoder._stopped).
+        self.flags = None
+        self.events: list = []
         self.logits = None  # kept only when the decoder is asked to (checks)
         self.graph = None
         self.prefills: dict[tuple, _PrefillGraph] = {}  # captured prompt passes, by plan key
@@ -142,7 +151,7 @@ class GraphDecoder:
     # Cache lengths are rounded up to this: aligned rows keep the attention kernel on its fast path.
     ALIGN = 64
 
-    def __init__(self, model, use_graphs: bool | None = None, compile_layers: bool = False, sync_every: int = 16,
+    def __init__(self, model, use_graphs: bool | None = None, compile_layers: bool = False, lookahead: int = 2,
                  use_kernels: bool | None = None):
         import torch
 
@@ -155,7 +164,10 @@ class GraphDecoder:
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        self.sync_every = max(1, int(sync_every))
+        # The host reads a step's stop flags once lookahead - 1 more steps are launched (module
+        # docstring); 1 waits for each step as soon as it is launched, leaving the GPU idle between steps.
+        self.lookahead = max(1, int(lookahead))
+        self.steps_run = 0  # decode steps the last generate_ids ran, its first token's prompt pass included
         # Steps through egm.infer.fast.kernels (benchmarks/decode_kernels.py): single-row products
         # with their norm, activation and residual folded in, and the attention at every batch;
         # without them (and for products of several rows) through the library's.
@@ -480,16 +492,36 @@ class GraphDecoder:
                 s.done.copy_(torch.isin(first, self._eos))
             else:
                 s.done.zero_()
-            steps = 1
+            steps, pending = 1, deque()
             while steps < max_new_tokens:
-                block = min(self.sync_every, max_new_tokens - steps)
-                for _ in range(block):
-                    if s.graph is not None:
-                        s.graph.replay()
-                    else:
-                        self._step(s)
-                steps += block
-                # One host sync per block, not per token.
-                if self._eos is not None and bool(s.done.all()):
+                if s.graph is not None:
+                    s.graph.replay()
+                else:
+                    self._step(s)
+                steps += 1
+                if self._eos is not None and self._stopped(s, steps, pending):
                     break
+            self.steps_run = steps
             return s.out[:, :steps].clone()
+
+    def _stopped(self, s: _State, steps: int, pending: deque) -> bool:
+        """Whether every row had stopped as of the step launched `lookahead - 1` launches before
+        step `steps` (on the CPU, where the host runs nothing ahead: as of step `steps`). Behind
+        the step just launched, its stop flags are copied to the host into one of `lookahead`
+        pinned slots, which waits in `pending` until it is read."""
+        if self.device.type != "cuda":
+            return bool(s.done.all())
+        torch = self.torch
+        if s.flags is None or s.flags.shape[0] != self.lookahead:
+            s.flags = torch.zeros(self.lookahead, s.batch, dtype=torch.bool, pin_memory=True)
+            s.events = [torch.cuda.Event() for _ in range(self.lookahead)]
+        # The slots in use hold the last lookahead - 1 steps, none of them this step's modulo lookahead.
+        slot = steps % self.lookahead
+        s.flags[slot].copy_(s.done, non_blocking=True)
+        s.events[slot].record()
+        pending.append(slot)
+        if len(pending) < self.lookahead:
+            return False
+        slot = pending.popleft()
+        s.events[slot].synchronize()
+        return bool(s.flags[slot].all())

@@ -62,6 +62,11 @@ class FastHFEngine(HFEngine):
     """
 
     name = "hf"
+    # What `last_phases` times of a batch, in seconds, one after another on the host: its images
+    # opened and decoded, `build_inputs` (the GPU's part of the processor may still be running when
+    # it returns), padding and the copies to the device, the decode up to the new tokens on the
+    # host, the completions made of them. A batch's latency ends before the last.
+    PHASES = ("load_images", "build_inputs", "to_device", "decode", "completions")
 
     def __init__(
         self,
@@ -69,7 +74,7 @@ class FastHFEngine(HFEngine):
         sampling: SamplingOptions,
         compile_layers: bool = True,
         length_bucket: int = 128,
-        sync_every: int = 16,
+        lookahead: int = 2,
         use_graphs: bool | None = None,
         use_kernels: bool | None = None,
         preprocess_device: str = "auto",
@@ -95,12 +100,13 @@ class FastHFEngine(HFEngine):
             self.model,
             use_graphs=on_cuda if use_graphs is None else use_graphs,
             compile_layers=bool(compile_layers and on_cuda),
-            sync_every=sync_every,
+            lookahead=lookahead,
             use_kernels=use_kernels,
         )
         self.length_bucket = max(1, int(length_bucket))
         self.preprocess_device = image_device(self.image_processor, self.device, preprocess_device)
         self.decoder.warm_up(self.batch_size)
+        self.last_phases: dict = {}  # the last batch's, by PHASES, and the decode steps it ran
         # predict hands this engine bigger chunks than a batch, so sorting by size has room to work.
         self.chunk_size = self.batch_size * 8
 
@@ -129,19 +135,26 @@ class FastHFEngine(HFEngine):
             index = [order[j] for j in batch]
             max_new = request_max_tokens(requests[index[0]], self.sampling)
             stop_ids = self._stop_token_ids(requests[index[0]].stop)
-            t0 = time.perf_counter()
+            stamps = [time.perf_counter()]
             images = load_rgb_images([requests[i].image_path for i in index])
+            stamps.append(time.perf_counter())
             inputs = build_inputs(images, [requests[i].prompt for i in index], self.tokenizer, self.image_processor,
                                   prefixes=[requests[i].assistant_prefix for i in index],
                                   image_device=self.preprocess_device)
+            stamps.append(time.perf_counter())
             bucket = math.ceil(inputs["input_ids"].shape[1] / self.length_bucket) * self.length_bucket
             inputs = pad_left(inputs, bucket, self._pad_id)
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
             eos_ids = self._eos_ids + [i for i in stop_ids if i not in self._eos_ids]
+            stamps.append(time.perf_counter())
             new_tokens = self.decoder.generate_ids(inputs, max_new, eos_ids, cache_length=bucket + max_new).cpu()
-            latency = time.perf_counter() - t0
-            for i, completion in zip(index, self._completions(new_tokens, latency, stop_ids)):
+            stamps.append(time.perf_counter())
+            completions = self._completions(new_tokens, stamps[-1] - stamps[0], stop_ids)
+            stamps.append(time.perf_counter())
+            self.last_phases = dict(zip(self.PHASES, (b - a for a, b in zip(stamps, stamps[1:]))),
+                                    decode_steps=self.decoder.steps_run)
+            for i, completion in zip(index, completions):
                 results[i] = completion
         return results  # type: ignore[return-value]
 
