@@ -48,7 +48,8 @@ device-to-device copy, measured several times in this run, best taken. Two floor
 Every cell is timed `--reps` times (5 by default): `ms_per_request` is the median, `min_ms`
 and `max_ms` the spread, `all_ms` every repetition. Per model, `split` divides each method's
 medians at the two token counts into ms per new token and ms before the first decode step, and
-`phases_ms` times the parts of that fixed cost for egm's compiled method (`phases`). With
+`phases_ms` times the parts of that fixed cost for egm's compiled method (`phases`), and
+`stop_cost` what ending on stop ids costs it against the same tokens forced (`stop_cost`). With
 `--profile-dir`, `profile` holds per batch the kernels of one of that method's decode steps and
 their time (`profile_step`; records of 2026-12-07 and before: batch 1 only, not keyed by batch).
 
@@ -274,6 +275,25 @@ def phases(model, decoder, make, batch: int, pad_to: int, cache_length: int, cpu
     out["prefill_captured"] = bool(state.prefills)
     gc.collect()  # the model's own forward leaves its cache in reference cycles
     return out
+
+
+def stop_cost(decoder, make, batch: int, pad_to: int, cache_length: int, max_new: int, device: str, reps: int) -> dict:
+    """What ending on stop ids costs the compiled method: the same request decoded with stop ids
+    against the same tokens forced without any (median ms of `reps`). The stop ids are tokens the
+    rows make anyway (each row's at step `max_new // 2`), so the batch has stopped at the step where
+    the last row meets one (`tokens`); `steps_run` is how many the decoder ran for it."""
+    import torch
+
+    inputs = make(batch, pad_to=pad_to)
+    free = decoder.generate_ids(inputs, max_new, None, cache_length).cpu()
+    stops = sorted(set(free[:, max_new // 2].tolist()))
+    tokens = max(int(row.nonzero()[0]) for row in torch.isin(free, torch.tensor(stops))) + 1
+    forced = timed(lambda: decoder.generate_ids(inputs, tokens, None, cache_length).cpu(), device, reps)
+    for _ in range(2):  # a new stop set drops the captures: the step and the prompt pass again
+        decoder.generate_ids(inputs, max_new, stops, cache_length)
+    stopped = timed(lambda: decoder.generate_ids(inputs, max_new, stops, cache_length).cpu(), device, reps)
+    return {"tokens": tokens, "steps_run": decoder.steps_run, "lookahead": decoder.lookahead,
+            "stopped_ms": round(1000 * stopped, 2), "forced_ms": round(1000 * forced, 2)}
 
 
 def decoder_cache_kwarg(model) -> str:
@@ -542,8 +562,10 @@ def main(argv=None) -> int:
                         if args.profile_dir:
                             entry.setdefault("profile", {})[key] = profile_step(
                                 decoder, device, Path(args.profile_dir) / f"profile-{name}-b{batch}.txt")
+                        entry.setdefault("stop_cost", {})[key] = stop_cost(decoder, make, batch, pad_to, cache_length,
+                                                                           max_new, device, args.reps)
                         print(f"  {key}: checks {entry['checks'][key]} phases {entry['phases_ms'][key]} "
-                              f"{entry.get('profile', {}).get(key, '')}", flush=True)
+                              f"stop {entry['stop_cost'][key]} {entry.get('profile', {}).get(key, '')}", flush=True)
                 except Exception as err:  # one failed variant must not lose the others' numbers
                     import traceback
 

@@ -184,6 +184,22 @@ def test_benchmark_script_smoke(tmp_path):
     check_latency_record(data, methods=("generate", "graph", "engine_egm"))
 
 
+def test_stop_cost_stops_where_the_last_row_meets_a_stop_id():
+    """benchmarks.latency.stop_cost on the tiny model (CPU, where the host checks every step): the
+    stop ids end the batch where the last row meets one, no later, and both timings are taken."""
+    import torch
+
+    from benchmarks import latency as bench
+    from benchmarks.common import Requests, build_model, image_processor, make_image
+    from egm.infer.fast.decoder import GraphDecoder
+
+    model, ids = build_model("tiny", "cpu", torch.float32)
+    make = Requests(image_processor(), make_image(64, 64), ids, 900, "cpu", torch.float32)
+    cost = bench.stop_cost(GraphDecoder(model), make, 2, 128, 160, 12, "cpu", 1)
+    assert 1 <= cost["tokens"] <= 7 and cost["steps_run"] == max(cost["tokens"], 2)
+    assert cost["stopped_ms"] > 0 and cost["forced_ms"] > 0
+
+
 def test_decode_floor_counts_what_a_step_reads():
     """The decode floor's bytes for the paper's 8B (untied) and 4B (tied), from their shapes."""
     import torch
