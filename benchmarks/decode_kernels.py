@@ -22,8 +22,10 @@ the QKV product on (the new token's per-head norms and rope, its key and value w
 cache, the attention): through the library's operations (`library`, as the decoder's CPU path
 does it) against `egm.infer.fast.kernels.attention` (`triton`, one kernel, reading up to the
 written position; `triton_N_programs`: the cache cut into chunks for about N programs, where that
-differs from the default split); and `sdpa`, `F.scaled_dot_product_attention` of grouped queries
-against the cache alone (its default backend). GB/s counts the whole cache's bytes.
+differs from the default split; with `--attention-sweep`, `triton_<block>-<warps>-<stages>`: at
+each other launch configuration of `ATTENTION_SWEEP`, from batch 8 on); and `sdpa`,
+`F.scaled_dot_product_attention` of grouped queries against the cache alone (its default
+backend). GB/s counts the whole cache's bytes.
 
 Timing: each weight (each cache) has enough copies that one pass over them is several times the
 L2 (a decode step reads each weight once and ~15 GB in between, so none is ever in the cache);
@@ -58,6 +60,8 @@ FUSED = {"qkv": ("norm",), "o": ("residual",), "gate_up": ("norm", "swiglu"), "d
 # Attention programs per call tried beside the default (kernels.ATTENTION_PROGRAMS).
 ATTENTION_PROGRAMS_TRIED = (1024, 4096)
 SWEEP = {"block_n": (4, 8, 16, 32), "block_k": (256, 512, 1024), "warps": (2, 4, 8), "stages": (1, 3)}
+# The attention kernel's launch configurations swept (kernels.ATTENTION_CONFIG: block, warps, stages).
+ATTENTION_SWEEP = {"block": (32, 64, 128), "warps": (2, 4, 8), "stages": (2, 3, 4)}
 
 
 def shapes(name: str) -> dict:
@@ -126,10 +130,11 @@ def cell(times: list[float], nbytes: int, bandwidth: float, error: float) -> dic
 
 
 def time_attention(name: str, lengths: list[int], batches: list[int], reps: int, pass_gb: float,
-                   bandwidth: float) -> dict:
+                   bandwidth: float, sweep: bool = False) -> dict:
     """One decode step's attention in one layer, per batch and cache length: from the QKV product
     on (per-head norms, rope, cache write, attention) through the library (`library`) and egm's
-    kernel (`triton`), and the library's attention alone (`sdpa`)."""
+    kernel (`triton`), and the library's attention alone (`sdpa`). With `sweep`, also the kernel
+    at each launch configuration of ATTENTION_SWEEP (`triton_<block>-<warps>-<stages>`)."""
     import torch
     import torch.nn.functional as F
 
@@ -181,6 +186,12 @@ def time_attention(name: str, lengths: list[int], batches: list[int], reps: int,
                 methods[f"triton_{programs}_programs"] = (
                     lambda kv, o, p=programs: kernels.attention(*args, kv, bias, scale, o, last_at, first, counts,
                                                                 programs=p), reference)
+        # At batch 1 the attention is a few microseconds of start-up a layer: swept from batch 8 on.
+        for launch in itertools.product(*ATTENTION_SWEEP.values()) if sweep and batch > 1 else ():
+            if launch != kernels.ATTENTION_CONFIG:
+                methods["triton_" + "-".join(map(str, launch))] = (
+                    lambda kv, o, c=launch: kernels.attention(*args, kv, bias, scale, o, last_at, first, counts,
+                                                              config=c), reference)
         entry = {"batch": batch, "kv_heads": kvh, "group": group, "head_dim": hd, "cache_bytes": nbytes,
                  "copies": copies, "last": last, "split": list(default_split)}
         for method, (fn, against) in methods.items():
@@ -204,7 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="qwen3-vl-8b")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--pass-gb", type=float, default=1.5, help="weight bytes per timed pass (copies of one shape)")
-    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true", help="no sweep of the products' launch configurations")
+    parser.add_argument("--attention-sweep", action="store_true",
+                        help="the attention at each launch configuration of ATTENTION_SWEEP, batches above 1")
     parser.add_argument("--cache-lengths", default="512,1024")
     parser.add_argument("--attention-batches", default="1,8,64")
     args = parser.parse_args(argv)
@@ -312,7 +325,7 @@ def main(argv=None) -> int:
 
     result["attention"] = time_attention(args.model, [int(n) for n in args.cache_lengths.split(",")],
                                          [int(n) for n in args.attention_batches.split(",")], args.reps, args.pass_gb,
-                                         bandwidth)
+                                         bandwidth, sweep=args.attention_sweep)
     step = {}
     for method in ("cublas", "triton", "triton_fused", "triton_best", "inductor", "inductor_tuned"):
         cells = [(e.get(method), e["uses_per_step"]) for e in result["shapes"].values()]

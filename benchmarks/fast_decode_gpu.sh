@@ -2,7 +2,8 @@
 # Issue 30's measurements of the fast decode, in one device call on a GPU machine that has torch
 # and transformers (vLLM from $EGM_SITE, installed by `benchmarks/multigpu.sh install`):
 #
-#   benchmarks/fast_decode_gpu.sh kernels     # decode_kernels.py: products and attention, batch 1/8/64
+#   benchmarks/fast_decode_gpu.sh kernels     # decode_kernels.py: products and attention, batch 1/8/64,
+#                                             # the attention's launch configurations swept from batch 8
 #   benchmarks/fast_decode_gpu.sh sweep       # the same with the products' launch configurations swept
 #   benchmarks/fast_decode_gpu.sh equality    # decode_equality.py on the demo's trained tiny model, batch 1, 8, 64
 #   benchmarks/fast_decode_gpu.sh latency     # latency.py, 8B: graph_compiled, vLLM, both engine paths
@@ -38,7 +39,8 @@ step() {
 for cmd in "$@"; do
   case $cmd in
     kernels)
-      step 150 python3 -m benchmarks.decode_kernels --no-sweep --reps 7 --out "$out/decode-kernels-$card.json" ;;
+      step 300 python3 -m benchmarks.decode_kernels --no-sweep --attention-sweep --reps 7 \
+        --out "$out/decode-kernels-$card.json" ;;
     sweep)
       # The same with each product's launch configurations swept as the decoder calls it (what
       # GEMV_CONFIG is chosen from); the record is written at the end, so the step has room.

@@ -37,11 +37,15 @@ for b, kvh, g, hd, length, last in [(1, 2, 4, 32, 200, 150), (3, 2, 4, 32, 256, 
     kv[:, :, :, last:] = float("nan")
     kv[:, 0, :, : first[0]] = float("nan")
     counts = torch.zeros(b * kvh, dtype=torch.int32)  # shared by the calls, as by a step's layers
-    for programs in (1, None, 10**4):  # one chunk per (row, head), the default split, one block each
+    # One chunk per (row, head), the default split, one block each; then blocks of other sizes
+    # (the benchmark's launch sweep).
+    for programs, config in [(1, None), (None, None), (10**4, None), (None, (16, 2, 2)), (10**4, (128, 8, 4))]:
         o, cache = torch.empty(b, kvh, g, hd), kv.clone()
-        kernels.attention(*args, cache, bias, hd**-0.5, o, torch.tensor([last]), first, counts, programs=programs)
+        kernels.attention(*args, cache, bias, hd**-0.5, o, torch.tensor([last]), first, counts, programs=programs,
+                          config=config)
         written = (cache[:, :, :, last] - expected_kv[:, :, :, last]).abs().max()
-        out["attention"].append([b, length, list(kernels.attention_split(b, kvh, length, programs)),
+        block = (config or kernels.ATTENTION_CONFIG)[0]
+        out["attention"].append([b, length, list(kernels.attention_split(b, kvh, length, programs, block)),
                                  float((o - reference).abs().max()), float(written), int(counts.abs().sum())])
     op_cache = expected_kv.clone()
     op = kernels.decode_attention(*args, op_cache, bias, hd**-0.5, torch.tensor([last]), first, counts)
@@ -87,7 +91,8 @@ def test_attention_at_every_batch_from_the_qkv_product_reads_only_what_it_must(c
     """The decode attention (per-head norms, rope, the cache write, attention) equals the library's
     at batch 1 to 64, with the cache in one chunk or split; it writes the new key and value where
     the library does, never reads past the position it writes, nor its own slot, nor a row's left
-    padding (NaN there would show). A split cache's chunks are merged by the last to finish."""
+    padding (NaN there would show). A split cache's chunks are merged by the last to finish. The
+    same at other block sizes."""
     splits = set()
     for batch, length, split, error, written_error, counts in checked["attention"]:
         assert error < 1e-5, (batch, length, split, error)

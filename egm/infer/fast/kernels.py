@@ -52,8 +52,8 @@ from dataclasses import dataclass
 # benchmarks/decode_kernels.py on the H200, the one best over a whole 8B decode step (within
 # about 1 % of each shape's own best).
 GEMV_CONFIG = (4, 1024, 2, 3)
-# Cache positions per attention block (one tl.dot).
-ATTENTION_BLOCK = 64
+# An attention program's launch: (cache positions per block (one tl.dot), warps, pipeline stages).
+ATTENTION_CONFIG = (64, 4, 3)
 # Programs an attention call aims for: at batch 1 the cache is split into one-block chunks over
 # that many programs; from batch 32 on (8 KV heads) each (sequence, KV head) takes its whole cache.
 ATTENTION_PROGRAMS = 256
@@ -253,17 +253,18 @@ def _pad(n: int, least: int = 1) -> int:
     return max(least, 1 << (int(n) - 1).bit_length())
 
 
-def attention_split(batch: int, kv_heads: int, length: int, programs: int | None = None) -> tuple[int, int]:
+def attention_split(batch: int, kv_heads: int, length: int, programs: int | None = None,
+                    block: int | None = None) -> tuple[int, int]:
     """(chunks per sequence and KV head, blocks per chunk) for a call: the cache is cut into enough
-    chunks for about `programs` programs in all, never more chunks than blocks."""
-    blocks = -(-int(length) // ATTENTION_BLOCK)
+    chunks for about `programs` programs in all, never more chunks than blocks of `block` positions."""
+    blocks = -(-int(length) // int(block or ATTENTION_CONFIG[0]))
     wanted = -(-int(programs or ATTENTION_PROGRAMS) // (int(batch) * int(kv_heads)))
     per = -(-blocks // max(1, min(blocks, wanted)))
     return -(-blocks // per), per
 
 
 def attention(qkv, q_norm_w, k_norm_w, cos, sin, eps: float, kv, bias, scale: float, out, last, first, counts=None,
-              programs: int | None = None) -> None:
+              programs: int | None = None, config: tuple[int, int, int] | None = None) -> None:
     """One decode step's attention in one layer, from the QKV product on: `out` [B, KVH, G, HD]
     (query heads grouped by their KV head) = softmax(q k^T * scale + bias) v over the cache, where
     q and the new k are the QKV product's heads through their RMS norms (`q_norm_w`, `k_norm_w`)
@@ -273,13 +274,15 @@ def attention(qkv, q_norm_w, k_norm_w, cos, sin, eps: float, kv, bias, scale: fl
     additive (0 or -inf), already 0 at `last`; `last` (a one-element integer tensor): the position
     written now, after which the bias must mask and nothing is read; `first` [B] integers: where
     each row's unmasked positions begin (nothing before is read); `counts`: B * KVH int32
-    zeros, left zero (how many chunks of each pair are done; made here when not given)."""
+    zeros, left zero (how many chunks of each pair are done; made here when not given). `programs`
+    and `config` (see ATTENTION_PROGRAMS, ATTENTION_CONFIG) are for benchmarks/decode_kernels.py."""
     import torch
 
     block_kernel = _attention_kernels()
     _, batch, kvh, length, hd = kv.shape
     g = qkv.shape[-1] // hd // kvh - 2
-    split, per = attention_split(batch, kvh, length, programs)
+    block, warps, stages = config or ATTENTION_CONFIG
+    split, per = attention_split(batch, kvh, length, programs, block)
     # tl.dot wants at least 16 rows and columns: the query heads and head dims are padded up.
     g_pad, hd_pad, g_pow2 = _pad(g, 16), _pad(hd, 16), _pad(g)
     partials = batch * kvh * split * g_pow2 if split > 1 else 1
@@ -291,8 +294,8 @@ def attention(qkv, q_norm_w, k_norm_w, cos, sin, eps: float, kv, bias, scale: fl
     ieee = kv.dtype == torch.float32  # float32 models get float32 products, not TF32
     block_kernel[(batch * kvh, split)](
         qkv, q_norm_w, k_norm_w, cos, sin, kv[0], kv[1], bias, last, first, m, l, acc, counts, out, length, scale,
-        float(eps), KVH=kvh, G=g, HD=hd, G_PAD=g_pad, HD_PAD=hd_pad, G_POW2=g_pow2, BLOCK=ATTENTION_BLOCK, PER=per,
-        SPLIT=split, IEEE=ieee, num_warps=4)
+        float(eps), KVH=kvh, G=g, HD=hd, G_PAD=g_pad, HD_PAD=hd_pad, G_POW2=g_pow2, BLOCK=block, PER=per,
+        SPLIT=split, IEEE=ieee, num_warps=warps, num_stages=stages)
 
 
 @functools.cache
