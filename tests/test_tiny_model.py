@@ -182,9 +182,14 @@ def test_images_load_in_threads_in_order_as_rgb(tmp_path):
         path = tmp_path / f"{i}.png"
         Image.new(mode, (8 + i, 8)).save(path)
         paths.append(str(path))
-    images = load_rgb_images(paths)
-    assert [im.size for im in images] == [(8, 8), (9, 8), (10, 8), (11, 8)]
+    # An RGB JPEG is handed on as decoded, after its file is closed: the same pixels as a converted copy.
+    jpeg = tmp_path / "photo.jpg"
+    Image.effect_mandelbrot((40, 30), (-2, -1.2, 1, 1.2), 60).convert("RGB").save(jpeg, quality=90)
+    images = load_rgb_images(paths + [str(jpeg)])
+    assert [im.size for im in images] == [(8, 8), (9, 8), (10, 8), (11, 8), (40, 30)]
     assert {im.mode for im in images} == {"RGB"}
+    with Image.open(jpeg) as img:
+        assert images[-1].tobytes() == img.convert("RGB").tobytes() and len(img.convert("RGB").getcolors(4096) or ()) > 10
     with pytest.raises(FileNotFoundError, match="missing.png"):
         load_rgb_images(paths + [str(tmp_path / "missing.png")])
 
