@@ -97,7 +97,7 @@ def photo_like_image(width: int, height: int, rng):
     """An image whose JPEG (quality 90) is about as large as a photo of RefCOCO's: smooth colour
     areas (a 16x12 grid of random colours, upscaled) under pixel noise (sd 20), about 160 KB at
     640x480, the mean size of COCO 2014's JPEGs (13 GB for 83k images). How long a JPEG takes to
-    decode grows with its size: uniform noise (make_image) makes 270 KB, the worst case, not what
+    decode grows with its size: uniform noise (make_image) makes 276 KB, the worst case, not what
     the pipeline reads. Content does not matter where the image is handed over decoded."""
     import numpy as np
     from PIL import Image

@@ -8,6 +8,8 @@ Matrix-vector products: for each weight shape one decode step multiplies a singl
 - `triton_fused`: the same kernel with what the decoder folds into that product (`FUSED`: the
   input's RMS norm, the SwiGLU of the gate/up product's two halves, the residual), against that
   whole computation in float32;
+- `triton_prenormed` (products after a norm): the norm in a compiled launch of its own, rounded to
+  bf16, then the kernel without it, for the decoder to choose, per product, where the norm goes;
 - `triton_best`: the best of a sweep of that kernel's launch configurations (block rows, block
   columns, warps, pipeline stages), and the sweep itself under `sweep`; swept as the decoder
   calls it, with its folds (`sweep_of: fused`; records before 2026-12-08 swept the plain
@@ -34,7 +36,8 @@ captured step. Each cell is the median of `--reps` replays (min and max beside i
 the copies. GB/s = weight bytes / time; `of_copy` = that over the best device-to-device copy
 bandwidth (bytes read + written / time) measured in the same run, the floor `latency.py` uses.
 `step_ms` adds one step's products up: per layer QKV + O + gate/up + down, times the layers,
-plus lm_head. `max_rel_error` is against an fp32 computation on the same data.
+plus lm_head (`triton_fused_norm_where_faster`: `triton_fused`, or `triton_prenormed` where
+faster). `max_rel_error` is against an fp32 computation on the same data.
 
     python -m benchmarks.decode_kernels --out benchmarks/results/decode-kernels-h200.json   # on a GPU
 """
@@ -272,16 +275,28 @@ def main(argv=None) -> int:
             "triton": lambda w, o: kernels.gemv(x, w, o),
             "triton_fused": fused_call,
         }
+        if "norm" in fused:
+            # The norm in a launch of its own (compiled: one kernel) and rounded to bf16, as the
+            # library rounds it, then the product without it: every program of the folded product
+            # loads the norm's weight beside the input, which costs lm_head's 38k programs more
+            # than one launch does.
+            normed = torch.compile(lambda x: torch.nn.functional.rms_norm(x, (k,), norm_w, 1e-6), dynamic=False)
+
+            def prenormed_call(w, o):
+                kernels.gemv(normed(x), w, o, residual=residual if "residual" in fused else None,
+                             swiglu="swiglu" in fused)
+
+            methods["triton_prenormed"] = prenormed_call
         compiled = torch.compile(reduction, dynamic=False)
         methods["inductor"] = lambda w, o: compiled(x, w)
         for method, fn in methods.items():
-            method_outs = fused_outs if method == "triton_fused" else outs
+            method_outs = fused_outs if method in ("triton_fused", "triton_prenormed") else outs
             try:
                 y = fn(weights[0], method_outs[0])
                 y = method_outs[0] if y is None else y
                 times = time_pass([lambda w=w, o=o: fn(w, o) for w, o in zip(weights, method_outs)], args.reps)
-                entry[method] = cell(times, nbytes, bandwidth,
-                                     error(y.view(-1), "fused" if method == "triton_fused" else "plain"))
+                entry[method] = cell(times, nbytes, bandwidth, error(
+                    y.view(-1), "fused" if method in ("triton_fused", "triton_prenormed") else "plain"))
             except Exception as err:  # one failed method must not lose the others
                 entry[method] = {"error": f"{type(err).__name__}: {err}"[:500]}
         try:
@@ -331,6 +346,11 @@ def main(argv=None) -> int:
         cells = [(e.get(method), e["uses_per_step"]) for e in result["shapes"].values()]
         if all(c and "us" in c for c, _ in cells):
             step[method] = round(sum(c["us"] * uses for c, uses in cells) / 1000, 3)
+    # The folded products with each norm where it is faster: in the product or in its own launch.
+    cells = [(min(e[m]["us"] for m in ("triton_fused", "triton_prenormed") if "us" in e.get(m, {})), e["uses_per_step"])
+             for e in result["shapes"].values() if "us" in e.get("triton_fused", {})]
+    if cells and len(cells) == len(result["shapes"]):
+        step["triton_fused_norm_where_faster"] = round(sum(us * uses for us, uses in cells) / 1000, 3)
     sweeps = [(e.get("sweep", {}), e["uses_per_step"]) for e in result["shapes"].values()]
     if sweeps and all(sweep for sweep, _ in sweeps):
         configs = set.intersection(*({c for c, v in sweep.items() if "us" in v} for sweep, _ in sweeps))
