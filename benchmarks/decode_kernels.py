@@ -25,7 +25,7 @@ cache, the attention): through the library's operations (`library`, as the decod
 does it) against `egm.infer.fast.kernels.attention` (`triton`, one kernel, reading up to the
 written position; `triton_N_programs`: the cache cut into chunks for about N programs, where that
 differs from the default split; with `--attention-sweep`, `triton_<block>-<warps>-<stages>`: at
-each other launch configuration of `ATTENTION_SWEEP`, from batch 8 on); and `sdpa`,
+each other launch configuration of `ATTENTION_SWEEP`, from batch 32 on); and `sdpa`,
 `F.scaled_dot_product_attention` of grouped queries against the cache alone (its default
 backend). GB/s counts the whole cache's bytes.
 
@@ -189,8 +189,9 @@ def time_attention(name: str, lengths: list[int], batches: list[int], reps: int,
                 methods[f"triton_{programs}_programs"] = (
                     lambda kv, o, p=programs: kernels.attention(*args, kv, bias, scale, o, last_at, first, counts,
                                                                 programs=p), reference)
-        # At batch 1 the attention is a few microseconds of start-up a layer: swept from batch 8 on.
-        for launch in itertools.product(*ATTENTION_SWEEP.values()) if sweep and batch > 1 else ():
+        # Swept where the attention is a large share of a step (at batch 64, about a quarter; at
+        # batch 1 a few microseconds of start-up a layer).
+        for launch in itertools.product(*ATTENTION_SWEEP.values()) if sweep and batch >= 32 else ():
             if launch != kernels.ATTENTION_CONFIG:
                 methods["triton_" + "-".join(map(str, launch))] = (
                     lambda kv, o, c=launch: kernels.attention(*args, kv, bias, scale, o, last_at, first, counts,
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pass-gb", type=float, default=1.5, help="weight bytes per timed pass (copies of one shape)")
     parser.add_argument("--no-sweep", action="store_true", help="no sweep of the products' launch configurations")
     parser.add_argument("--attention-sweep", action="store_true",
-                        help="the attention at each launch configuration of ATTENTION_SWEEP, batches above 1")
+                        help="the attention at each launch configuration of ATTENTION_SWEEP, from batch 32")
     parser.add_argument("--cache-lengths", default="512,1024")
     parser.add_argument("--attention-batches", default="1,8,64")
     args = parser.parse_args(argv)

@@ -3,7 +3,7 @@
 # and transformers (vLLM from $EGM_SITE, installed by `benchmarks/multigpu.sh install`):
 #
 #   benchmarks/fast_decode_gpu.sh kernels     # decode_kernels.py: products and attention, batch 1/8/64,
-#                                             # the attention's launch configurations swept from batch 8
+#                                             # the attention's launch configurations swept at batch 64
 #   benchmarks/fast_decode_gpu.sh sweep       # the same with the products' launch configurations swept
 #   benchmarks/fast_decode_gpu.sh equality    # decode_equality.py on the demo's trained tiny model, batch 1, 8, 64
 #   benchmarks/fast_decode_gpu.sh latency     # latency.py, 8B: graph_compiled, vLLM, both engine paths
