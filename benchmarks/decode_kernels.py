@@ -29,6 +29,11 @@ each other launch configuration of `ATTENTION_SWEEP`, from batch 32 on); and `sd
 `F.scaled_dot_product_attention` of grouped queries against the cache alone (its default
 backend). GB/s counts the whole cache's bytes.
 
+Beyond batch 1 (`--parts batched`, at `--product-batches`): each product as the decoder's compiled
+blocks run it there, through the library (`cublas`, as vLLM does too) and through `torch.compile`'s
+max-autotune (`inductor_max_autotune`), for the products at batch 64, which are 5.74 ms of a
+7.97 ms step on the H100 against a floor near 5.
+
 Timing: each weight (each cache) has enough copies that one pass over them is several times the
 L2 (a decode step reads each weight once and ~15 GB in between, so none is ever in the cache);
 one pass is captured as a CUDA graph, so launches cost what they cost inside the decoder's
@@ -40,6 +45,7 @@ plus lm_head (`triton_fused_norm_where_faster`: `triton_fused`, or `triton_preno
 faster). `max_rel_error` is against an fp32 computation on the same data.
 
     python -m benchmarks.decode_kernels --out benchmarks/results/decode-kernels-h200.json   # on a GPU
+    python -m benchmarks.decode_kernels --parts batched --out /tmp/batched.json             # batch 64 only
 """
 
 from __future__ import annotations
@@ -213,6 +219,47 @@ def time_attention(name: str, lengths: list[int], batches: list[int], reps: int,
     return out
 
 
+def time_batched_products(name: str, batches: list[int], reps: int, pass_gb: float, bandwidth: float) -> dict:
+    """Each product of a decode step at `batch` rows (bf16, plain), as the decoder's compiled blocks
+    run them beyond batch 1: `cublas` (`F.linear`, the library's choice: what the decoder and vLLM
+    use there) against `inductor_max_autotune` (`torch.compile` with max-autotune, which benchmarks
+    its Triton matrix-product templates against the library and takes the fastest), per batch with
+    `step_ms` adding a step's products up."""
+    import torch
+    import torch.nn.functional as F
+
+    tuned = torch.compile(lambda x, w: F.linear(x, w), mode="max-autotune-no-cudagraphs", dynamic=False)
+    out = {}
+    for batch in batches:
+        entries = {}
+        for product, ((n, k), uses) in shapes(name).items():
+            nbytes = n * k * 2
+            copies = max(2, math.ceil(pass_gb * 1e9 / nbytes))
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
+            x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+            reference = x.float() @ weights[0].float().T
+            entry = {"N": n, "K": k, "uses_per_step": uses, "weight_bytes": nbytes, "copies": copies}
+            for method, fn in (("cublas", F.linear), ("inductor_max_autotune", tuned)):
+                try:
+                    y = fn(x, weights[0])  # compiles and autotunes before the timing
+                    error = float((y.float() - reference).abs().max() / reference.abs().max())
+                    times = time_pass([lambda w=w, fn=fn: fn(x, w) for w in weights], reps)
+                    entry[method] = cell(times, nbytes, bandwidth, error)
+                except Exception as err:
+                    entry[method] = {"error": f"{type(err).__name__}: {err}"[:500]}
+            entries[product] = entry
+            print("batch", batch, product, json.dumps(entry), flush=True)
+            del weights
+            torch.cuda.empty_cache()
+        step = {}
+        for method in ("cublas", "inductor_max_autotune"):
+            cells = [(e[method], e["uses_per_step"]) for e in entries.values()]
+            if all("us" in c for c, _ in cells):
+                step[method] = round(sum(c["us"] * uses for c, uses in cells) / 1000, 3)
+        out[f"batch {batch}"] = {"shapes": entries, "step_ms": step}
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -224,7 +271,13 @@ def main(argv=None) -> int:
                         help="the attention at each launch configuration of ATTENTION_SWEEP, from batch 32")
     parser.add_argument("--cache-lengths", default="512,1024")
     parser.add_argument("--attention-batches", default="1,8,64")
+    parser.add_argument("--parts", default="products,attention",
+                        help="of products (batch 1), attention, batched (the products at --product-batches)")
+    parser.add_argument("--product-batches", default="64")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if parts - {"products", "attention", "batched"}:
+        parser.error(f"unknown parts: {sorted(parts - {'products', 'attention', 'batched'})}")
 
     import torch
 
@@ -244,7 +297,7 @@ def main(argv=None) -> int:
     def reduction(x, w):
         return (w.float() * x.float()).sum(-1).to(x.dtype)
 
-    for name, ((n, k), uses) in shapes(args.model).items():
+    for name, ((n, k), uses) in shapes(args.model).items() if "products" in parts else ():
         nbytes = n * k * 2
         copies = max(2, math.ceil(args.pass_gb * 1e9 / nbytes))
         weights = [torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5 for _ in range(copies)]
@@ -339,13 +392,17 @@ def main(argv=None) -> int:
         del weights, outs, fused_outs
         torch.cuda.empty_cache()
 
-    result["attention"] = time_attention(args.model, [int(n) for n in args.cache_lengths.split(",")],
-                                         [int(n) for n in args.attention_batches.split(",")], args.reps, args.pass_gb,
-                                         bandwidth, sweep=args.attention_sweep)
+    if "attention" in parts:
+        result["attention"] = time_attention(args.model, [int(n) for n in args.cache_lengths.split(",")],
+                                             [int(n) for n in args.attention_batches.split(",")], args.reps,
+                                             args.pass_gb, bandwidth, sweep=args.attention_sweep)
+    if "batched" in parts:
+        result["batched_products"] = time_batched_products(
+            args.model, [int(b) for b in args.product_batches.split(",")], args.reps, args.pass_gb, bandwidth)
     step = {}
     for method in ("cublas", "triton", "triton_fused", "triton_best", "inductor", "inductor_tuned"):
         cells = [(e.get(method), e["uses_per_step"]) for e in result["shapes"].values()]
-        if all(c and "us" in c for c, _ in cells):
+        if cells and all(c and "us" in c for c, _ in cells):
             step[method] = round(sum(c["us"] * uses for c, uses in cells) / 1000, 3)
     # The folded products with each norm where it is faster: in the product or in its own launch.
     cells = [(min(e[m]["us"] for m in ("triton_fused", "triton_prenormed") if "us" in e.get(m, {})), e["uses_per_step"])
@@ -358,7 +415,7 @@ def main(argv=None) -> int:
         result["fused_step_ms_by_config"] = dict(sorted(
             ((c, round(sum(sweep[c]["us"] * uses for sweep, uses in sweeps) / 1000, 3)) for c in configs),
             key=lambda item: item[1]))
-    total_bytes = sum(e["weight_bytes"] * e["uses_per_step"] for e in result["shapes"].values())
+    total_bytes = sum(n * k * 2 * uses for (n, k), uses in shapes(args.model).values())
     result["step_ms"] = step
     result["step_floor_ms"] = round(total_bytes / bandwidth * 1000, 3)
     result["total_s"] = round(time.perf_counter() - t_start, 1)

@@ -5,6 +5,7 @@
 #   benchmarks/fast_decode_gpu.sh kernels     # decode_kernels.py: products and attention, batch 1/8/64,
 #                                             # the attention's launch configurations swept at batch 64
 #   benchmarks/fast_decode_gpu.sh sweep       # the same with the products' launch configurations swept
+#   benchmarks/fast_decode_gpu.sh batched     # decode_kernels.py: the products at batch 64, cuBLAS and max-autotune
 #   benchmarks/fast_decode_gpu.sh equality    # decode_equality.py on the demo's trained tiny model, batch 1, 8, 64
 #   benchmarks/fast_decode_gpu.sh latency     # latency.py, 8B: graph_compiled, vLLM, both engine paths
 #                                             # (EGM_LATENCY_METHODS=graph_compiled,engine_egm: egm's alone)
@@ -45,6 +46,9 @@ for cmd in "$@"; do
       # The same with each product's launch configurations swept as the decoder calls it (what
       # GEMV_CONFIG is chosen from); the record is written at the end, so the step has room.
       step 400 python3 -m benchmarks.decode_kernels --reps 7 --out "$out/decode-kernels-sweep-$card.json" ;;
+    batched)
+      step 300 python3 -m benchmarks.decode_kernels --parts batched --product-batches 64 --reps 7 \
+        --out "$out/decode-kernels-batched-$card.json" ;;
     equality)
       images=/tmp/egm-equality-images
       if [ ! -d "$images/coco" ]; then
