@@ -30,7 +30,7 @@ from egm.data.splits import load_split
 from egm.grounding import build_prompt
 from egm.infer.base import Request
 from egm.infer.engine import load_engine
-from egm.io import read_json, write_json
+from egm.io import write_json
 from egm.options import SamplingOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,22 +77,7 @@ def named_model_dir(path: str) -> str:
     return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else resolved.name
 
 
-def relocate(records: list[str]) -> None:
-    """Records written before `named_model_dir` (an absolute model directory inside the
-    repository) rewritten as the script now writes them; nothing else in them changes."""
-    for path in records:
-        record = read_json(path)
-        record["model_dir"] = named_model_dir(record["model_dir"])
-        write_json(path, record)
-
-
 def main(argv=None) -> int:
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["relocate"]:  # python -m benchmarks.decode_equality relocate RECORD...
-        relocate(argv[1:])
-        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--splits", nargs="+", required=True, help="eval JSONL files")

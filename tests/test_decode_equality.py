@@ -53,7 +53,3 @@ def test_records_name_the_model_directory_without_a_machine_s_paths(tmp_path):
     inside = decode_equality.REPO / "resources" / "some-model"
     assert decode_equality.named_model_dir(str(inside)) == "resources/some-model"
     assert decode_equality.named_model_dir(str(tmp_path / "elsewhere" / "sft")) == "sft"
-    record = tmp_path / "old.json"
-    record.write_text(json.dumps({"model_dir": str(inside), "dtypes": {"float32": {"equal": 3}}}))
-    decode_equality.main(["relocate", str(record)])
-    assert json.loads(record.read_text()) == {"model_dir": "resources/some-model", "dtypes": {"float32": {"equal": 3}}}
