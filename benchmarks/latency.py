@@ -49,7 +49,9 @@ Every cell is timed `--reps` times (5 by default): `ms_per_request` is the media
 and `max_ms` the spread, `all_ms` every repetition. Per model, `split` divides each method's
 medians at the two token counts into ms per new token and ms before the first decode step, and
 `phases_ms` times the parts of that fixed cost for egm's compiled method (`phases`), and
-`stop_cost` what ending on stop ids costs it against the same tokens forced (`stop_cost`). With
+`stop_cost` what ending on stop ids costs it against the same tokens forced (`stop_cost`). On a
+GPU the graph methods' runs hold `device_ms`: the GPU's time for the prompt pass and for the
+decode steps (medians), from events around them, beside egm's engine's own (`engine_phases_ms`). With
 `--profile-dir`, `profile` holds per batch the kernels of one of that method's decode steps and
 their time (`profile_step`; records of 2026-12-07 and before: batch 1 only, not keyed by batch).
 
@@ -539,12 +541,16 @@ def main(argv=None) -> int:
                         run_graph(decoder, make, batch, max_new, cache_length, pad_to, device)
                     warm_s = time.perf_counter() - t0
                     for n in tokens:
-                        times = []
+                        times, device_times = [], []
                         for _ in range(args.reps):
                             wall, toks = run_graph(decoder, make, batch, n, cache_length, pad_to, device)
                             times.append(wall)
+                            device_times.append(decoder.device_ms())
                         run = record(entry, method, batch, n, times, toks.shape[1])
                         run["warmup_s"] = round(warm_s, 1)
+                        if device_times[0]:  # the GPU's time for the prompt pass and the steps (medians)
+                            run["device_ms"] = {k: round(statistics.median(d[k] for d in device_times), 3)
+                                                for k in device_times[0]}
                         if (batch, n) in reference:
                             run["agreement_with_generate"] = round(agreement(toks, reference[(batch, n)], ids["im_end"]), 3)
                     if method == "graph_compiled":
@@ -667,7 +673,8 @@ def time_engine(method: str, name: str, entry: dict, tokens: list[int], batches:
     """An `engine_*` method (module docstring): appends its runs to `entry["runs"]`. For egm's
     engine each run also holds `engine_phases_ms`: the medians over its timed batches of the engine's own
     `last_phases` (egm.infer.fast.engine.FastHFEngine.PHASES: decoding the JPEGs, `build_inputs`,
-    the copies to the device, the decode, the completions) and the decode steps run."""
+    the copies to the device, the decode, the completions; on a GPU also the GPU's time for the
+    prompt pass and the steps, as the graph methods' `device_ms`) and the decode steps run."""
     import numpy as np
 
     from egm.grounding import PROMPTS

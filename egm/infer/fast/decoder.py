@@ -168,6 +168,7 @@ class GraphDecoder:
         # docstring); 1 waits for each step as soon as it is launched, leaving the GPU idle between steps.
         self.lookahead = max(1, int(lookahead))
         self.steps_run = 0  # decode steps the last generate_ids ran, its first token's prompt pass included
+        self._marks: list = []  # the last generate_ids' CUDA events (device_ms)
         # Steps through egm.infer.fast.kernels (benchmarks/decode_kernels.py): single-row products
         # with their norm, activation and residual folded in, and the attention at every batch;
         # without them (and for products of several rows) through the library's.
@@ -475,7 +476,12 @@ class GraphDecoder:
             self._eos = torch.tensor(eos_key, device=self.device) if eos_key else None
         s = self._state(batch, length)
 
+        # Events around the prompt pass and the steps (CUDA): their GPU time, read afterwards
+        # (`device_ms`) without a sync of their own.
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if self.device.type == "cuda" else []
         with torch.inference_mode():
+            for mark in marks[:1]:
+                mark.record()
             first, deltas = self.prefill(inputs, s)
             mask = inputs["attention_mask"].to(torch.bool)
             s.bias.fill_(float("-inf"))
@@ -492,6 +498,8 @@ class GraphDecoder:
                 s.done.copy_(torch.isin(first, self._eos))
             else:
                 s.done.zero_()
+            for mark in marks[1:2]:
+                mark.record()
             steps, pending = 1, deque()
             while steps < max_new_tokens:
                 if s.graph is not None:
@@ -501,8 +509,18 @@ class GraphDecoder:
                 steps += 1
                 if self._eos is not None and self._stopped(s, steps, pending):
                     break
-            self.steps_run = steps
+            for mark in marks[2:]:
+                mark.record()
+            self.steps_run, self._marks = steps, marks
             return s.out[:, :steps].clone()
+
+    def device_ms(self) -> dict:
+        """The last `generate_ids`' GPU time in ms (CUDA; else empty), once its tokens are on the host:
+        `prefill` from the prompt pass's start to the first step's, `steps` the decode steps."""
+        marks = self._marks
+        if not marks:
+            return {}
+        return {"prefill": marks[0].elapsed_time(marks[1]), "steps": marks[1].elapsed_time(marks[2])}
 
     def _stopped(self, s: _State, steps: int, pending: deque) -> bool:
         """Whether every row had stopped as of the step launched `lookahead - 1` launches before

@@ -65,7 +65,8 @@ class FastHFEngine(HFEngine):
     # What `last_phases` times of a batch, in seconds, one after another on the host: its images
     # opened and decoded, `build_inputs` (the GPU's part of the processor may still be running when
     # it returns), padding and the copies to the device, the decode up to the new tokens on the
-    # host, the completions made of them. A batch's latency ends before the last.
+    # host, the completions made of them. A batch's latency ends before the last. On CUDA also the
+    # GPU's time for the prompt pass and the steps inside `decode` (`gpu_prefill`, `gpu_steps`).
     PHASES = ("load_images", "build_inputs", "to_device", "decode", "completions")
 
     def __init__(
@@ -154,6 +155,7 @@ class FastHFEngine(HFEngine):
             stamps.append(time.perf_counter())
             self.last_phases = dict(zip(self.PHASES, (b - a for a, b in zip(stamps, stamps[1:]))),
                                     decode_steps=self.decoder.steps_run)
+            self.last_phases.update({f"gpu_{k}": ms / 1000 for k, ms in self.decoder.device_ms().items()})
             for i, completion in zip(index, completions):
                 results[i] = completion
         return results  # type: ignore[return-value]
