@@ -741,7 +741,7 @@ def time_engine(method: str, name: str, entry: dict, tokens: list[int], batches:
                 run["short_batches_retimed"] = short
                 if phases and phases[0]:
                     run["engine_phases_ms"] = {k: round(1000 * statistics.median(p[k] for p in phases), 3)
-                                        for k in phases[0] if k != "decode_steps"}
+                                               for k in phases[0] if k != "decode_steps"}
                     run["decode_steps"] = sorted({p["decode_steps"] for p in phases})
     finally:
         engine.close()

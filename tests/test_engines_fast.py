@@ -238,9 +238,9 @@ class _StandInEvent:
 @pytest.mark.parametrize("lookahead", [1, 2, 3])
 def test_stop_flags_are_read_lookahead_steps_behind(lookahead):
     """The CUDA side of the stop check, with a stand-in for the events (copies are synchronous on the
-    CPU): each step's flags go to a slot of their own, the host reads those of the step `lookahead`
-    - 1 launches back, never a slot a later step overwrote, and ends that many steps after the
-    step at which every row stopped."""
+    CPU): each step's flags go to a slot of their own, the host reads those of the step launched
+    `lookahead` - 1 launches back, never a slot a later step overwrote, and decoding ends
+    `lookahead` - 1 steps after the step at which every row had stopped."""
     from collections import deque
     from types import SimpleNamespace
 
