@@ -47,7 +47,8 @@ for cmd in "$@"; do
       # GEMV_CONFIG is chosen from); the record is written at the end, so the step has room.
       step 400 python3 -m benchmarks.decode_kernels --reps 7 --out "$out/decode-kernels-sweep-$card.json" ;;
     batched)
-      step 300 python3 -m benchmarks.decode_kernels --parts batched --product-batches 64 --reps 7 \
+      # max-autotune benchmarks its candidates per shape while compiling: minutes, in a call of its own.
+      step 450 python3 -m benchmarks.decode_kernels --parts batched --product-batches 64 --reps 7 \
         --out "$out/decode-kernels-batched-$card.json" ;;
     equality)
       images=/tmp/egm-equality-images
