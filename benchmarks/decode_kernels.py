@@ -131,6 +131,11 @@ def time_pass(calls, reps: int) -> list[float]:
     return out
 
 
+def step_total_ms(cells) -> float:
+    """A decode step's ms from (us per call, calls per step) pairs."""
+    return round(sum(us * uses for us, uses in cells) / 1000, 3)
+
+
 def cell(times: list[float], nbytes: int, bandwidth: float, error: float) -> dict:
     med = statistics.median(times)
     return {"us": round(med * 1e6, 2), "min_us": round(min(times) * 1e6, 2), "max_us": round(max(times) * 1e6, 2),
@@ -251,11 +256,8 @@ def time_batched_products(name: str, batches: list[int], reps: int, pass_gb: flo
             print("batch", batch, product, json.dumps(entry), flush=True)
             del weights
             torch.cuda.empty_cache()
-        step = {}
-        for method in ("cublas", "inductor_max_autotune"):
-            cells = [(e[method], e["uses_per_step"]) for e in entries.values()]
-            if all("us" in c for c, _ in cells):
-                step[method] = round(sum(c["us"] * uses for c, uses in cells) / 1000, 3)
+        step = {method: step_total_ms((e[method]["us"], e["uses_per_step"]) for e in entries.values())
+                for method in ("cublas", "inductor_max_autotune") if all("us" in e[method] for e in entries.values())}
         out[f"batch {batch}"] = {"shapes": entries, "step_ms": step}
     return out
 
@@ -344,13 +346,13 @@ def main(argv=None) -> int:
         compiled = torch.compile(reduction, dynamic=False)
         methods["inductor"] = lambda w, o: compiled(x, w)
         for method, fn in methods.items():
-            method_outs = fused_outs if method in ("triton_fused", "triton_prenormed") else outs
+            folded = method in ("triton_fused", "triton_prenormed")  # computes what the decoder folds in
+            method_outs = fused_outs if folded else outs
             try:
                 y = fn(weights[0], method_outs[0])
                 y = method_outs[0] if y is None else y
                 times = time_pass([lambda w=w, o=o: fn(w, o) for w, o in zip(weights, method_outs)], args.reps)
-                entry[method] = cell(times, nbytes, bandwidth, error(
-                    y.view(-1), "fused" if method in ("triton_fused", "triton_prenormed") else "plain"))
+                entry[method] = cell(times, nbytes, bandwidth, error(y.view(-1), "fused" if folded else "plain"))
             except Exception as err:  # one failed method must not lose the others
                 entry[method] = {"error": f"{type(err).__name__}: {err}"[:500]}
         try:
@@ -403,17 +405,17 @@ def main(argv=None) -> int:
     for method in ("cublas", "triton", "triton_fused", "triton_best", "inductor", "inductor_tuned"):
         cells = [(e.get(method), e["uses_per_step"]) for e in result["shapes"].values()]
         if cells and all(c and "us" in c for c, _ in cells):
-            step[method] = round(sum(c["us"] * uses for c, uses in cells) / 1000, 3)
+            step[method] = step_total_ms((c["us"], uses) for c, uses in cells)
     # The folded products with each norm where it is faster: in the product or in its own launch.
     cells = [(min(e[m]["us"] for m in ("triton_fused", "triton_prenormed") if "us" in e.get(m, {})), e["uses_per_step"])
              for e in result["shapes"].values() if "us" in e.get("triton_fused", {})]
     if cells and len(cells) == len(result["shapes"]):
-        step["triton_fused_norm_where_faster"] = round(sum(us * uses for us, uses in cells) / 1000, 3)
+        step["triton_fused_norm_where_faster"] = step_total_ms(cells)
     sweeps = [(e.get("sweep", {}), e["uses_per_step"]) for e in result["shapes"].values()]
     if sweeps and all(sweep for sweep, _ in sweeps):
         configs = set.intersection(*({c for c, v in sweep.items() if "us" in v} for sweep, _ in sweeps))
         result["fused_step_ms_by_config"] = dict(sorted(
-            ((c, round(sum(sweep[c]["us"] * uses for sweep, uses in sweeps) / 1000, 3)) for c in configs),
+            ((c, step_total_ms((sweep[c]["us"], uses) for sweep, uses in sweeps)) for c in configs),
             key=lambda item: item[1]))
     total_bytes = sum(n * k * 2 * uses for (n, k), uses in shapes(args.model).values())
     result["step_ms"] = step

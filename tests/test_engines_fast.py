@@ -249,10 +249,11 @@ def test_stop_flags_are_read_lookahead_steps_behind(lookahead):
     from egm.infer.fast.decoder import GraphDecoder
 
     decoder = object.__new__(GraphDecoder)
-    decoder.device, decoder.lookahead = torch.device("cuda"), lookahead
-    decoder.torch = SimpleNamespace(zeros=lambda *shape, pin_memory, **kw: torch.zeros(*shape, **kw),
-                                    cuda=SimpleNamespace(Event=_StandInEvent), bool=torch.bool)
-    state = SimpleNamespace(batch=2, done=torch.zeros(2, dtype=torch.bool), flags=None, events=[])
+    decoder.lookahead = lookahead
+    # A CUDA state's slots, as _State makes them there (the flags pinned, which needs a GPU).
+    state = SimpleNamespace(batch=2, done=torch.zeros(2, dtype=torch.bool),
+                            flags=torch.zeros(lookahead, 2, dtype=torch.bool),
+                            events=[_StandInEvent() for _ in range(lookahead)])
     pending, read, ended = deque(), [], None
     for step in range(2, 30):
         _StandInEvent.step = step

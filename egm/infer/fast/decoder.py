@@ -102,7 +102,7 @@ def _fuse_linears(linears):
 class _State:
     """Static buffers for one (batch, cache length) shape, and its captured graph."""
 
-    def __init__(self, batch: int, length: int, n_layers: int, kvh: int, hd: int, dtype, device):
+    def __init__(self, batch: int, length: int, n_layers: int, kvh: int, hd: int, dtype, device, lookahead: int):
         import torch
 
         self.batch, self.length = batch, length
@@ -121,9 +121,11 @@ class _State:
         self.step = torch.zeros(1, **longs)
         self.out = torch.zeros(batch, length, **longs)  # never more new tokens than cache positions
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
-        # On CUDA, pinned host copies of `done` and the events after them (GraphDecoder._stopped).
-        self.flags = None
-        self.events: list = []
+        # On CUDA, `lookahead` slots for pinned host copies of `done`, each with the event recorded
+        # after its copy (GraphDecoder._stopped).
+        on_cuda = torch.device(device).type == "cuda"
+        self.flags = torch.zeros(lookahead, batch, dtype=torch.bool, pin_memory=True) if on_cuda else None
+        self.events = [torch.cuda.Event() for _ in range(lookahead)] if on_cuda else []
         self.logits = None  # kept only when the decoder is asked to (checks)
         self.graph = None
         self.prefills: dict[tuple, _PrefillGraph] = {}  # captured prompt passes, by plan key
@@ -269,7 +271,7 @@ class GraphDecoder:
         self._states.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        s = _State(batch, length, len(self.layers), self.kvh, self.hd, self.dtype, self.device)
+        s = _State(batch, length, len(self.layers), self.kvh, self.hd, self.dtype, self.device, self.lookahead)
         if self.keep_logits:
             s.logits = torch.zeros(batch, self.lm_head_w.shape[0], dtype=self.dtype, device=self.device)
         if self.use_graphs:
@@ -480,8 +482,8 @@ class GraphDecoder:
         # (`device_ms`) without a sync of their own.
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if self.device.type == "cuda" else []
         with torch.inference_mode():
-            for mark in marks[:1]:
-                mark.record()
+            if marks:
+                marks[0].record()
             first, deltas = self.prefill(inputs, s)
             mask = inputs["attention_mask"].to(torch.bool)
             s.bias.fill_(float("-inf"))
@@ -498,8 +500,8 @@ class GraphDecoder:
                 s.done.copy_(torch.isin(first, self._eos))
             else:
                 s.done.zero_()
-            for mark in marks[1:2]:
-                mark.record()
+            if marks:
+                marks[1].record()
             steps, pending = 1, deque()
             while steps < max_new_tokens:
                 if s.graph is not None:
@@ -509,8 +511,8 @@ class GraphDecoder:
                 steps += 1
                 if self._eos is not None and self._stopped(s, steps, pending):
                     break
-            for mark in marks[2:]:
-                mark.record()
+            if marks:
+                marks[2].record()
             self.steps_run, self._marks = steps, marks
             return s.out[:, :steps].clone()
 
@@ -524,15 +526,11 @@ class GraphDecoder:
 
     def _stopped(self, s: _State, steps: int, pending: deque) -> bool:
         """Whether every row had stopped as of the step launched `lookahead - 1` launches before
-        step `steps` (on the CPU, where the host runs nothing ahead: as of step `steps`). Behind
-        the step just launched, its stop flags are copied to the host into one of `lookahead`
-        pinned slots, which waits in `pending` until it is read."""
-        if self.device.type != "cuda":
+        step `steps` (on the CPU, where the state has no slots and the host runs nothing ahead: as
+        of step `steps`). Behind the step just launched, its stop flags are copied to the host into
+        one of the state's `lookahead` pinned slots, which waits in `pending` until it is read."""
+        if s.flags is None:
             return bool(s.done.all())
-        torch = self.torch
-        if s.flags is None or s.flags.shape[0] != self.lookahead:
-            s.flags = torch.zeros(self.lookahead, s.batch, dtype=torch.bool, pin_memory=True)
-            s.events = [torch.cuda.Event() for _ in range(self.lookahead)]
         # The slots in use hold the last lookahead - 1 steps, none of them this step's modulo lookahead.
         slot = steps % self.lookahead
         s.flags[slot].copy_(s.done, non_blocking=True)
